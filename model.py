@@ -1,0 +1,787 @@
+"""
+The Command A architecture (Cohere, "Command A: An Enterprise-Ready Large Language Model", arXiv 2504.00698,
+section "Model architecture"), in one readable file, weight-compatible with Hugging Face `Cohere2` checkpoints.
+
+What the report says, and where it lives below:
+  - decoder-only transformer, SwiGLU MLP, no biases, tied input/output embeddings    -> MLP, CommandA
+  - parallel block: attention and MLP read the same LayerNorm output                 -> DecoderLayer
+  - interleaved attention, 3 sliding-window layers (RoPE) : 1 full layer (NoPE)      -> ModelConfig.layer_types
+  - grouped-query attention                                                          -> Attention
+  - document masking, so packed sequences never attend across documents             -> attention_allowed()
+  - fp32 master weights, bf16 compute, fp32 for norms / softmax / loss; FP8 on Hopper -> Linear, fp8_linear()
+
+References: transformers' `models/cohere2/modeling_cohere2.py` (the numerics we match, tested against it),
+nanoGPT (shape of this file), GPT-J (interleaved-pair RoPE), Ainslie et al. 2023 (GQA),
+Micikevicius et al. 2022 (FP8 formats e4m3 / e5m2).
+
+Conventions that differ between libraries and are pinned by tests:
+  - a sliding layer with window W sees W keys *including the query itself* (HF's convention;
+    FlashAttention's `window_size=(W-1, 0)` means the same thing);
+  - RoPE rotates interleaved pairs (x[2i], x[2i+1]) as GPT-J does, not Llama's two halves;
+  - full-attention layers use no positional encoding at all (NoPE).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LAYER_KINDS = ("sliding", "full")
+HF_LAYER_TYPE = {"sliding": "sliding_attention", "full": "full_attention"}  # our name -> HF config name
+FP8_E4M3_MAX = 448.0      # torch.finfo(torch.float8_e4m3fn).max: activations and weights
+FP8_E5M2_MAX = 57344.0    # torch.finfo(torch.float8_e5m2).max: gradients (more range, less precision)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256000           # Command A: 256000 (a BPE vocabulary shared by 23 languages)
+    hidden_size: int = 12288           # d_model. Command A: 12288
+    intermediate_size: int = 36864     # SwiGLU inner width. Command A: 36864 (= 3 * hidden)
+    num_hidden_layers: int = 64        # Command A: 64
+    num_attention_heads: int = 96      # query heads. Command A: 96 -> head_dim 128
+    num_key_value_heads: int = 8       # GQA: query head h reads KV head h // (heads / kv_heads). Command A: 8
+    sliding_window: int = 4096         # keys a sliding layer sees, INCLUDING the query token. Command A: 4096
+    sliding_window_pattern: int = 4    # every 4th layer is full: layer i is full iff (i + 1) % 4 == 0
+    layer_types: list[str] | None = None  # per layer 'sliding' | 'full'; None -> derived from the pattern above
+    rope_theta: float = 50000.0        # RoPE base, sliding layers only. Command A: 50000
+    logit_scale: float = 0.25          # logits = (h @ E^T) * logit_scale. Command A: 0.25 (HF's default 0.0625 is not)
+    layer_norm_eps: float = 1e-5       # Cohere LayerNorm epsilon
+    max_position_embeddings: int = 131072  # what the HF config says (128K); the model serves 256K
+    tie_word_embeddings: bool = True   # output projection = input embedding (the report: shared embeddings)
+    initializer_range: float = 0.02    # init std of matrices (muP: hidden matrices get std / sqrt(width_mult))
+    # --- muP (Yang et al. 2022): off when None. Not part of the HF config: save_pretrained folds the output
+    # multiplier into logit_scale, so an exported muP model is exactly a Cohere2 model.
+    mup_base_hidden_size: int | None = None  # width the hyper-parameters were tuned at; m = hidden / base
+    # --- runtime switches (not saved to config.json)
+    fp8: bool = False                  # FP8 linear layers via torch._scaled_mm (emulated numerics on CPU)
+    attn_backend: str = "auto"         # 'sdpa' | 'flex' | 'auto' (FlexAttention on CUDA when available)
+
+    def __post_init__(self):
+        def need(ok, fieldname, msg):
+            if not ok:
+                raise ValueError(f"ModelConfig.{fieldname}: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
+                 f"must be a positive integer, got {getattr(self, name)!r}")
+        need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+             f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; "
+             f"choose hidden_size = heads * head_dim")
+        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+             f"num_attention_heads={self.num_attention_heads} is not divisible by num_key_value_heads="
+             f"{self.num_key_value_heads}; GQA needs every KV head to serve the same number of query heads")
+        need(self.head_dim % 2 == 0, "num_attention_heads", f"head_dim={self.head_dim} must be even for RoPE pairs")
+        need(isinstance(self.sliding_window, int) and self.sliding_window >= 1, "sliding_window",
+             f"must be >= 1 (keys visible including the query itself), got {self.sliding_window!r}")
+        need(self.sliding_window_pattern >= 1, "sliding_window_pattern", "must be >= 1")
+        if self.layer_types is None:
+            p = self.sliding_window_pattern
+            self.layer_types = ["full" if (i + 1) % p == 0 else "sliding" for i in range(self.num_hidden_layers)]
+        self.layer_types = [{"sliding_attention": "sliding", "full_attention": "full"}.get(k, k)
+                            for k in self.layer_types]
+        need(len(self.layer_types) == self.num_hidden_layers, "layer_types",
+             f"has {len(self.layer_types)} entries for num_hidden_layers={self.num_hidden_layers}")
+        bad = [k for k in self.layer_types if k not in LAYER_KINDS]
+        need(not bad, "layer_types", f"unknown layer kind(s) {sorted(set(bad))}; use 'sliding' or 'full'")
+        need(self.logit_scale > 0, "logit_scale", "must be > 0")
+        need(self.mup_base_hidden_size is None or self.mup_base_hidden_size >= 1, "mup_base_hidden_size",
+             "must be None (muP off) or a positive width")
+        need(self.attn_backend in ("auto", "sdpa", "flex"), "attn_backend", "use 'auto', 'sdpa' or 'flex'")
+        if self.fp8:  # torch._scaled_mm on CUDA needs every matmul dim it contracts or emits % 16 == 0
+            for name in ("hidden_size", "intermediate_size"):
+                need(getattr(self, name) % 16 == 0, name, "must be a multiple of 16 for FP8 (_scaled_mm)")
+            need((self.num_key_value_heads * self.head_dim) % 16 == 0, "num_key_value_heads",
+                 "kv_heads * head_dim must be a multiple of 16 for FP8 (_scaled_mm)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def width_mult(self) -> float:  # muP's m; 1 when muP is off
+        return 1.0 if self.mup_base_hidden_size is None else self.hidden_size / self.mup_base_hidden_size
+
+    def num_params(self) -> int:
+        """Exact parameter count from the shapes (SPEC 1.3), without allocating anything."""
+        H, I, V, dh = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        nh, nkv = self.num_attention_heads, self.num_key_value_heads
+        per_layer = H * nh * dh + 2 * H * nkv * dh + nh * dh * H + 3 * H * I + H  # q, k+v, o, gate/up/down, norm
+        untied = 0 if self.tie_word_embeddings else V * H
+        return V * H + self.num_hidden_layers * per_layer + H + untied
+
+    def kv_bytes_per_token_per_layer(self, bytes_per_el: int = 2) -> int:
+        return 2 * self.num_key_value_heads * self.head_dim * bytes_per_el  # K and V
+
+    def kv_cache_bytes(self, T: int, bytes_per_el: int = 2, window_aware: bool = True) -> int:
+        """KV bytes held for one sequence of T tokens: a sliding layer never needs more than W positions."""
+        tokens = sum(min(T, self.sliding_window) if (k == "sliding" and window_aware) else T
+                     for k in self.layer_types)
+        return tokens * self.kv_bytes_per_token_per_layer(bytes_per_el)
+
+    # --- the HF Cohere2 config.json -------------------------------------------------------------------------
+    def to_hf_dict(self) -> dict:
+        d = {
+            "architectures": ["Cohere2ForCausalLM"], "model_type": "cohere2",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "hidden_act": "silu", "sliding_window": self.sliding_window,
+            "layer_types": [HF_LAYER_TYPE[k] for k in self.layer_types],
+            "rope_theta": self.rope_theta,  # older transformers read this key ...
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},  # ... newer ones this
+            # muP's output multiplier alpha_out / m is folded in, so the export is a plain Cohere2 model
+            "logit_scale": self.logit_scale / self.width_mult,
+            "layer_norm_eps": self.layer_norm_eps, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": False,
+            "initializer_range": self.initializer_range,
+        }
+        if self.layer_types == ModelConfig(**{**self._hf_fields(), "layer_types": None}).layer_types:
+            d["sliding_window_pattern"] = self.sliding_window_pattern  # for transformers versions before layer_types
+        return d
+
+    def _hf_fields(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("fp8", "attn_backend", "mup_base_hidden_size")}
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, **runtime) -> "ModelConfig":
+        if d.get("model_type") != "cohere2":
+            raise ValueError(f"config.json has model_type={d.get('model_type')!r}; this loader reads 'cohere2' "
+                             f"(Command A / Command R7B) checkpoints only")
+        if d.get("attention_bias", False):
+            raise ValueError("config.json has attention_bias=true; Command A has no biases")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json hidden_act={d['hidden_act']!r}; Cohere2 uses silu (SwiGLU)")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"config.json rope type {rope.get('rope_type')!r} is not supported (only 'default')")
+        nh = d["num_attention_heads"]
+        if "head_dim" in d and d["head_dim"] is not None and d["head_dim"] != d["hidden_size"] // nh:
+            raise ValueError(f"config.json head_dim={d['head_dim']} != hidden_size/num_attention_heads")
+        cfg = cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=nh,
+            num_key_value_heads=d.get("num_key_value_heads") or nh,
+            sliding_window=d.get("sliding_window") or 4096,
+            sliding_window_pattern=d.get("sliding_window_pattern", 4), layer_types=d.get("layer_types"),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            logit_scale=d.get("logit_scale", 0.0625),  # HF's class default when the key is absent
+            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+            max_position_embeddings=d.get("max_position_embeddings", 8192),
+            tie_word_embeddings=d.get("tie_word_embeddings", True),
+            initializer_range=d.get("initializer_range", 0.02), **runtime)
+        if not cfg.tie_word_embeddings:
+            raise ValueError("config.json has tie_word_embeddings=false; Command A ties input and output embeddings")
+        return cfg
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # trains in minutes on 2 CPU cores (pretrain.py --tiny); 4 layers = 3 sliding + 1 full, like Command A
+    "tiny": ModelConfig(vocab_size=8192, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=64,
+                        max_position_embeddings=1024),
+    # ~28M parameters: the next rung for a single GPU or a patient CPU
+    "small": ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=2, sliding_window=256,
+                         max_position_embeddings=8192),
+    "command-r7b": ModelConfig(vocab_size=256000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=8),
+    "command-a": ModelConfig(),  # the defaults above are Command A's 111B
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The mask: the single source of truth for who attends to whom (SDPA and FlexAttention both call it)
+
+
+def attention_allowed(q_pos, kv_pos, q_doc, kv_doc, window: int | None):
+    """True where a query at position q_pos may read a key at kv_pos.
+
+    Positions are token positions inside their sequence/document (they restart at 0 for every packed
+    document); kv_pos < 0 marks an empty cache slot. `window` W counts keys INCLUDING the query itself, so the
+    oldest visible key is q_pos - W + 1 (HF: kv_idx > q_idx - W). All arguments broadcast."""
+    ok = (kv_pos >= 0) & (kv_pos <= q_pos) & (q_doc == kv_doc)
+    if window is not None:
+        ok = ok & (kv_pos > q_pos - window)
+    return ok
+
+
+def doc_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """A new document starts wherever the position does not continue the previous one (packed rows)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts.long().cumsum(dim=1)
+
+
+def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions restart at 0 at each document boundary: RoPE sees each packed document as if alone."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Precision: bf16 compute comes from torch.autocast around the forward (master weights stay fp32);
+# FP8 (report: "FP8 tensor cores on Hopper") is the explicit path below.
+
+
+def fp8_quantize(x: torch.Tensor, dtype: torch.dtype):
+    """Per-tensor dynamic scaling: scale = amax / fp8_max, so the largest |x| lands on the format's max.
+    Clamp BEFORE the cast: torch 2.11 does not saturate on overflow, and e5m2 overflows to inf even in 2.13."""
+    fmax = FP8_E4M3_MAX if dtype == torch.float8_e4m3fn else FP8_E5M2_MAX
+    amax = x.detach().abs().max().float().clamp(min=1e-12)
+    scale = amax / fmax
+    q = (x.float() / scale).clamp(-fmax, fmax).to(dtype)
+    return q, scale
+
+
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+              out_dtype=torch.bfloat16) -> torch.Tensor:
+    """torch._scaled_mm with CUDA's constraints checked on every device, so CPU tests catch what a GPU refuses:
+    fp8 operands (not both e5m2), `a` row-major, `b` column-major, every dim of the product a multiple of 16,
+    fp32 scalar scales."""
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    if a.dtype not in fp8 or b.dtype not in fp8:
+        raise ValueError(f"scaled_mm: operands must be fp8, got {a.dtype} and {b.dtype}")
+    if a.dtype == b.dtype == torch.float8_e5m2:
+        raise ValueError("scaled_mm: e5m2 x e5m2 is not supported by the hardware; one operand must be e4m3")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"scaled_mm: need [M,K] @ [K,N], got {tuple(a.shape)} @ {tuple(b.shape)}")
+    if not a.is_contiguous():
+        raise ValueError("scaled_mm: first operand must be row-major (contiguous)")
+    if b.stride(0) != 1 or b.stride(1) != b.shape[0]:
+        raise ValueError("scaled_mm: second operand must be column-major (e.g. w.t() of a contiguous w)")
+    M, K = a.shape
+    N = b.shape[1]
+    if K % 16 or N % 16 or M % 16:
+        raise ValueError(f"scaled_mm: dims must be multiples of 16, got M={M} K={K} N={N}")
+    if scale_a.dtype != torch.float32 or scale_b.dtype != torch.float32 or scale_a.numel() != 1:
+        raise ValueError("scaled_mm: per-tensor scales must be fp32 scalars")
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+
+class _FP8Linear(torch.autograd.Function):
+    """y = x W^T with x, W in e4m3 and the incoming gradient in e5m2; saves the fp8 copies (not the bf16 ones)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        M = x2.shape[0]
+        pad = (-M) % 16  # zero rows contribute nothing to any product, so padding tokens to 16 is exact
+        if pad:
+            x2 = F.pad(x2, (0, 0, 0, pad))
+        xq, sx = fp8_quantize(x2, torch.float8_e4m3fn)
+        wq, sw = fp8_quantize(w, torch.float8_e4m3fn)
+        y = scaled_mm(xq, wq.t(), sx, sw)                        # [M, K] @ [K, N] (w.t() is column-major)
+        ctx.save_for_backward(xq, wq, sx, sw)
+        ctx.shape, ctx.M, ctx.w_dtype, ctx.x_dtype = shape, M, w.dtype, x.dtype
+        return y[:M].reshape(*shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        xq, wq, sx, sw = ctx.saved_tensors
+        g2 = gy.reshape(-1, gy.shape[-1])
+        pad = xq.shape[0] - ctx.M
+        if pad:
+            g2 = F.pad(g2, (0, 0, 0, pad))
+        gq, sg = fp8_quantize(g2, torch.float8_e5m2)
+        gx = scaled_mm(gq, wq.t().contiguous().t(), sg, sw)          # dL/dx = g @ W      [M, K]
+        gw = scaled_mm(gq.t().contiguous(), xq.t().contiguous().t(), sg, sx)  # dL/dW = g^T @ x  [N, K]
+        return gx[:ctx.M].reshape(ctx.shape).to(ctx.x_dtype), gw.to(ctx.w_dtype)
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):  # the function does its own casting
+        return _FP8Linear.apply(x, w)
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear (the report: no biases) with an optional FP8 matmul."""
+
+    def __init__(self, in_features, out_features, fp8=False):
+        super().__init__(in_features, out_features, bias=False)
+        self.fp8 = fp8
+
+    def forward(self, x):
+        return fp8_linear(x, self.weight) if self.fp8 else F.linear(x, self.weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class LayerNorm(nn.Module):
+    """Cohere's LayerNorm: mean-subtracted (a true LayerNorm, not RMSNorm), weight only, computed in fp32."""
+
+    def __init__(self, hidden_size, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            mean = x.mean(-1, keepdim=True)
+            var = (x - mean).pow(2).mean(-1, keepdim=True)  # biased variance, as HF
+            y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight.float()
+        return y.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin for interleaved-pair RoPE: pair i = (x[2i], x[2i+1]) turns by angle pos * theta^(-2i/dh).
+    Angles in fp32 (positions up to 256K lose digits in bf16), then cast to the activation dtype as HF does."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32)
+                               / head_dim)
+    freqs = position_ids[..., None].float() * inv_freq          # (B, T, dh/2)
+    emb = freqs.repeat_interleave(2, dim=-1)                    # (B, T, dh): each angle twice, for its pair
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, T, dh) to broadcast over heads
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """out[2i] = x[2i] cos - x[2i+1] sin ; out[2i+1] = x[2i+1] cos + x[2i] sin  (in fp32, as HF)."""
+    xf = x.float()
+    x_even, x_odd = xf[..., 0::2], xf[..., 1::2]
+    rotated = torch.stack((-x_odd, x_even), dim=-1).flatten(-2)  # (-x1, x0, -x3, x2, ...)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def _flex_attention():
+    """FlexAttention (CUDA only: it has no CPU backward in torch 2.13), compiled once; None when unavailable."""
+    global _FLEX
+    if "_FLEX" not in globals():
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            _FLEX = (torch.compile(flex_attention, dynamic=False), create_block_mask)
+        except Exception:  # older torch or no compiler: SDPA is always correct, only slower
+            _FLEX = None
+    return _FLEX
+
+
+class Attention(nn.Module):
+    """GQA attention. Sliding layers: RoPE + window mask. Full layers: no positional encoding (NoPE)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.kind = layer_idx, cfg.layer_types[layer_idx]
+        self.nh, self.nkv, self.dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H = cfg.hidden_size
+        self.q_proj = Linear(H, self.nh * self.dh, cfg.fp8)   # head h = output rows h*dh ... h*dh+dh-1
+        self.k_proj = Linear(H, self.nkv * self.dh, cfg.fp8)
+        self.v_proj = Linear(H, self.nkv * self.dh, cfg.fp8)
+        self.o_proj = Linear(self.nh * self.dh, H, cfg.fp8)
+
+    def forward(self, x, rope, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.dh).transpose(1, 2)   # (B, nh, T, dh)
+        k = self.k_proj(x).view(B, T, self.nkv, self.dh).transpose(1, 2)  # (B, nkv, T, dh)
+        v = self.v_proj(x).view(B, T, self.nkv, self.dh).transpose(1, 2)
+        if self.kind == "sliding":   # RoPE before caching: cached sliding keys are already rotated
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)                     # (B, nkv, S, dh), S = keys held
+        if callable(mask):           # a FlexAttention BlockMask builder result
+            y = mask(q, k, v)
+        else:                        # SDPA: fp32 accumulation of softmax inside the kernel; scale 1/sqrt(dh)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                               enable_gqa=self.nkv != self.nh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.dh))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down( silu(gate x) * up x ), no biases."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.fp8)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.fp8)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.fp8)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """The parallel block: h + attn(n) + mlp(n) with ONE norm n = LayerNorm(h) read by both branches.
+    Same quality as the sequential block in the report, with more throughput (the two branches can fuse)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, rope, mask, cache=None):
+        n = self.input_layernorm(h)
+        return h + self.self_attn(n, rope, mask, cache) + self.mlp(n)
+
+
+class Decoder(nn.Module):  # named `model` inside CommandA so state_dict keys are HF's (model.layers.0....)
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KV cache interface (serve.py builds window-aware ring buffers on the same two calls)
+
+
+class KVCache:
+    """A contiguous cache that keeps every position for every layer (the simple reference).
+
+    The model calls `reserve(position_ids)` once per forward: it records where the new tokens go and returns,
+    per layer kind, the positions of all keys the layers will attend over (-1 = empty slot). Each layer then
+    calls `update(layer_idx, k, v)` and gets back the keys/values to attend over."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.pos = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
+        self.length, self.max_len = 0, max_len
+
+    def reserve(self, position_ids: torch.Tensor) -> dict:
+        T = position_ids.shape[1]
+        if self.length + T > self.max_len:
+            raise ValueError(f"KVCache full: {self.length} + {T} tokens > max_len={self.max_len}")
+        self.start, self.length = self.length, self.length + T
+        self.pos[:, self.start:self.length] = position_ids
+        kv_pos = self.pos[:, :self.length]
+        return {"sliding": kv_pos, "full": kv_pos}
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer_idx][:, :, self.start:self.length] = k
+        self.v[layer_idx][:, :, self.start:self.length] = v
+        return self.k[layer_idx][:, :, :self.length], self.v[layer_idx][:, :, :self.length]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+class CommandA(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.init_weights()
+
+    @property
+    def lm_head_weight(self):  # tied embeddings: the output projection IS the input embedding
+        return self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Normal(0, sigma) matrices, embeddings included; muP divides the hidden matrices' variance by the
+        width multiplier m (SPEC 3), leaving embeddings and vectors (norm weights) as they are."""
+        cfg = self.config
+        if self.model.embed_tokens.weight.is_meta:
+            return
+        std = cfg.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.fill_(1.0)
+            elif name == "model.embed_tokens.weight":
+                p.normal_(0.0, std)
+            else:
+                p.normal_(0.0, std / math.sqrt(cfg.width_mult))
+
+    def _masks(self, B, T, device, position_ids, doc_ids, cache, dtype):
+        """One mask per layer kind, all built from attention_allowed()."""
+        if cache is not None:
+            kv_pos = cache.reserve(position_ids)
+            zero = torch.zeros((), dtype=torch.long, device=device)  # a cached sequence is a single document
+            return {kind: attention_allowed(position_ids[:, None, :, None], kv_pos[kind][:, None, None, :],
+                                            zero, zero, self.config.sliding_window if kind == "sliding" else None)
+                    for kind in LAYER_KINDS}
+        use_flex = (self.config.attn_backend == "flex" or
+                    (self.config.attn_backend == "auto" and device.type == "cuda")) and _flex_attention()
+        if use_flex:
+            flex, create_block_mask = _flex_attention()
+            masks = {}
+            for kind in LAYER_KINDS:
+                W = self.config.sliding_window if kind == "sliding" else None
+
+                def mask_mod(b, h, q_idx, kv_idx, W=W):
+                    return attention_allowed(position_ids[b, q_idx], position_ids[b, kv_idx],
+                                             doc_ids[b, q_idx], doc_ids[b, kv_idx], W)
+                bm = create_block_mask(mask_mod, B, None, T, T, device=device)
+                masks[kind] = (lambda q, k, v, bm=bm: flex(q, k, v, block_mask=bm,
+                                                           enable_gqa=k.shape[1] != q.shape[1]))
+            return masks
+        q_pos, kv_pos = position_ids[:, None, :, None], position_ids[:, None, None, :]  # (B, 1, T, 1), (B, 1, 1, T)
+        q_doc, kv_doc = doc_ids[:, None, :, None], doc_ids[:, None, None, :]
+        return {kind: attention_allowed(q_pos, kv_pos, q_doc, kv_doc,
+                                        self.config.sliding_window if kind == "sliding" else None)
+                for kind in LAYER_KINDS}
+
+    def forward(self, input_ids, targets=None, position_ids=None, doc_ids=None, cache=None):
+        """input_ids (B, T). Packed rows: pass doc_ids (B, T) and/or position_ids restarting per document.
+        With a cache: position_ids are the absolute positions of the new tokens (default: continue).
+        Returns logits (B, T, V) in fp32, or the mean next-token loss over targets != -100 if targets given."""
+        cfg = self.config
+        B, T = input_ids.shape
+        device = input_ids.device
+        if position_ids is None:
+            if doc_ids is not None:
+                position_ids = positions_from_doc_ids(doc_ids)
+            else:
+                start = cache.length if cache is not None else 0
+                position_ids = torch.arange(start, start + T, device=device).expand(B, T)
+        if doc_ids is None:
+            doc_ids = doc_ids_from_positions(position_ids)
+        h = self.model.embed_tokens(input_ids)                   # (B, T, H); no sqrt(H) scaling
+        act_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
+        rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, act_dtype)
+        masks = self._masks(B, T, device, position_ids, doc_ids, cache, act_dtype)
+        for layer in self.model.layers:
+            h = layer(h, rope, masks[layer.self_attn.kind], cache)
+        h = self.model.norm(h)
+        # tied output embedding; muP's output multiplier 1/m rides on the logit scale
+        logits = F.linear(h, self.lm_head_weight).float() * (cfg.logit_scale / cfg.width_mult)
+        if targets is None:
+            return logits
+        # fp32 log-softmax; -100 marks tokens with no target (padding, document boundaries, prompts)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+    # --- HF checkpoints -------------------------------------------------------------------------------------
+    def expected_shapes(self) -> dict[str, tuple]:
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device="cpu", **runtime) -> "CommandA":
+        """Load an HF Cohere2 checkpoint directory (config.json + model.safetensors or sharded with an index).
+        Built on the meta device and filled tensor by tensor, so only one copy of the weights is ever held.
+        safetensors only: nothing is unpickled."""
+        from safetensors import SafetensorError, safe_open
+
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{cfg_file} not found: not a checkpoint directory")
+        try:
+            with open(cfg_file) as f:
+                hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+        try:
+            cfg = ModelConfig.from_hf_dict(hf, **runtime)
+        except KeyError as e:
+            raise ValueError(f"{cfg_file} lacks required field {e}") from None
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(os.path.join(path, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = model.expected_shapes()
+        state = {}
+        for fname in files:
+            fpath = os.path.join(path, fname)
+            if not os.path.isfile(fpath):
+                raise FileNotFoundError(f"shard {fpath} listed in the index is missing")
+            try:
+                with safe_open(fpath, framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        t = f.get_tensor(name)
+                        if name.endswith(".bias"):  # some exports carry all-zero biases; the model has none
+                            if torch.count_nonzero(t):
+                                raise ValueError(f"{fpath}: tensor {name} is a NONZERO bias; Command A has no biases")
+                            continue
+                        if name == "lm_head.weight":
+                            state[name] = t          # checked against the embedding below (tied)
+                            continue
+                        if name not in expected:
+                            raise ValueError(f"{fpath}: unexpected tensor {name} for this config")
+                        if tuple(t.shape) != expected[name]:
+                            raise ValueError(f"{fpath}: tensor {name} has shape {tuple(t.shape)}, "
+                                             f"config.json implies {expected[name]}")
+                        state[name] = t.to(device=device, dtype=dtype)
+            except SafetensorError as e:
+                raise ValueError(f"{fpath}: unreadable or truncated safetensors file ({e})") from None
+        lm_head = state.pop("lm_head.weight", None)
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"checkpoint {path} is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        if lm_head is not None and not torch.equal(lm_head.to(dtype), state["model.embed_tokens.weight"]):
+            raise ValueError(f"{path}: lm_head.weight differs from model.embed_tokens.weight but the model is tied")
+        model.load_state_dict(state, strict=True, assign=True)
+        return model
+
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
+                        extra_config: dict | None = None):
+        """Write config.json + safetensors (sharded with an index past max_shard_bytes) in HF's Cohere2 layout.
+        Each file goes to a temp name and is renamed into place, so a crash never leaves a half-written file."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        tensors = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        shards, cur, size = [], {}, 0
+        for k, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k], size = t, size + nbytes
+        shards.append(cur)
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for name, shard in zip(names, shards):
+            _atomic_write(os.path.join(path, name), lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+        index = os.path.join(path, "model.safetensors.index.json")
+        if len(shards) > 1:
+            idx = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                   "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+            _atomic_write(index, lambda p: _dump_json(idx, p))
+        elif os.path.exists(index):
+            os.remove(index)
+        for stale in os.listdir(path):  # shards of an earlier, differently sharded save
+            if stale.startswith("model") and stale.endswith(".safetensors") and stale not in names:
+                os.remove(os.path.join(path, stale))
+        any_t = next(iter(tensors.values()))
+        hf = {**self.config.to_hf_dict(), "torch_dtype": str(any_t.dtype).replace("torch.", ""),
+              **(extra_config or {})}
+        _atomic_write(os.path.join(path, "config.json"), lambda p: _dump_json(hf, p))
+
+
+def _dump_json(obj, p):
+    with open(p, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _atomic_write(final_path: str, write_fn):
+    tmp = final_path + ".tmp"
+    try:
+        write_fn(tmp)
+        os.replace(tmp, final_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Throughput: FLOPs per token (PaLM appendix B) and MFU against a peak measured here
+
+
+def flops_per_token(cfg: ModelConfig, T: int) -> float:
+    """6N for the matmuls forward+backward + 12*L*H*T for attention scores (the nanoGPT/torchtitan convention;
+    it counts full causal attention even on sliding layers, so it slightly overstates work at T > W)."""
+    return 6 * cfg.num_params() + 12 * cfg.num_hidden_layers * cfg.hidden_size * T
+
+
+def measure_matmul_peak(dtype=torch.bfloat16, n=2048, seconds=1.0) -> float:
+    """FLOP/s of a large square matmul on this machine: the MFU denominator on a CPU (no spec sheet)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+
+
+def bench(presets=("tiny", "small"), batch=8, T=256, steps=5):
+    rows, peak = [], measure_matmul_peak()
+    print(f"bf16 matmul peak (2048^3, measured now): {peak / 1e9:.1f} GFLOP/s, torch threads={torch.get_num_threads()}")
+    for name in presets:
+        cfg = PRESETS[name]
+        torch.manual_seed(0)
+        model = CommandA(cfg)
+        ids = torch.randint(0, cfg.vocab_size, (batch, T + 1))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(ids[:, :-1], targets=ids[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        dt = (time.perf_counter() - t0) / steps
+        tok_s = batch * T / dt
+        mfu = tok_s * flops_per_token(cfg, T) / peak
+        rows.append({"preset": name, "params": cfg.num_params(), "batch": batch, "seq": T,
+                     "tok_per_s": round(tok_s), "mfu": round(mfu, 4)})
+        print(f"{name:6s} params={cfg.num_params() / 1e6:6.2f}M  B={batch} T={T}  fwd+bwd+adam "
+              f"{tok_s:8.0f} tok/s  MFU {100 * mfu:5.1f}%")
+    return {"peak_flops": peak, "rows": rows}
+
+
+def plot_masks(out_file: str, doc_lens=(11, 7, 14), window=4):
+    """Draw the masks of a sliding and a full layer over one packed row of several documents."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(doc_lens)])[None]
+    pos = positions_from_doc_ids(doc_ids)
+    q, k = (pos[:, :, None], pos[:, None, :])
+    dq, dk = doc_ids[:, :, None], doc_ids[:, None, :]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
+    for ax, (title, W) in zip(axes, [(f"sliding layer (RoPE), W={window} keys incl. self", window),
+                                     ("full layer (NoPE)", None)]):
+        ax.imshow(attention_allowed(q, k, dq, dk, W)[0].numpy(), cmap="Blues", interpolation="nearest")
+        ax.set_title(title)
+        ax.set_xlabel("key index")
+        ax.set_ylabel("query index")
+        for b in torch.tensor(doc_lens).cumsum(0)[:-1].tolist():
+            ax.axhline(b - 0.5, color="tab:red", lw=0.8)
+            ax.axvline(b - 0.5, color="tab:red", lw=0.8)
+    fig.suptitle(f"Document-masked attention over one packed row (documents of {list(doc_lens)} tokens)")
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=110)
+    return out_file
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Command A architecture: presets, parameter counts, KV-cache "
+                                 "sizes, mask plots and a CPU throughput benchmark.")
+    ap.add_argument("--plot-masks", metavar="FILE", help="draw sliding/full attention masks of a packed row to a PNG")
+    ap.add_argument("--bench", action="store_true", help="forward+backward tok/s and MFU for tiny and small (bf16)")
+    ap.add_argument("--bench-batch", type=int, default=8, help="batch size for --bench")
+    ap.add_argument("--bench-seq", type=int, default=256, help="sequence length for --bench")
+    args = ap.parse_args()
+    if args.bench_batch < 1 or args.bench_seq < 2:
+        ap.error("--bench-batch must be >= 1 and --bench-seq >= 2")
+    summary = {}
+    print(f"{'preset':12s} {'params':>17s} {'layers (S/F)':>13s} {'KV B/tok/layer':>15s} "
+          f"{'KV @128K window-aware':>22s} {'KV @128K all-full':>18s}")
+    for name, cfg in PRESETS.items():
+        n_full = cfg.layer_types.count("full")
+        aware, full = cfg.kv_cache_bytes(131072), cfg.kv_cache_bytes(131072, window_aware=False)
+        print(f"{name:12s} {cfg.num_params():>17,d} {cfg.num_hidden_layers - n_full:>7d}/{n_full:<5d} "
+              f"{cfg.kv_bytes_per_token_per_layer():>15,d} {aware / 2**30:>18.2f} GiB {full / 2**30:>14.2f} GiB")
+        summary[name] = {"params": cfg.num_params(), "kv_bytes_128k": aware, "kv_bytes_128k_all_full": full}
+    if args.plot_masks:
+        summary["plot"] = plot_masks(args.plot_masks)
+        print(f"wrote {args.plot_masks}")
+    if args.bench:
+        summary["bench"] = bench(batch=args.bench_batch, T=args.bench_seq)
+    print(json.dumps(summary))
