@@ -1,0 +1,597 @@
+"""
+Pretraining Command A (report section "Pre-training": data, recipe, cooldown, context extension), end to end:
+
+    python pretrain.py --tiny          # ~5 minutes on 2 CPU cores: data -> tokenizer -> train -> samples
+
+What happens, in the report's order:
+  1. data.py builds the corpus (dedup, heuristic + ML quality filters, educational up-weighting) and
+     tokenizer.py trains a byte-level BPE on its training split;
+  2. muP (Yang et al. 2022, arXiv 2203.03466): hyper-parameters tuned at a base width transfer to wider
+     models through per-group learning rates, init scales and an output multiplier (`--coord-check` plots
+     the check that activations keep their scale across widths);
+  3. precision as the report: fp32 master weights and Adam state, bf16 matmuls (autocast), norms / softmax /
+     loss in fp32; `--fp8` switches the linear layers to model.py's FP8 path;
+  4. schedule: linear warmup, a constant ("stable") phase, then a LINEAR COOLDOWN to zero on the
+     high-quality part of the mix, during which the context grows in stages (report: 8K -> 32K -> 128K ->
+     256K, here scaled down) on a domain-balanced long-document mix;
+  5. atomic checkpoints with everything needed to resume exactly (weights, Adam, step, RNG, data position);
+     the output directory is also an HF Cohere2 checkpoint + tokenizer (CommandA.from_pretrained /
+     Tokenizer.load).
+
+The log line is `step | loss | lr | tok/s | MFU` (FLOPs per token 6N + 12*L*H*T, PaLM appendix B; peak from
+a bf16 matmul measured at start on CPU, a table on GPUs). The last stdout line is a JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data as D
+from model import CommandA, KVCache, ModelConfig, PRESETS, flops_per_token, measure_matmul_peak
+from tokenizer import Tokenizer
+
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense FLOP/s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"               # model.PRESETS name; vocab_size is replaced by the tokenizer's
+    vocab_size: int = 8192             # BPE vocabulary trained on the corpus (incl. Cohere's special tokens)
+    corpus_mb: float = 4.0             # stdlib text read for the default corpus (ignored with --data)
+    data: str | None = None            # user text / JSONL file or folder instead of the default corpus
+    seq_len: int = 256                 # context of the main phase (the report's 8K, scaled down)
+    batch_size: int = 16               # rows per micro-batch at seq_len (longer stages keep tokens/step fixed)
+    grad_accum: int = 1                # micro-batches per optimizer step
+    steps: int = 400                   # optimizer steps of the whole schedule
+    max_steps: int | None = None       # stop early after this many steps (the schedule still spans `steps`)
+    lr: float = 3e-3                   # peak Adam LR at the muP base width (hidden matrices get lr / m)
+    warmup_frac: float = 0.05          # linear warmup share of steps
+    cooldown_frac: float = 0.3         # linear cooldown-to-zero share of steps (high-quality + long context)
+    # context-extension stages inside the cooldown: (seq_len multiple of seq_len, share of cooldown steps)
+    # report: 8K -> 32K -> 128K -> 256K; tiny: 256 -> 1024 -> 2048
+    context_stages: list = field(default_factory=lambda: [[1, 0.5], [4, 0.3], [8, 0.2]])
+    weight_decay: float = 0.1          # AdamW, on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0                  # global gradient-norm clip
+    mup_base_hidden_size: int | None = 128  # muP base width (None: standard parametrization)
+    fp8: bool = False                  # FP8 linear layers (e4m3 / e5m2 via torch._scaled_mm)
+    seed: int = 0
+    val_fraction: float = 0.02         # documents held out for validation (before packing)
+    eval_every: int = 100              # steps between validation losses
+    ckpt_every: int = 100              # steps between checkpoints
+    log_every: int = 10                # steps between log lines
+    eval_rows: int = 32                # validation rows per evaluation
+    samples: int = 3                   # generations printed at the end
+
+
+TINY = dict(preset="tiny", vocab_size=8192, corpus_mb=4.0, seq_len=256, batch_size=16, steps=400, lr=3e-3)
+
+
+def validate(cfg: TrainConfig):
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+    need(cfg.preset in PRESETS, f"--preset {cfg.preset!r} unknown; choose from {sorted(PRESETS)}")
+    for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "ckpt_every", "log_every",
+                 "eval_rows"):
+        need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    need(cfg.max_steps is None or cfg.max_steps >= 1, "--max-steps must be >= 1")
+    need(cfg.lr > 0 and math.isfinite(cfg.lr), "--lr must be a positive number")
+    need(0 <= cfg.warmup_frac < 1 and 0 <= cfg.cooldown_frac <= 1 and cfg.warmup_frac + cfg.cooldown_frac <= 1,
+         "--warmup-frac and --cooldown-frac must be in [0, 1] and sum to <= 1")
+    need(cfg.vocab_size >= 512, "--vocab-size must be >= 512")
+    need(cfg.corpus_mb > 0, "--corpus-mb must be > 0")
+    need(0 < cfg.val_fraction < 0.5, "--val-fraction must be in (0, 0.5)")
+    need(all(int(m) >= 1 and f > 0 for m, f in cfg.context_stages), "context stages need multiples >= 1, shares > 0")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# muP: per-group learning rates (Adam). Init scales and the output multiplier live in model.py.
+
+
+def param_groups(model: CommandA, cfg: TrainConfig):
+    """muP for Adam with width multiplier m: hidden matrices LR eta/m (their init var is sigma^2/m); the
+    embedding (input AND, tied, output) and vectors keep eta -- the output side is handled by the 1/m
+    logit multiplier. Weight decay on matrices only."""
+    m = model.config.width_mult
+    groups = {"hidden": [], "embedding": [], "vector": []}
+    for name, p in model.named_parameters():
+        if name == "model.embed_tokens.weight":
+            groups["embedding"].append(p)
+        elif p.ndim >= 2:
+            groups["hidden"].append(p)
+        else:
+            groups["vector"].append(p)
+    return [
+        {"name": "hidden", "params": groups["hidden"], "lr_mult": 1.0 / m, "weight_decay": cfg.weight_decay},
+        {"name": "embedding", "params": groups["embedding"], "lr_mult": 1.0, "weight_decay": cfg.weight_decay},
+        {"name": "vector", "params": groups["vector"], "lr_mult": 1.0, "weight_decay": 0.0},
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedule: warmup -> stable -> linear cooldown to zero, with context stages inside the cooldown
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """LR for optimizer step `step` (0-based). The cooldown reaches zero one step after the last."""
+    warmup = round(cfg.warmup_frac * cfg.steps)
+    cooldown = round(cfg.cooldown_frac * cfg.steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if step < cfg.steps - cooldown:
+        return cfg.lr
+    return cfg.lr * (cfg.steps - step) / cooldown
+
+
+def phases(cfg: TrainConfig) -> list[dict]:
+    """The run as a list of phases: the main phase on the up-weighted mix, then the cooldown's context
+    stages (the first on the high-quality mix at the main context, the rest on long documents)."""
+    cooldown = round(cfg.cooldown_frac * cfg.steps)
+    out = [{"name": "main", "start": 0, "end": cfg.steps - cooldown, "seq_len": cfg.seq_len, "mix": "main"}]
+    start, total = cfg.steps - cooldown, sum(f for _, f in cfg.context_stages)
+    for i, (mult, frac) in enumerate(cfg.context_stages):
+        end = cfg.steps if i == len(cfg.context_stages) - 1 else start + round(cooldown * frac / total)
+        T = cfg.seq_len * int(mult)
+        out.append({"name": f"cooldown@{T}", "start": start, "end": end, "seq_len": T,
+                    "mix": "high_quality" if T == cfg.seq_len else "long"})
+        start = end
+    return [p for p in out if p["end"] > p["start"]]
+
+
+def phase_at(step: int, plan: list[dict]) -> int:
+    return next(i for i, p in enumerate(plan) if p["start"] <= step < p["end"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: corpus -> split -> tokenizer -> packed rows per phase
+
+
+def prepare_data(cfg: TrainConfig, out: str, tok: Tokenizer | None, verbose=True):
+    dcfg = D.DataConfig(data=cfg.data, max_bytes=int(cfg.corpus_mb * 1e6), seed=cfg.seed)
+    docs, card = D.build_corpus(dcfg, verbose=verbose)
+    if not docs:
+        raise ValueError("the corpus is empty after filtering: give more or better text with --data")
+    card.save(os.path.join(out, "data"))
+    train_docs, val_docs = D.split_documents(docs, cfg.val_fraction, cfg.seed)
+    if tok is None:
+        t0 = time.time()
+        tok = Tokenizer.train((d.text for d in train_docs), cfg.vocab_size)
+        tok_seconds = time.time() - t0
+        if verbose:
+            print(f"tokenizer: {tok.vocab_size} tokens trained in {tok_seconds:.1f}s")
+    else:
+        tok_seconds = 0.0
+
+    def encode(text):
+        return tok.encode(text)
+    bos = tok.bos_id
+    packed = {}
+    main_tokens = D.tokenize_documents(D.pretrain_mix(train_docs, cfg.seed), encode, bos)
+    hq_tokens = D.tokenize_documents(D.cooldown_mix(train_docs, seed=cfg.seed), encode, bos)
+    val_tokens = D.tokenize_documents(val_docs, encode, bos)
+    for p in phases(cfg):
+        T = p["seq_len"]
+        if p["mix"] == "main":
+            rows = main_tokens
+        elif p["mix"] == "high_quality":
+            rows = hq_tokens
+        else:
+            rows = D.long_context_mix(train_docs, encode, min_tokens=T, bos_id=bos, seed=cfg.seed)
+            if not rows:
+                raise ValueError(f"no documents reach {T} tokens for the long-context stage; lower the "
+                                 f"context multiples or give longer documents")
+        pk = D.pack(rows, T, pad_id=tok.pad_id)
+        rows_needed = cfg.batch_size * cfg.seq_len // T
+        if len(pk) < max(1, rows_needed):
+            raise ValueError(f"corpus too small for phase {p['name']}: {len(pk)} rows of {T} tokens, a batch "
+                             f"needs {rows_needed}; give more data or lower --seq-len / --batch-size")
+        packed[p["name"]] = pk
+    val = D.pack(val_tokens, cfg.seq_len, pad_id=tok.pad_id)
+    n_train = sum(map(len, main_tokens))
+    info = {"docs": len(docs), "train_docs": len(train_docs), "val_docs": len(val_docs),
+            "train_tokens_main_mix": n_train, "tokenizer_seconds": round(tok_seconds, 2),
+            "bytes_per_token": round(sum(len(d.text.encode()) for d in val_docs) / max(1, sum(map(len, val_tokens))), 3)}
+    return tok, packed, val, info
+
+
+def data_fingerprint(packed: dict) -> str:
+    import hashlib
+    h = hashlib.sha1()
+    for name in sorted(packed):
+        h.update(name.encode())
+        h.update(packed[name].ids.tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic directory swap; weights as safetensors, the rest loaded with weights_only=True
+
+
+def save_checkpoint(out, model, opt, step, loaders, losses, cfg, fingerprint, tok, val_log):
+    ckpt, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        model.save_pretrained(tmp)
+        state = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "meta": json.dumps({"train_config": asdict(cfg), "fingerprint": fingerprint,
+                                     "loaders": {k: l.state_dict() for k, l in loaders.items()},
+                                     "losses": losses, "val_log": val_log,
+                                     "python_rng": _rng_to_json(random.getstate()),
+                                     "numpy_rng": _rng_to_json(np.random.get_state())})}
+        torch.save(state, os.path.join(tmp, "train_state.pt"))
+        if os.path.exists(ckpt):
+            os.replace(ckpt, old)
+        os.replace(tmp, ckpt)                      # the swap: `checkpoint` is always complete
+        shutil.rmtree(old, ignore_errors=True)
+        # the output directory itself is an HF checkpoint + tokenizer (each file replaced atomically)
+        model.save_pretrained(out, extra_config={"bos_token_id": tok.bos_id, "eos_token_id": tok.eot_id,
+                                                 "pad_token_id": tok.pad_id})
+        tok.save(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = ckpt if os.path.exists(ckpt) else old
+        raise RuntimeError(f"could not write the checkpoint at step {step} ({e.strerror or e}: disk full?); "
+                           f"the previous checkpoint in {where} is intact") from None
+
+
+def _rng_to_json(state):
+    """Python's and numpy's RNG states as plain JSON lists (no pickle, no eval on the way back)."""
+    return [x.tolist() if isinstance(x, np.ndarray) else list(x) if isinstance(x, tuple) else x for x in state]
+
+
+def load_checkpoint(out, model, opt, cfg, fingerprint):
+    ckpt = os.path.join(out, "checkpoint")
+    if not os.path.isdir(ckpt) and os.path.isdir(ckpt + ".old"):
+        ckpt += ".old"                             # a crash between the two renames of save_checkpoint
+    if not os.path.isfile(os.path.join(ckpt, "train_state.pt")):
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    state = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=True)  # never unpickle code
+    meta = json.loads(state["meta"])
+    saved = meta["train_config"]
+    ignore = {"max_steps", "eval_every", "ckpt_every", "log_every", "samples"}
+    diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items()
+            if k not in ignore and saved.get(k) != (list(map(list, v)) if k == "context_stages" else v)}
+    if diff:
+        raise ValueError("--resume: this checkpoint was trained with another configuration: " +
+                         ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items()))
+    if meta["fingerprint"] != fingerprint:
+        raise ValueError("--resume: the packed training data differs from the checkpoint's (other --data "
+                         "or corpus); resume needs the same data")
+    loaded = CommandA.from_pretrained(ckpt, fp8=model.config.fp8, mup_base_hidden_size=None)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), loaded.parameters()):
+            p.copy_(q)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    py = meta["python_rng"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npr = meta["numpy_rng"]
+    np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), *npr[2:]))
+    return state["step"], meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation and sampling
+
+
+@torch.no_grad()
+def evaluate(model, val: D.PackedData, rows: int, autocast_kw) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, min(rows, len(val)), 8):
+        b = val.batch(list(range(start, min(start + 8, rows, len(val)))))
+        n = int((b["targets"] != -100).sum())
+        if n == 0:
+            continue
+        with torch.autocast(**autocast_kw):
+            loss = model(b["input_ids"], targets=b["targets"], doc_ids=b["doc_ids"])
+        total, count = total + loss.item() * n, count + n
+    model.train()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def sample(model, tok, prompt: str, max_new=48, temperature=0.8, top_k=40, seed=0, autocast_kw=None):
+    """A few tokens with a KV cache (serve.py has the full engine); top-k sampling with a fixed seed."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)])
+    cache = KVCache(model.config, 1, ids.shape[1] + max_new)
+    out, x = [], ids
+    for _ in range(max_new):
+        with torch.autocast(**autocast_kw):
+            logits = model(x, cache=cache)[0, -1].float()
+        v, i = logits.topk(top_k)
+        nxt = i[torch.multinomial(torch.softmax(v / temperature, -1), 1, generator=g)]
+        if nxt.item() in (tok.bos_id, tok.eos_id, tok.pad_id):
+            break
+        out.append(nxt.item())
+        x = nxt.view(1, 1)
+    model.train()
+    return prompt + tok.decode(out)
+
+
+def plot_curves(path, losses, val_log, lrs, plan):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.8, label="train loss")
+    if val_log:
+        ax.plot([s for s, _ in val_log], [v for _, v in val_log], "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    for p in plan[1:]:
+        ax.axvline(p["start"], color="gray", ls=":", lw=0.8)
+        ax.text(p["start"], ax.get_ylim()[1], f" {p['name']}", fontsize=7, va="top", rotation=90)
+    ax2 = ax.twinx()
+    ax2.plot(range(1, len(lrs) + 1), lrs, color="tab:red", lw=0.8, label="lr")
+    ax2.set_ylabel("learning rate", color="tab:red")
+    ax.legend(loc="upper right")
+    ax.set_title("pretraining: warmup -> stable -> linear cooldown (high-quality, then long context)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training loop
+
+
+def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True) -> dict:
+    validate(cfg)
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    os.makedirs(out, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast_kw = {"device_type": device.type, "dtype": torch.bfloat16}
+
+    tok = Tokenizer.load(out) if resume and os.path.isfile(os.path.join(out, "tokenizer.json")) else None
+    tok, packed, val, data_info = prepare_data(cfg, out, tok, verbose)
+    fingerprint = data_fingerprint(packed)
+    plan = phases(cfg)
+
+    mcfg = ModelConfig(**{**asdict(PRESETS[cfg.preset]), "vocab_size": tok.vocab_size, "fp8": cfg.fp8,
+                          "mup_base_hidden_size": cfg.mup_base_hidden_size,
+                          "max_position_embeddings": max(p["seq_len"] for p in plan)})
+    model = CommandA(mcfg).to(device)
+    groups = param_groups(model, cfg)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    loaders = {p["name"]: D.Loader(packed[p["name"]], max(1, cfg.batch_size * cfg.seq_len // p["seq_len"]),
+                                   seed=cfg.seed + i) for i, p in enumerate(plan)}
+    step, losses, val_log = 0, [], []
+    if resume:
+        step, meta = load_checkpoint(out, model, opt, cfg, fingerprint)
+        for k, l in loaders.items():
+            l.load_state_dict(meta["loaders"][k])
+        losses, val_log = meta["losses"], [tuple(v) for v in meta["val_log"]]
+        if verbose:
+            print(f"resumed from {out}/checkpoint at step {step}")
+
+    peak = (next((v for k, v in GPU_PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
+            if device.type == "cuda" else measure_matmul_peak())
+    n_params = mcfg.num_params()
+    stop = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
+    crash_at = int(os.environ.get("PRETRAIN_CRASH_AT_STEP", "0"))  # test hook: die like a killed job
+    if verbose:
+        print(f"model: {cfg.preset} {n_params / 1e6:.2f}M params, vocab {tok.vocab_size}, muP m="
+              f"{mcfg.width_mult:g}, {'fp8' if cfg.fp8 else 'bf16'} compute on {device}; "
+              f"plan: " + ", ".join(f"{p['name']} [{p['start']},{p['end']})" for p in plan))
+    bar = tqdm(total=stop, initial=step, desc="pretrain", disable=not verbose, dynamic_ncols=True)
+    t_log, tok_log, lrs = time.time(), 0, [lr_at(s, cfg) for s in range(cfg.steps)]
+    tok_per_s = mfu = 0.0
+    model.train()
+    while step < stop:
+        ph = plan[phase_at(step, plan)]
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        loss_sum, ntok = 0.0, 0
+        for _ in range(cfg.grad_accum):
+            b = {k: v.to(device) for k, v in next(loaders[ph["name"]]).items()}
+            with torch.autocast(**autocast_kw):
+                loss = model(b["input_ids"], targets=b["targets"], doc_ids=b["doc_ids"])
+            if not torch.isfinite(loss):
+                bar.close()
+                raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1} in phase "
+                                         f"{ph['name']}: stopping. The last good checkpoint is in "
+                                         f"{out}/checkpoint; try a lower --lr (now {cfg.lr}) or --clip.")
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+            ntok += b["input_ids"].numel()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        if not torch.isfinite(gnorm):
+            bar.close()
+            raise FloatingPointError(f"non-finite gradient norm at step {step + 1}: stopping before the update; "
+                                     f"the last good checkpoint is in {out}/checkpoint. Lower --lr.")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(round(loss_sum, 5))
+        tok_log += ntok
+        bar.update(1)
+        if step == crash_at:
+            os._exit(17)
+        if step % cfg.log_every == 0 or step == stop:
+            dt = time.time() - t_log
+            tok_per_s = tok_log / max(dt, 1e-9)
+            mfu = tok_per_s * flops_per_token(mcfg, ph["seq_len"]) / peak if peak else float("nan")
+            if verbose:
+                bar.write(f"step {step:5d} | loss {loss_sum:.4f} | lr {lr:.2e} | {tok_per_s:7.0f} tok/s | "
+                          f"MFU {100 * mfu:4.1f}% | {ph['name']}")
+            t_log, tok_log = time.time(), 0
+        if step % cfg.eval_every == 0 or step == stop:
+            val_log.append((step, round(evaluate(model, val, cfg.eval_rows, autocast_kw), 5)))
+            bar.set_postfix(val=val_log[-1][1])
+        if step % cfg.ckpt_every == 0 or step == stop:
+            save_checkpoint(out, model, opt, step, loaders, losses, cfg, fingerprint, tok, val_log)
+    bar.close()
+
+    val_loss = val_log[-1][1] if val_log else evaluate(model, val, cfg.eval_rows, autocast_kw)
+    plot_curves(os.path.join(out, "loss.png"), losses, val_log, lrs[:len(losses)], plan)
+    prompts = ["def ", "The ", "import "][:cfg.samples]
+    if verbose and prompts:
+        print("\nsamples (top-k 40, T=0.8):")
+        for i, p in enumerate(prompts):
+            print(f"--- {p!r}\n{sample(model, tok, p, seed=cfg.seed + i, autocast_kw=autocast_kw)}")
+    tokens = len(losses) * cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    return {"val_loss": val_loss, "uniform_loss": round(math.log(tok.vocab_size), 4), "losses": losses,
+            "val_log": val_log, "tokens": tokens, "seconds": round(time.time() - t_start, 1),
+            "params": n_params, "vocab_size": tok.vocab_size, "tok_per_s": round(tok_per_s),
+            "mfu": round(mfu, 4), "data": data_info, "out": out}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# muP coordinate check
+
+
+def coord_check(path: str, widths=(64, 128, 256, 512), steps=5, lr=1e-2, seed=0) -> dict:
+    """Train each width a few steps with standard parametrization (SP) and with muP (base width 64), and
+    plot the mean |activation| of the embedding output, the last block's output and the logits against
+    width. Under muP the curves stay flat as width grows; under SP the logits blow up with width.
+    Bytes are the tokens here (vocab 256): the check is about widths, not about the tokenizer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    text = "".join(d.text for d in D.stdlib_documents(max_bytes=400_000))
+    data = torch.tensor(list(text.encode("utf-8")[: 8 * 129 * steps]), dtype=torch.long).view(steps, 8, 129)
+    results = {}
+    for mode in ("SP", "muP"):
+        for w in widths:
+            torch.manual_seed(seed)
+            mcfg = ModelConfig(vocab_size=256, hidden_size=w, intermediate_size=3 * w, num_hidden_layers=4,
+                               num_attention_heads=w // 32, num_key_value_heads=max(1, w // 64),
+                               sliding_window=32, mup_base_hidden_size=64 if mode == "muP" else None)
+            model = CommandA(mcfg)
+            groups = param_groups(model, TrainConfig(weight_decay=0.0))
+            opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_mult"]
+            acts = {}
+            hooks = [model.model.embed_tokens.register_forward_hook(lambda m, i, o: acts.__setitem__("embedding", o)),
+                     model.model.layers[-1].register_forward_hook(lambda m, i, o: acts.__setitem__("last block", o))]
+            for s in range(steps):
+                logits = model(data[s, :, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), data[s, :, 1:].reshape(-1))
+                for name, a in (("embedding", acts["embedding"]), ("last block", acts["last block"]),
+                                ("logits", logits)):
+                    results.setdefault((mode, name, s), {})[w] = a.detach().abs().mean().item()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            for h in hooks:
+                h.remove()
+    names = ["embedding", "last block", "logits"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), sharex=True)
+    for r, mode in enumerate(("SP", "muP")):
+        for c, name in enumerate(names):
+            ax = axes[r][c]
+            for s in range(steps):
+                ys = results[(mode, name, s)]
+                ax.plot(widths, [ys[w] for w in widths], "o-", label=f"step {s + 1}", color=plt.cm.viridis(s / steps))
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{mode}: {name}")
+            if c == 0:
+                ax.set_ylabel("mean |x|")
+            if r == 1:
+                ax.set_xlabel("width (hidden size)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"muP coordinate check (Adam, lr={lr}): flat curves = width-independent activations")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    # growth of the final-step logit scale from the narrowest to the widest model, per parametrization
+    growth = {mode: results[(mode, "logits", steps - 1)][widths[-1]] / results[(mode, "logits", steps - 1)][widths[0]]
+              for mode in ("SP", "muP")}
+    return {"plot": path, "logit_growth_widest_vs_narrowest": growth}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Pretrain a Command A-architecture model with the report's recipe "
+                                 "(data pipeline, BPE, muP, bf16/FP8, cooldown, context extension).")
+    ap.add_argument("--tiny", action="store_true", help="the ~5-minute CPU run (preset tiny, 4 MB corpus, 400 steps)")
+    ap.add_argument("--out", default="out/tiny", help="output directory (HF checkpoint + tokenizer + plots)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
+    ap.add_argument("--coord-check", metavar="PNG", help="run the muP coordinate check, write the plot, exit")
+    d = TrainConfig()
+    for f, helptext in [("preset", "model preset"), ("vocab_size", "BPE vocabulary size"),
+                        ("corpus_mb", "MB of stdlib text in the default corpus"),
+                        ("data", "your text/JSONL file or folder instead of the default corpus"),
+                        ("seq_len", "main-phase context length"), ("batch_size", "rows per micro-batch"),
+                        ("grad_accum", "micro-batches per step"), ("steps", "optimizer steps in the schedule"),
+                        ("max_steps", "stop after N steps (schedule unchanged)"), ("lr", "peak LR at the muP base width"),
+                        ("warmup_frac", "warmup share"), ("cooldown_frac", "linear cooldown share"),
+                        ("weight_decay", "AdamW weight decay on matrices"), ("clip", "gradient-norm clip"),
+                        ("mup_base_hidden_size", "muP base width (0: standard parametrization)"),
+                        ("seed", "random seed"), ("eval_every", "steps between validation"),
+                        ("ckpt_every", "steps between checkpoints"), ("log_every", "steps between log lines"),
+                        ("samples", "generations printed at the end")]:
+        default = getattr(d, f)
+        typ = {"data": str, "max_steps": int, "mup_base_hidden_size": int}.get(f, type(default))
+        ap.add_argument("--" + f.replace("_", "-"), type=typ, default=None,
+                        help=f"{helptext} (default {default})")
+    ap.add_argument("--fp8", action="store_true", help="FP8 linear layers (CUDA speed; emulated numerics on CPU)")
+    ap.add_argument("--context-stages", default=None,
+                    help="cooldown context stages as 'mult:share,...' (default 1:0.5,4:0.3,8:0.2)")
+    args = ap.parse_args(argv)
+
+    if args.coord_check:
+        res = coord_check(args.coord_check)
+        print(json.dumps(res))
+        return res
+    values = dict(TINY) if args.tiny else {}
+    for f in asdict(d):
+        v = getattr(args, f, None)
+        if v is not None:
+            values[f] = v
+    if values.get("mup_base_hidden_size") == 0:
+        values["mup_base_hidden_size"] = None
+    if args.fp8:
+        values["fp8"] = True
+    if args.context_stages:
+        try:
+            values["context_stages"] = [[int(a), float(b)] for a, b in
+                                        (s.split(":") for s in args.context_stages.split(","))]
+        except ValueError:
+            ap.error("--context-stages must look like 1:0.5,4:0.3,8:0.2")
+    cfg = TrainConfig(**values)
+    try:
+        validate(cfg)
+        if cfg.data is not None and not os.path.exists(cfg.data):
+            raise FileNotFoundError(f"--data {cfg.data}: no such file or folder")
+        res = train(cfg, args.out, resume=args.resume)
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, (ValueError, FileNotFoundError)) else 1)
+    print(f"\nval loss {res['val_loss']:.3f} (uniform ln V = {res['uniform_loss']:.3f}) after {res['tokens']:,} "
+          f"tokens in {res['seconds']:.0f}s; checkpoint + tokenizer in {res['out']}")
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
