@@ -1,0 +1,988 @@
+"""
+data.py — Command A's pretraining data, at laptop scale: sources, cleaning, mixing, packing.
+
+Implements the report's pre-training "Data" paragraph and the data side of its cooldown (Cohere,
+"Command A: An Enterprise-Ready Large Language Model", arXiv 2504.00698): web text and code, deduplicated,
+cleaned by heuristic and ML-based quality filters, educational samples up-weighted, plus synthetic data;
+a cooldown on high-quality data; context extended 8K -> 32K -> 128K -> 256K on a domain-balanced mix.
+
+    sources -> exact dedup -> near dedup -> heuristic filters -> quality classifier -> up-weighting
+            -> split by document -> tokenize -> pack with document ids -> Loader
+
+The offline default corpus ships with Python itself: the standard library's source (code), its
+docstrings and comment blocks (prose), the language reference in pydoc_data (reference), plus seeded
+synthetic generators and planted junk documents standing in for the web's junk.
+
+References
+- Broder 1997, "On the resemblance and containment of documents" (MinHash); Leskovec, Rajaraman,
+  Ullman, "Mining of Massive Datasets" ch. 3 (LSH banding).
+- Lee et al. 2022, "Deduplicating Training Data Makes Language Models Better", arXiv 2107.06499.
+- Rae et al. 2021 (Gopher), arXiv 2112.11446, appendix A: the MassiveText quality rules used below.
+- Raffel et al. 2020 (C4), arXiv 1910.10683: lorem ipsum and boilerplate rules.
+- Penedo et al. 2024 (FineWeb-Edu), arXiv 2406.17557: an "educational" classifier to up-weight data.
+- Weinberger et al. 2009, "Feature Hashing for Large Scale Multitask Learning".
+- Krell et al. 2021, "Efficient Sequence Packing without Cross-contamination", arXiv 2107.02027.
+- Shi et al. 2023, "In-Context Pretraining", arXiv 2310.10638 (concatenate related documents).
+- Fu et al. 2024, "Data Engineering for Scaling Language Models to 128K Context", arXiv 2402.10171
+  (per-domain balanced long-document upsampling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import inspect
+import io
+import json
+import os
+import random
+import re
+import sysconfig
+import time
+import textwrap
+import tokenize
+import warnings
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class FilterConfig:
+    # prose rules (Gopher's MassiveText rules; thresholds from its appendix A unless noted)
+    min_words: int = 30                 # Gopher says 50 for web pages; a good docstring is shorter
+    max_words: int = 100_000
+    mean_word_len: tuple = (3.0, 10.0)  # mean word length outside this -> not natural language
+    max_symbol_ratio: float = 0.1       # ('#' + '...') per word
+    min_alpha_words: float = 0.8        # fraction of words with a letter or digit (Gopher: a letter,
+                                        # which throws away arithmetic: "12 x 3 = 36" is 1/5 alphabetic)
+    min_stop_words: int = 2             # distinct of {the, be, to, of, and, that, have, with}
+    max_dup_lines: float = 0.3          # chars in repeated copies of a line / all chars
+    max_top_ngram: tuple = (0.20, 0.18, 0.16)  # chars covered by the top 2-, 3-, 4-gram
+    max_dup_5gram: float = 0.15         # chars covered by repeated copies of 5-grams
+    max_boilerplate_lines: float = 0.3  # lines with license/cookie/legal phrases (C4-like)
+    # code rules (Codex / The Stack style): code is symbol-heavy and repeats short lines by nature,
+    # so the prose ratios would throw most of it away
+    code_min_chars: int = 200           # empty __init__.py files and one-liners
+    code_max_chars: int = 1_000_000
+    code_max_line_len: int = 1000       # minified or data-blob lines
+    code_max_mean_line_len: float = 100.0
+    code_min_alnum: float = 0.25        # alphanumeric fraction; lower = tables of escapes and bytes
+    code_max_dup_lines: float = 0.5     # only lines of >= 10 chars count ("pass", "}" repeat legitimately)
+
+
+@dataclass
+class DataConfig:
+    data: str | None = None             # user text/JSONL file or folder; None = the stdlib corpus
+    max_bytes: int = 8_000_000          # cap on stdlib text read (~8 MB: the tiny run and tokenizer)
+    synthetic_docs: int = 400           # documents per synthetic generator (math, code, prose)
+    junk_docs: int = 200                # planted junk (the web's, offline); stdlib corpus only
+    seed: int = 0
+    shingle: int = 5                    # words per MinHash shingle
+    num_perm: int = 128                 # MinHash permutations
+    near_threshold: float = 0.8         # Jaccard at or above which two documents are near-duplicates
+    quality_buckets: int = 2 ** 18      # hashed unigram+bigram feature buckets
+    quality_train_docs: int = 1500      # positives sampled for the classifier (as many negatives)
+    quality_steps: int = 150            # full-batch Adam steps of the logistic regression
+    min_quality: float = 0.5            # ML filter: drop documents scored below (the decision boundary)
+    upweight_alpha: float = 1.0         # sampling weight = 1 + alpha * percentile of the quality score
+    hq_fraction: float = 0.3            # top fraction of each domain = the cooldown's high-quality subset
+    filters: FilterConfig = field(default_factory=FilterConfig)
+
+
+CODE_EXTS = {'.py', '.js', '.ts', '.c', '.h', '.cpp', '.cc', '.java', '.go', '.rs', '.sh', '.sql', '.rb'}
+TEXT_EXTS = CODE_EXTS | {'.txt', '.md', '.rst', '.jsonl', '.html', '.tex', '.csv', '.toml', '.yaml', '.yml'}
+# the domains the quality classifier learns as "educational"
+EDUCATIONAL = ('prose', 'reference', 'synthetic-math', 'synthetic-code', 'synthetic-prose')
+
+# -----------------------------------------------------------------------------------------------
+# Documents and sources
+
+@dataclass
+class Document:
+    text: str
+    domain: str                         # 'code', 'prose', 'reference', 'synthetic-math', 'junk', ...
+    origin: str = ''                    # provenance: a path, 'pydoc:assert', 'synthetic-math:17'
+    quality: float | None = None        # classifier score in [0, 1], set by the quality stage
+    weight: float = 1.0                 # sampling weight in the pretraining mix
+
+
+def _prose_from_source(src: str, module: str, min_chars: int) -> list[str]:
+    """Docstrings and comment blocks of one module, as English prose documents.
+
+    One tokenize pass instead of ast.parse: ast builds every node of the file and is ~2x slower on
+    the stdlib. A docstring is a statement that is a lone string literal (after NEWLINE/INDENT)."""
+    try:
+        toks = list(tokenize.generate_tokens(io.StringIO(src).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return []
+    out, block, last = [], [], -2
+    def flush():
+        text = '\n'.join(block).strip()
+        if len(text) >= min_chars:
+            out.append(text)
+    for t in toks:                      # comment blocks: consecutive full-line comments
+        if t.type == tokenize.COMMENT and t.line.lstrip().startswith('#'):
+            line = t.string.lstrip('#').strip()
+            if t.start[0] != last + 1:
+                flush(); block = []
+            if not (t.string.startswith('#!') or re.fullmatch(r'[-=*~_# ]*|-\*-.*-\*-', line)):
+                block.append(line)      # (shebangs, coding cookies and ruler lines are not prose)
+            last = t.start[0]
+    flush()
+    sig = [t for t in toks if t.type not in (tokenize.NL, tokenize.COMMENT, tokenize.ENCODING)]
+    name = module
+    for j, t in enumerate(sig):
+        if t.type == tokenize.NAME and t.string in ('def', 'class') and j + 1 < len(sig):
+            name = f'{module}.{sig[j + 1].string}'
+        alone = ((j == 0 or sig[j - 1].type in (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT))
+                 and j + 1 < len(sig) and sig[j + 1].type in (tokenize.NEWLINE, tokenize.ENDMARKER))
+        if t.type == tokenize.STRING and alone:
+            try:
+                value = ast.literal_eval(t.string)
+            except (ValueError, SyntaxError):
+                continue
+            value = inspect.cleandoc(value) if isinstance(value, str) else ''
+            if len(value) >= min_chars:
+                title = name if j > 0 and sig[j - 1].type == tokenize.INDENT else module
+                out.append(f'{title}\n\n{value}')
+    return out
+
+
+def stdlib_documents(max_bytes: int = 8_000_000, min_prose_chars: int = 200) -> list[Document]:
+    """The offline default corpus: Python's own standard library (code, docstrings, comments, docs)."""
+    root = Path(sysconfig.get_paths()['stdlib'])
+    skip = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages', '__pycache__', 'lib-dynload',
+            'pydoc_data', 'ensurepip'}
+    topics = {}
+    try:                                # the language reference as plain text: the best English here
+        from pydoc_data.topics import topics
+    except ImportError:                 # some distributions strip pydoc_data
+        pass
+    items = [(f'pydoc:{k}', None) for k in topics]
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in skip and not x.startswith('config-'))
+        items += [(str((Path(d) / n).relative_to(root)), Path(d) / n) for n in names
+                  if n.endswith(('.py', '.txt', '.rst')) or n.startswith('README')]
+    total, picked = 0, []
+    # Visit sources in a hash order, so a cap below the full ~13 MB samples the whole tree (and the
+    # reference) evenly instead of reading modules a-m; the result is then put back in sorted order.
+    for key, f in sorted(items, key=lambda kv: hashlib.sha1(kv[0].encode()).hexdigest()):
+        if total >= max_bytes:
+            break
+        if f is None:
+            group = [Document(topics[key[6:]].strip(), 'reference', key)]
+        else:
+            try:
+                src = f.read_text(encoding='utf-8')
+            except (UnicodeDecodeError, OSError):
+                continue
+            if f.suffix == '.py':
+                module = key[:-3].replace(os.sep, '.').removesuffix('.__init__')
+                group = [Document(src, 'code', key)]
+                group += [Document(p, 'prose', key) for p in _prose_from_source(src, module, min_prose_chars)]
+            else:
+                group = [Document(src, 'reference', key)]
+        total += sum(len(d.text.encode()) for d in group)
+        picked.append((key, group))
+    docs = []
+    for _, group in sorted(picked, key=lambda x: x[0]):
+        docs += group
+    return docs
+
+
+def load_user_data(path: str | os.PathLike, domain: str | None = None) -> list[Document]:
+    """Text files and JSONL (one {"text": ...} per line; optional "domain"), a file or a folder tree.
+
+    Error policy: a missing path, a folder with no usable documents, a bad JSONL line (named
+    file:line) raise. A file that is not UTF-8 raises when it was named explicitly, and is skipped
+    with a warning inside a folder walk (one stray binary should not kill a run over thousands)."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f'data path does not exist: {root}')
+    if root.is_file():
+        files, explicit = [root], True
+    else:
+        files = sorted(p for p in root.rglob('*') if p.is_file() and p.suffix.lower() in TEXT_EXTS)
+        explicit = False
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding='utf-8')
+        except (UnicodeDecodeError, OSError) as e:
+            if explicit:
+                raise ValueError(f'{f}: not readable as UTF-8 text ({e})') from e
+            warnings.warn(f'skipping {f}: not readable as UTF-8 text')
+            continue
+        if f.suffix.lower() == '.jsonl':
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f'{f}:{n}: invalid JSON ({e.msg})') from e
+                if not isinstance(rec, dict) or not isinstance(rec.get('text'), str):
+                    raise ValueError(f'{f}:{n}: expected an object with a string field "text"')
+                docs.append(Document(rec['text'], domain or rec.get('domain', 'prose'), f'{f}:{n}'))
+        elif text.strip():
+            kind = 'code' if f.suffix.lower() in CODE_EXTS else 'prose'
+            docs.append(Document(text, domain or kind, str(f)))
+    if not docs:
+        raise ValueError(f'no documents found under {root} (looked for {", ".join(sorted(TEXT_EXTS))})')
+    return docs
+
+# -----------------------------------------------------------------------------------------------
+# Synthetic generators (the report uses internally generated data). Seeded, so reproducible.
+
+NAMES = ['Ana', 'Bo', 'Chen', 'Dara', 'Eli', 'Farah', 'Goran', 'Hana', 'Ines', 'Jomo', 'Kai', 'Lena']
+ITEMS = ['apple', 'notebook', 'pencil', 'ticket', 'book', 'candle', 'plant', 'cup', 'stamp', 'marble']
+
+
+def _math_problem(rng: random.Random, kind: int) -> tuple[str, list[str], str]:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    if kind == 0:
+        a, p = rng.randint(2, 12), rng.randint(2, 15)
+        bill = rng.choice([b for b in (20, 50, 100, 200) if b > a * p])
+        return (f'{name} buys {a} {item}s at ${p} each and pays with a ${bill} bill. How much change does {name} get?',
+                [f'The {item}s cost {a} x ${p} = ${a * p}.', f'The change is ${bill} - ${a * p} = ${bill - a * p}.'],
+                f'${bill - a * p}')
+    if kind == 1:
+        v1, h1, v2, h2 = rng.randint(40, 120), rng.randint(1, 5), rng.randint(40, 120), rng.randint(1, 5)
+        hours = lambda h: f'{h} hour' + 's' * (h > 1)
+        return (f'A train travels at {v1} km/h for {hours(h1)}, then at {v2} km/h for {hours(h2)}. How far does it go?',
+                [f'First part: {v1} x {h1} = {v1 * h1} km.', f'Second part: {v2} x {h2} = {v2 * h2} km.',
+                 f'Total distance: {v1 * h1} + {v2 * h2} = {v1 * h1 + v2 * h2} km.'], f'{v1 * h1 + v2 * h2} km')
+    if kind == 2:
+        k, n = rng.randint(2, 9), rng.randint(10, 99)
+        return (f'{name} shares {n} {item}s equally among {k} friends. How many does each get, and how many are left?',
+                [f'Divide: {n} = {k} x {n // k} + {n % k}.', f'Each friend gets {n // k} and {n % k} remain.'],
+                f'{n // k} each, {n % k} left over')
+    if kind == 3:
+        p, d = 20 * rng.randint(1, 20), rng.choice([5, 10, 15, 20, 25, 30, 40, 50])
+        off = p * d // 100
+        return (f'A jacket costs ${p} and is discounted by {d}%. What is the sale price?',
+                [f'The discount is {d}% of ${p} = ${p} x {d} / 100 = ${off}.',
+                 f'The sale price is ${p} - ${off} = ${p - off}.'],
+                f'${p - off}')
+    w, l = rng.randint(2, 30), rng.randint(2, 30)
+    return (f'A rectangular garden is {w} m wide and {l} m long. What are its perimeter and its area?',
+            [f'The perimeter is 2 x ({w} + {l}) = {2 * (w + l)} m.', f'The area is {w} x {l} = {w * l} square metres.'],
+            f'{2 * (w + l)} m and {w * l} m^2')
+
+
+def synthetic_math(n: int, seed: int = 0) -> list[Document]:
+    """Arithmetic word problems with worked, step-by-step solutions (2-4 per worksheet)."""
+    rng, docs = random.Random(f'math:{seed}'), []
+    for i in range(n):
+        parts = ['Worked examples: arithmetic word problems, with the steps of each solution.']
+        # distinct kinds per worksheet: one template twice reads as repetition to the n-gram filters
+        for j, kind in enumerate(rng.sample(range(5), rng.randint(2, 4))):
+            q, steps, ans = _math_problem(rng, kind)
+            parts.append(f'Problem {j + 1}. {q}\nSolution. ' + ' '.join(steps) + f'\nAnswer: {ans}')
+        docs.append(Document('\n\n'.join(parts), 'synthetic-math', f'synthetic-math:{i}'))
+    return docs
+
+
+def _code_functions(rng: random.Random, m: int) -> list[tuple[str, str]]:
+    """m distinct small documented functions as (source, assert); the expected values come from a
+    reference implementation run here, so every assert in the corpus passes."""
+    k, c, p, b = rng.randint(2, 9), rng.randint(1, 20), rng.randint(1, 3), rng.choice([2, 8, 16])
+    xs, n = [rng.randint(-9, 30) for _ in range(rng.randint(3, 6))], rng.randint(1, 60)
+    lib = [  # (name, argument, docstring, body, reference implementation, example argument)
+        ('scale_and_shift', 'xs', f'Return every number in xs multiplied by {k} and increased by {c}.',
+         f'return [x * {k} + {c} for x in xs]', lambda a: [x * k + c for x in a], xs),
+        ('count_multiples', 'n', f'Count the integers from 1 to n that are divisible by {k}.',
+         f'return sum(1 for i in range(1, n + 1) if i % {k} == 0)', lambda a: a // k, n),
+        ('sum_of_powers', 'n', f'Return 1**{p} + 2**{p} + ... + n**{p}, the sum of the first n powers.',
+         f'total = 0\nfor i in range(1, n + 1):\n    total += i ** {p}\nreturn total',
+         lambda a: sum(i ** p for i in range(1, a + 1)), n),
+        ('running_max', 'xs', 'Return the list of the maxima of the prefixes of xs.',
+         'out, best = [], None\nfor x in xs:\n    best = x if best is None or x > best else best\n'
+         '    out.append(best)\nreturn out', lambda a: [max(a[:i + 1]) for i in range(len(a))], xs),
+        ('clip', 'x', f'Limit x to the closed interval [{c}, {c + 10 * k}].',
+         f'return max({c}, min({c + 10 * k}, x))', lambda a: max(c, min(c + 10 * k, a)), n),
+        ('digit_sum', 'n', f'Return the sum of the digits of a non-negative n written in base {b}.',
+         f'total = 0\nwhile n:\n    n, d = divmod(n, {b})\n    total += d\nreturn total',
+         lambda a: sum(int(ch, b) for ch in np.base_repr(a, b)), n * 97)]
+    return [(f'def {name}({arg}):\n    """{doc}"""\n' + textwrap.indent(body, '    ') + '\n',
+             f'assert {name}({x!r}) == {ref(x)!r}') for name, arg, doc, body, ref, x in rng.sample(lib, m)]
+
+
+def synthetic_code(n: int, seed: int = 0) -> list[Document]:
+    """Small documented Python functions followed by asserts that pass (textbook-style code)."""
+    rng, docs = random.Random(f'code:{seed}'), []
+    for i in range(n):
+        funcs = _code_functions(rng, rng.randint(2, 4))
+        text = '\n\n'.join(f for f, _ in funcs) + '\n\n# tests\n' + '\n'.join(a for _, a in funcs) + '\n'
+        docs.append(Document(text, 'synthetic-code', f'synthetic-code:{i}'))
+    return docs
+
+
+def synthetic_prose(n: int, seed: int = 0) -> list[Document]:
+    """Fact paragraphs about numbers and units, each fact computed (never wrong)."""
+    rng, docs = random.Random(f'prose:{seed}'), []
+    for i, m in enumerate(rng.sample(range(12, 100_000), n)):
+        divs = [d for d in range(2, int(m ** 0.5) + 1) if m % d == 0]
+        r = int(m ** 0.5)
+        facts = [f'The number {m} is {"even" if m % 2 == 0 else "odd"}.',
+                 f'It is a prime number, since no integer between 2 and {r} divides it.' if not divs else
+                 f'It is not prime: it is divisible by {divs[0]}, because {m} = {divs[0]} x {m // divs[0]}.',
+                 f'Its square is {m * m} and the sum of its decimal digits is {sum(map(int, str(m)))}.',
+                 f'Written in binary it is {m:b}, and in hexadecimal it is {m:x}.',
+                 f'It lies between the perfect squares {r * r} and {(r + 1) ** 2}.']
+        km = rng.randint(2, 500)
+        units = (f'A distance of {km} kilometres is {km * 1000} metres, which is about {km * 0.621371:.1f} miles. '
+                 f'Walking at five kilometres per hour, covering it would take {km / 5:.1f} hours.')
+        rng.shuffle(facts)
+        text = f'Facts about {m}.\n\n' + ' '.join(facts) + '\n\n' + units
+        docs.append(Document(text, 'synthetic-prose', f'synthetic-prose:{i}'))
+    return docs
+
+
+SPAM = 'cheap best price buy online free shipping discount casino bonus deal sale win now'.split()
+BOILERPLATE = ['All rights reserved.', 'This website uses cookies to improve your experience.', 'Accept all cookies',
+               'Click here to subscribe to our newsletter!', 'Terms of use | Privacy policy | Cookie settings',
+               'Copyright (c) 2021 Example Corp. All rights reserved.', 'Sign in or create an account to continue.']
+MENU = 'Home About Contact Login Shop Blog FAQ Help Cart'.split()
+LOREM = ('lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore '
+         'magna aliqua').split()
+
+
+def junk_documents(n: int, seed: int = 0, vocab: list[str] | None = None) -> list[Document]:
+    """Low-quality documents: word salad, keyword spam, boilerplate, lorem ipsum, menus, symbol noise.
+
+    The classifier's negatives, and (with another seed) the junk planted into the default corpus so
+    that every filter stage has something real to remove offline."""
+    rng, docs = random.Random(f'junk:{seed}'), []
+    vocab = vocab or (LOREM + SPAM + ITEMS + 'the of and to a in is it that for with as on be by this'.split())
+    for i in range(n):
+        kind, L = i % 6, rng.randint(60, 300)
+        if kind == 0:                   # word salad: real words, no grammar; passes most rules
+            w = rng.choices(vocab, k=L)
+            text = ' '.join(x + ('.' if rng.random() < 0.08 else '') for x in w)
+        elif kind == 1:                 # keyword spam
+            kw = rng.sample(SPAM, 5)
+            text = ' '.join(rng.choice(kw) for _ in range(L))
+        elif kind == 2:                 # page chrome and legal boilerplate
+            text = '\n'.join(rng.choice(BOILERPLATE) for _ in range(L // 6))
+        elif kind == 3:
+            text = ' '.join(rng.choice(LOREM) for _ in range(L))
+        elif kind == 4:                 # navigation menus
+            text = '\n'.join(' | '.join(rng.sample(MENU, 5)) for _ in range(L // 5))
+        else:                           # encoded blobs and symbol noise
+            text = ''.join(rng.choice('abcdefABCDEF0123456789+/=#{}<>;') for _ in range(L * 6))
+        docs.append(Document(text, 'junk', f'junk:{seed}:{i}'))
+    return docs
+
+# -----------------------------------------------------------------------------------------------
+# Stage 1: exact dedup by normalized hash
+
+_WORD = re.compile(r'\w+')
+
+
+def normalize(text: str) -> str:
+    return ' '.join(text.lower().split())
+
+
+def exact_dedup(docs: list[Document]) -> tuple[list[Document], list[Document]]:
+    """Keep the first copy of each text up to case and whitespace; returns (kept, removed)."""
+    seen, kept, removed = set(), [], []
+    for d in docs:
+        h = hashlib.sha1(normalize(d.text).encode()).digest()
+        (removed if h in seen else kept).append(d)
+        seen.add(h)
+    return kept, removed
+
+# -----------------------------------------------------------------------------------------------
+# Stage 2: near dedup, MinHash + LSH (Broder 1997; MMDS ch. 3)
+
+_P = np.uint64((1 << 31) - 1)           # Mersenne prime: a*x + b < 2^63 for 32-bit x, so uint64 never overflows
+
+
+def shingle_hashes(text: str, k: int = 5) -> np.ndarray:
+    """Unique 32-bit hashes of the word k-grams of text (the whole text if shorter than k words)."""
+    h = np.array([zlib.crc32(w.encode()) for w in _WORD.findall(text.lower())], dtype=np.uint64)
+    k = max(1, min(k, len(h)))
+    s = np.zeros(len(h) - k + 1, dtype=np.uint64)
+    for i in range(k):                  # polynomial roll over k consecutive word hashes (wraps mod 2^64)
+        s = s * np.uint64(1_000_003) + h[i:len(h) - k + 1 + i]
+    return np.unique(s & np.uint64(0xFFFFFFFF))
+
+
+def minhash_signatures(shingles: list[np.ndarray], num_perm: int = 128, seed: int = 0,
+                       chunk: int = 40_000) -> np.ndarray:
+    """[N, num_perm] minimum of h_i(x) = (a_i x + b_i) mod p over each document's shingles."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, int(_P), num_perm, dtype=np.uint64)
+    b = rng.integers(0, int(_P), num_perm, dtype=np.uint64)
+    sig = np.full((len(shingles), num_perm), int(_P), dtype=np.uint64)   # empty doc: all "infinity"
+    i = 0
+    while i < len(shingles):            # a group of whole documents, ~chunk shingles at a time
+        j, n = i, 0
+        while j < len(shingles) and (n == 0 or n + len(shingles[j]) <= chunk):
+            n += len(shingles[j]); j += 1
+        sizes = np.array([len(s) for s in shingles[i:j]])
+        if n:
+            x = np.concatenate(shingles[i:j])
+            hv = (x[:, None] * a[None, :] + b[None, :]) % _P             # (n, num_perm)
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            nz = sizes > 0                  # reduceat misreads empty segments; skip them
+            sig[np.arange(i, j)[nz]] = np.minimum.reduceat(hv, starts[nz], axis=0)
+        i = j
+    return sig.astype(np.uint32)
+
+
+def lsh_params(num_perm: int, threshold: float, fp_weight: float = 0.2) -> tuple[int, int]:
+    """Bands x rows whose S-curve 1-(1-s^r)^b best separates Jaccard s around threshold.
+
+    False negatives weigh more than false positives because every candidate pair is verified on
+    its signatures afterwards (128 perms, 0.8 -> 12 bands x 10 rows, curve midpoint ~0.78)."""
+    s, best = np.linspace(0, 1, 501), None
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            p = 1 - (1 - s ** rows) ** bands
+            fp, fn = np.mean(np.where(s < threshold, p, 0)), np.mean(np.where(s >= threshold, 1 - p, 0))
+            err = fp_weight * fp + (1 - fp_weight) * fn
+            if best is None or err < best[0]:
+                best = (err, bands, rows)
+    return best[1], best[2]
+
+
+def near_dedup(docs: list[Document], threshold: float = 0.8, k: int = 5, num_perm: int = 128,
+               seed: int = 0) -> tuple[list[Document], list[Document]]:
+    """Cluster documents whose estimated Jaccard >= threshold; keep the first of each cluster."""
+    if not docs:
+        return [], []
+    sig = minhash_signatures([shingle_hashes(d.text, k) for d in docs], num_perm, seed)
+    bands, rows = lsh_params(num_perm, threshold)
+    parent = list(range(len(docs)))
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]; i = parent[i]
+        return i
+    checked = set()
+    for band in range(bands):
+        buckets = defaultdict(list)
+        for i, key in enumerate(sig[:, band * rows:(band + 1) * rows]):
+            buckets[key.tobytes()].append(i)
+        for m in buckets.values():      # all pairs in small buckets, a star around the first in big ones
+            pairs = ([(x, y) for n, x in enumerate(m) for y in m[n + 1:]] if len(m) <= 32
+                     else [(m[0], y) for y in m[1:]])
+            for x, y in pairs:
+                if (x, y) in checked:
+                    continue
+                checked.add((x, y))
+                if np.mean(sig[x] == sig[y]) >= threshold:   # verify: the LSH band is only a candidate
+                    rx, ry = find(x), find(y)
+                    parent[max(rx, ry)] = min(rx, ry)          # the root is the earliest document
+    keep = [find(i) == i for i in range(len(docs))]
+    return [d for d, k_ in zip(docs, keep) if k_], [d for d, k_ in zip(docs, keep) if not k_]
+
+# -----------------------------------------------------------------------------------------------
+# Stage 3: heuristic filters (Gopher appendix A; C4; The Stack for code)
+
+STOP_WORDS = {'the', 'be', 'to', 'of', 'and', 'that', 'have', 'with'}
+_BOILER = re.compile(r'all rights reserved|copyright|licen[cs]e|warrant|permission is hereby|liabilit|merchantab'
+                     r'|redistribut|uses cookies|accept (all )?cookies|cookie (policy|settings)|privacy policy'
+                     r'|terms of (use|service)|click here|subscribe|sign in', re.I)
+_GENERATED = re.compile(r'generated (by|from)|auto-?generated|do not edit', re.I)
+
+
+def _repeated_line_frac(lines: list[str]) -> float:
+    counts, total = Counter(lines), sum(map(len, lines)) or 1
+    return sum(len(l) * (c - 1) for l, c in counts.items()) / total
+
+
+def _ngram_fracs(words: list[str]) -> tuple[list[float], float]:
+    """(chars covered by the most frequent 2/3/4-gram, chars in repeated copies of 5-grams), as fractions."""
+    total = sum(map(len, words)) or 1
+    top = []
+    for n in (2, 3, 4):
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        g, c = grams.most_common(1)[0] if grams else ((), 0)
+        top.append(sum(map(len, g)) * c / total if c > 1 else 0.0)
+    seen, dup = set(), np.zeros(len(words), bool)
+    for i in range(len(words) - 4):
+        g = tuple(words[i:i + 5])
+        if g in seen:
+            dup[i:i + 5] = True
+        seen.add(g)
+    return top, sum(len(w) for w, d in zip(words, dup) if d) / total
+
+
+def heuristic_reason(doc: Document, cfg: FilterConfig = FilterConfig()) -> str | None:
+    """The name of the first rule the document fails, or None if it passes."""
+    text = doc.text
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    if 'lorem ipsum' in text.lower():
+        return 'lorem_ipsum'
+    if lines and sum(bool(_BOILER.search(l)) for l in lines) / len(lines) > cfg.max_boilerplate_lines:
+        return 'boilerplate'
+    if doc.domain.endswith('code'):    # 'code', 'synthetic-code': code rules
+        if len(text) < cfg.code_min_chars:
+            return 'too_short'
+        if len(text) > cfg.code_max_chars:
+            return 'too_long'
+        if _GENERATED.search('\n'.join(text.splitlines()[:10])):
+            return 'autogenerated'
+        raw = text.splitlines() or ['']
+        if max(map(len, raw)) > cfg.code_max_line_len or np.mean(list(map(len, raw))) > cfg.code_max_mean_line_len:
+            return 'long_lines'
+        if sum(ch.isalnum() for ch in text) / len(text) < cfg.code_min_alnum:
+            return 'alnum_ratio'
+        if _repeated_line_frac([l for l in lines if len(l) >= 10]) > cfg.code_max_dup_lines:
+            return 'duplicate_lines'
+        return None
+    words = text.split()
+    if len(words) < cfg.min_words:
+        return 'too_short'
+    if len(words) > cfg.max_words:
+        return 'too_long'
+    if not cfg.mean_word_len[0] <= np.mean([len(w) for w in words]) <= cfg.mean_word_len[1]:
+        return 'mean_word_length'
+    if (text.count('#') + text.count('...') + text.count('\u2026')) / len(words) > cfg.max_symbol_ratio:
+        return 'symbol_ratio'
+    if sum(any(c.isalnum() for c in w) for w in words) / len(words) < cfg.min_alpha_words:
+        return 'alpha_words'
+    lw = [w.lower() for w in _WORD.findall(text)]
+    if len(STOP_WORDS.intersection(lw)) < cfg.min_stop_words:
+        return 'stop_words'
+    if _repeated_line_frac(lines) > cfg.max_dup_lines:
+        return 'duplicate_lines'
+    top, dup5 = _ngram_fracs(lw)
+    if any(t > m for t, m in zip(top, cfg.max_top_ngram)):
+        return 'top_ngram'
+    if dup5 > cfg.max_dup_5gram:
+        return 'duplicate_ngrams'
+    return None
+
+
+def heuristic_filter(docs: list[Document], cfg: FilterConfig = FilterConfig()
+                     ) -> tuple[list[Document], list[tuple[Document, str]]]:
+    """Returns (kept, [(removed document, rule name), ...])."""
+    kept, removed = [], []
+    for d in docs:
+        r = heuristic_reason(d, cfg)
+        (kept.append(d) if r is None else removed.append((d, r)))
+    return kept, removed
+
+# -----------------------------------------------------------------------------------------------
+# Stage 4: a learned quality classifier (FineWeb-Edu style, with hashed features; Weinberger 2009)
+
+class QualityClassifier:
+    """Logistic regression on hashed word unigrams + bigrams, trained with numpy Adam.
+
+    Scores P(educational | text). Only the first max_chars of a document are read: the classifier
+    judges the kind of text, and a long file's start says that as well as its whole."""
+
+    def __init__(self, buckets: int = 2 ** 18, max_chars: int = 5000):
+        self.buckets, self.max_chars = buckets, max_chars
+        self.w = np.zeros(buckets + 1)  # the last weight is the bias, fed by a constant feature
+
+    def features(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, column, value) of the sparse [N, buckets+1] matrix: log(1 + count), L2-normalized
+        per row, plus the constant 1 of the bias."""
+        rows, cols, vals = [], [], []
+        for r, t in enumerate(texts):
+            words = _WORD.findall(t[:self.max_chars].lower())
+            h = np.array([zlib.crc32(w.encode()) for w in words], dtype=np.uint64)
+            h = np.concatenate([h, (h[:-1] * np.uint64(1_000_003)) ^ h[1:]]) if len(h) else h  # uni + bigrams
+            c, n = np.unique(h % np.uint64(self.buckets), return_counts=True)
+            v = np.log1p(n)
+            rows.append(np.full(len(c) + 1, r)); cols.append(np.append(c.astype(np.int64), self.buckets))
+            vals.append(np.append(v / (np.linalg.norm(v) or 1), 1.0))
+        return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+
+    def _logits(self, X, n):
+        r, c, v = X                     # sparse matrix-vector product: sum over each row's entries
+        return np.bincount(r, weights=self.w[c] * v, minlength=n)
+
+    def fit(self, texts: list[str], labels, steps: int = 150, lr: float = 0.1, l2: float = 1e-5):
+        X, y, n = self.features(texts), np.asarray(labels, float), len(texts)
+        r, c, v = X
+        m, s = np.zeros_like(self.w), np.zeros_like(self.w)
+        for t in range(1, steps + 1):   # full-batch Adam on the mean log-loss + L2
+            err = 1 / (1 + np.exp(-self._logits(X, n))) - y            # d loss / d logit
+            g = np.bincount(c, weights=err[r] * v, minlength=len(self.w)) / n + l2 * self.w
+            m, s = 0.9 * m + 0.1 * g, 0.999 * s + 0.001 * g ** 2
+            self.w -= lr * (m / (1 - 0.9 ** t)) / (np.sqrt(s / (1 - 0.999 ** t)) + 1e-8)
+        return self
+
+    def predict(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros(0)
+        return 1 / (1 + np.exp(-self._logits(self.features(texts), len(texts))))
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties counting half."""
+    pos, neg = np.asarray(pos), np.asarray(neg)
+    return float(((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()))
+
+# -----------------------------------------------------------------------------------------------
+# The data card: what each stage kept and removed
+
+@dataclass
+class DataCard:
+    stages: list[dict] = field(default_factory=list)   # per stage: docs/chars in and out, reasons
+    mix: dict = field(default_factory=dict)            # per domain: docs, chars, weighted share, hq docs
+    tokens: dict = field(default_factory=dict)         # name -> token count, once a tokenizer has run
+    info: dict = field(default_factory=dict)           # config, timings, classifier metrics
+
+    def add_stage(self, name, before, after, reasons: Counter | None = None, seconds: float = 0.0):
+        chars = lambda ds: sum(len(d.text) for d in ds)
+        self.stages.append(dict(stage=name, docs_in=len(before), docs_out=len(after), chars_in=chars(before),
+                                chars_out=chars(after), removed_by=dict(reasons or {}), seconds=round(seconds, 2),
+                                domains_out=dict(Counter(d.domain for d in after))))
+
+    def set_mix(self, docs: list[Document], hq: list[Document]):
+        wsum = sum(d.weight * len(d.text) for d in docs) or 1
+        hqc = Counter(d.domain for d in hq)
+        for dom in sorted({d.domain for d in docs}):
+            ds = [d for d in docs if d.domain == dom]
+            self.mix[dom] = dict(docs=len(ds), chars=sum(len(d.text) for d in ds), hq_docs=hqc[dom],
+                                 weighted_share=round(sum(d.weight * len(d.text) for d in ds) / wsum, 4),
+                                 mean_quality=round(float(np.mean([d.quality or 0 for d in ds])), 3))
+
+    def record_tokens(self, name: str, token_docs: list[list[int]]):
+        self.tokens[name] = int(sum(map(len, token_docs)))
+
+    def summary(self) -> str:
+        out = [f'{"stage":<12}{"docs in":>9}{"docs out":>9}{"MB out":>8}{"s":>6}  removed by']
+        for s in self.stages:
+            why = ', '.join(f'{k} {v}' for k, v in sorted(s['removed_by'].items(), key=lambda kv: -kv[1]))
+            out.append(f'{s["stage"]:<12}{s["docs_in"]:>9}{s["docs_out"]:>9}{s["chars_out"] / 1e6:>8.2f}'
+                       f'{s["seconds"]:>6.1f}  {why}')
+        out.append(f'{"domain":<16}{"docs":>7}{"MB":>7}{"weighted":>10}{"quality":>9}{"hq docs":>9}')
+        for dom, m in self.mix.items():
+            out.append(f'{dom:<16}{m["docs"]:>7}{m["chars"] / 1e6:>7.2f}{m["weighted_share"]:>10.1%}'
+                       f'{m["mean_quality"]:>9.2f}{m["hq_docs"]:>9}')
+        out += [f'tokens[{k}] = {v}' for k, v in self.tokens.items()]
+        return '\n'.join(out)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+        (out / 'data_card.json').write_text(json.dumps(asdict(self), indent=2))
+        import matplotlib                 # lazily: pretrain.py imports data.py and rarely plots
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        names = [s['stage'] for s in self.stages]
+        kept = [s['docs_out'] for s in self.stages]
+        ax1.bar(names, kept, label='kept')
+        ax1.bar(names, [s['docs_in'] - s['docs_out'] for s in self.stages], bottom=kept, label='removed')
+        ax1.set_ylabel('documents'); ax1.set_title('documents per stage'); ax1.legend()
+        doms = list(self.mix)
+        x = np.arange(len(doms))
+        total = sum(m['chars'] for m in self.mix.values()) or 1
+        ax2.bar(x - 0.2, [self.mix[d]['chars'] / total for d in doms], 0.4, label='unique text')
+        ax2.bar(x + 0.2, [self.mix[d]['weighted_share'] for d in doms], 0.4, label='after up-weighting')
+        ax2.set_xticks(x, doms, rotation=30, ha='right'); ax2.set_ylabel('share of characters')
+        ax2.set_title('final mix by source'); ax2.legend()
+        fig.tight_layout(); fig.savefig(out / 'data_card.png', dpi=100); plt.close(fig)
+        return out
+
+# -----------------------------------------------------------------------------------------------
+# The pipeline
+
+def build_corpus(cfg: DataConfig | None = None, verbose: bool = True) -> tuple[list[Document], DataCard]:
+    """Sources -> dedup -> filters -> quality score and weight. Returns the kept documents (with
+    .quality and .weight set) and the data card. Next: split_documents, then the mixes, then pack."""
+    cfg, card, t0 = cfg or DataConfig(), DataCard(), time.time()
+    card.info['config'] = asdict(cfg)
+    t = time.time()
+    docs = load_user_data(cfg.data) if cfg.data else stdlib_documents(cfg.max_bytes)
+    bar = tqdm(total=5, desc='data', disable=not verbose)
+    def step(name):
+        bar.set_postfix_str(name); bar.update(1)
+    n = cfg.synthetic_docs
+    docs += synthetic_math(n, cfg.seed) + synthetic_code(n, cfg.seed) + synthetic_prose(n, cfg.seed)
+    docs += junk_documents(0 if cfg.data else cfg.junk_docs, seed=cfg.seed + 1000)
+    card.add_stage('sources', docs, docs, seconds=time.time() - t); step('exact dedup')
+
+    t = time.time(); kept, rem = exact_dedup(docs)
+    card.add_stage('exact_dedup', docs, kept, Counter(d.domain for d in rem), time.time() - t); step('near dedup')
+
+    t, docs = time.time(), kept
+    kept, rem = near_dedup(docs, cfg.near_threshold, cfg.shingle, cfg.num_perm, cfg.seed)
+    card.add_stage('near_dedup', docs, kept, Counter(d.domain for d in rem), time.time() - t); step('heuristics')
+
+    t = time.time(); docs, (kept, rem) = kept, heuristic_filter(kept, cfg.filters)
+    card.add_stage('heuristics', docs, kept, Counter(r for _, r in rem), time.time() - t); step('quality')
+
+    # The classifier: positives sampled from the educational domains that survived, negatives from a
+    # junk generator seeded apart from the planted junk; 20% of each is held out to measure AUC.
+    t, docs, rng = time.time(), kept, random.Random(cfg.seed)
+    pos = [d.text for d in docs if d.domain in EDUCATIONAL]
+    if len(pos) >= 10:
+        pos = rng.sample(pos, min(len(pos), cfg.quality_train_docs))
+        vocab = sorted({w for p in pos[:300] for w in p.split() if w.isalpha()})
+        # word salad over the corpus's own words (hard: real unigrams) and over the generic junk words
+        neg = [d.text for d in junk_documents(len(pos) // 2, seed=cfg.seed + 7, vocab=vocab)
+               + junk_documents(len(pos) - len(pos) // 2, seed=cfg.seed + 8)]
+        rng.shuffle(neg)
+        cut_p, cut_n = int(0.8 * len(pos)), int(0.8 * len(neg))
+        clf = QualityClassifier(cfg.quality_buckets).fit(pos[:cut_p] + neg[:cut_n], [1] * cut_p + [0] * cut_n,
+                                                         cfg.quality_steps)
+        card.info['quality_auc_heldout'] = round(auc(clf.predict(pos[cut_p:]), clf.predict(neg[cut_n:])), 4)
+        # (the sampled positives are scored too, as FineWeb-Edu scores its annotated pages: their
+        # scores run high, but they are educational by construction)
+        for d, s in zip(docs, clf.predict([d.text for d in docs])):
+            d.quality = float(s)
+        # Code is scored (for its weight and the cooldown ranking) but not removed: the classifier
+        # learned prose against junk, and code has its own heuristic rules.
+        low = [d.quality < cfg.min_quality and not d.domain.endswith('code') for d in docs]
+        kept, rem = [d for d, x in zip(docs, low) if not x], Counter(d.domain for d, x in zip(docs, low) if x)
+    else:
+        kept, rem = docs, Counter()
+        card.info['quality_auc_heldout'] = None                 # too little educational text to learn from
+    card.add_stage('quality', docs, kept, rem, time.time() - t); step('mix')
+
+    # Report: up-weight educational samples. Weight = 1 + alpha * (percentile rank of the score):
+    # the logistic scores of real text crowd near 1, where 1 + alpha * score would weigh all alike.
+    docs = kept
+    if docs and docs[0].quality is not None:
+        rank = np.argsort(np.argsort([d.quality for d in docs], kind='stable'))
+        for d, r in zip(docs, rank):
+            d.weight = 1.0 + cfg.upweight_alpha * r / max(1, len(docs) - 1)
+    card.set_mix(docs, high_quality_subset(docs, cfg.hq_fraction))
+    card.info['seconds'] = round(time.time() - t0, 2)
+    card.info['mb'] = round(sum(len(d.text.encode()) for d in docs) / 1e6, 3)
+    bar.close()
+    if verbose:
+        print(card.summary())
+        print(f'quality classifier held-out AUC: {card.info["quality_auc_heldout"]}; {card.info["seconds"]} s')
+    return docs, card
+
+# -----------------------------------------------------------------------------------------------
+# Mixtures for the schedule: pretraining (up-weighted), cooldown (high quality), long context
+
+def high_quality_subset(docs: list[Document], fraction: float = 0.3) -> list[Document]:
+    """The top `fraction` of each domain by quality score. Per domain, because a score learned on
+    prose vs junk is comparable within a domain, not between code and prose."""
+    out = []
+    for dom in sorted({d.domain for d in docs}):
+        ds = sorted((d for d in docs if d.domain == dom), key=lambda d: -(d.quality or 0.0))
+        out += ds[:max(1, round(fraction * len(ds)))]
+    return out
+
+
+def pretrain_mix(docs: list[Document], seed: int = 0) -> list[Document]:
+    """Each document repeated ~weight times (stochastic rounding), shuffled: the up-weighted mix."""
+    rng, out = random.Random(f'mix:{seed}'), []
+    for d in docs:
+        out += [d] * (int(d.weight) + (rng.random() < d.weight - int(d.weight)))
+    rng.shuffle(out)
+    return out
+
+
+def cooldown_mix(docs: list[Document], hq_fraction: float = 0.3, rest_fraction: float = 0.1,
+                 seed: int = 0) -> list[Document]:
+    """The cooldown's data: the high-quality subset, plus a small sample of the rest so the final
+    phase does not drift far from the pretraining distribution. Shuffled."""
+    rng = random.Random(f'cooldown:{seed}')
+    hq = high_quality_subset(docs, hq_fraction)
+    ids = {id(d) for d in hq}
+    rest = [d for d in docs if id(d) not in ids]
+    out = hq + rng.sample(rest, round(rest_fraction * len(rest)))
+    rng.shuffle(out)
+    return out
+
+
+def long_context_mix(docs: list[Document], encode: Callable[[str], list[int]], min_tokens: int,
+                     bos_id: int | None = None, tokens_per_domain: int | None = None,
+                     max_repeat: int = 4, seed: int = 0) -> list[list[int]]:
+    """Long documents for a context-extension stage, balanced across domains.
+
+    Within a domain, documents sorted by origin (files of one package, docstrings of one module) are
+    concatenated into one document of >= min_tokens (repository-level concatenation; In-Context
+    Pretraining), so attention has real long-range structure to use. Then every domain is brought to
+    the same token budget (default: the median domain): large domains subsampled, small ones
+    repeated at most max_repeat times (Fu et al. 2024: balance per source when upsampling length)."""
+    sep = encode('\n\n')
+    by_domain: dict[str, list[list[int]]] = {}
+    for dom in sorted({d.domain for d in docs}):
+        longs, cur = [], []
+        for d in sorted((d for d in docs if d.domain == dom), key=lambda d: d.origin):
+            if cur:
+                cur += sep
+            elif bos_id is not None:
+                cur = [bos_id]
+            cur += encode(d.text)       # in place: a long group is never copied
+            if len(cur) >= min_tokens:
+                longs.append(cur); cur = []
+        if longs:                       # a trailing partial group shorter than min_tokens is dropped
+            by_domain[dom] = longs
+    if not by_domain:
+        return []
+    totals = {dom: sum(map(len, ls)) for dom, ls in by_domain.items()}
+    budget = tokens_per_domain or int(np.median(list(totals.values())))
+    rng, out = random.Random(f'long:{seed}'), []
+    for dom, longs in by_domain.items():
+        picked, n = [], 0
+        for _ in range(max_repeat):     # shuffled passes until the budget is met
+            for x in rng.sample(longs, len(longs)):
+                if n >= budget:
+                    break
+                picked.append(x); n += len(x)
+        out += picked
+    rng.shuffle(out)
+    return out
+
+# -----------------------------------------------------------------------------------------------
+# Split, tokenize, pack (document masking), load
+
+def split_documents(docs: list[Document], val_fraction: float = 0.01, seed: int = 0
+                    ) -> tuple[list[Document], list[Document]]:
+    """Hold out documents by a hash of their normalized text: stable under reordering, and copies of
+    one text always land on the same side, so no validation document leaks into training."""
+    def u(d):
+        return int(hashlib.sha1(f'{seed}:{normalize(d.text)}'.encode()).hexdigest()[:12], 16) / 16 ** 12
+    us = [u(d) for d in docs]
+    train = [d for d, x in zip(docs, us) if x >= val_fraction]
+    val = [d for d, x in zip(docs, us) if x < val_fraction]
+    if not val and val_fraction > 0 and len(docs) > 1:    # tiny corpora: still hold out one document
+        j = int(np.argmin(us))
+        val, train = [docs[j]], [d for i, d in enumerate(docs) if i != j]
+    return train, val
+
+
+def tokenize_documents(docs: list[Document], encode: Callable[[str], list[int]], bos_id: int | None = None,
+                       verbose: bool = False) -> list[list[int]]:
+    """[bos_id] + encode(text) per document (the BOS marks each document start)."""
+    pre = [bos_id] if bos_id is not None else []
+    return [pre + list(encode(d.text)) for d in tqdm(docs, desc='tokenize', disable=not verbose)]
+
+
+@dataclass
+class PackedData:
+    """Documents packed end to end into rows of T+1 tokens.
+
+    Row r holds stream[r*T : r*T+T+1], so consecutive rows overlap by one token and every stream
+    token after the first is a target exactly once. A document that crosses a row boundary goes on
+    in the next row as a new document for masking purposes (positions restart at 0 there): each row
+    stands alone, as Krell et al. 2021 pack, at the cost of a little context at the cut."""
+    ids: np.ndarray                     # [N, T+1] int32 tokens (pad_id after the stream ends)
+    doc_ids: np.ndarray                 # [N, T+1] int32 index of the source document; -1 = padding
+    pad_id: int = 0
+
+    @property
+    def seq_len(self) -> int:
+        return self.ids.shape[1] - 1
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def batch(self, rows) -> dict[str, torch.Tensor]:
+        """input_ids, targets (-100 where the next token starts another document or is padding),
+        doc_ids and position_ids of the inputs, all [B, T] int64."""
+        ids, doc = self.ids[rows].astype(np.int64), self.doc_ids[rows].astype(np.int64)
+        x, y, dx = ids[:, :-1], ids[:, 1:].copy(), doc[:, :-1]
+        y[(doc[:, 1:] != dx) | (doc[:, 1:] < 0)] = -100     # never predict across a document boundary
+        T = dx.shape[1]
+        t = np.arange(T)[None, :]
+        start = np.ones_like(dx, dtype=bool)
+        start[:, 1:] = dx[:, 1:] != dx[:, :-1]               # a document (or a row) starts here
+        pos = t - np.maximum.accumulate(np.where(start, t, 0), axis=1)
+        return dict(input_ids=torch.from_numpy(x.copy()), targets=torch.from_numpy(y),
+                    doc_ids=torch.from_numpy(dx.copy()), position_ids=torch.from_numpy(pos))
+
+
+def pack(token_docs: list[list[int]], seq_len: int, pad_id: int = 0) -> PackedData:
+    """Concatenate documents into one stream and cut rows of seq_len+1 tokens (see PackedData)."""
+    token_docs = [d for d in token_docs if len(d)]
+    if not token_docs:
+        raise ValueError('pack: no tokens to pack')
+    T = seq_len
+    stream = np.concatenate([np.asarray(d, dtype=np.int32) for d in token_docs])
+    doc = np.repeat(np.arange(len(token_docs), dtype=np.int32), [len(d) for d in token_docs])
+    N = max(1, -(-(len(stream) - 1) // T))                   # ceil((L-1)/T) rows cover every target
+    total = N * T + 1
+    stream = np.concatenate([stream, np.full(total - len(stream), pad_id, np.int32)])
+    doc = np.concatenate([doc, np.full(total - len(doc), -1, np.int32)])
+    idx = np.arange(N)[:, None] * T + np.arange(T + 1)[None, :]   # (N, T+1)
+    return PackedData(stream[idx], doc[idx], pad_id)
+
+
+def pack_documents(docs: list[Document], encode: Callable[[str], list[int]], bos_id: int | None,
+                   seq_len: int, pad_id: int = 0) -> PackedData:
+    return pack(tokenize_documents(docs, encode, bos_id), seq_len, pad_id)
+
+
+class Loader:
+    """Shuffled rows, epoch after epoch, forever; exactly resumable from a small JSON-able state.
+
+    The row order is one long stream: epoch e's permutation comes from the seed and e alone, so the
+    state is just (epoch, position). With world_size > 1 each step takes batch_size*world_size rows
+    of the stream and rank r gets its slice, so ranks never see the same row in one step."""
+
+    def __init__(self, packed: PackedData, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.packed, self.batch_size, self.seed = packed, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position, self._perm = 0, 0, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.packed)))
+        return self._perm[1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        need, rows = self.batch_size * self.world_size, []
+        while len(rows) < need:
+            perm = self._permutation(self.epoch)
+            take = perm[self.position:self.position + need - len(rows)]
+            rows.extend(take.tolist()); self.position += len(take)
+            if self.position >= len(perm):
+                self.epoch, self.position = self.epoch + 1, 0
+        return self.packed.batch(rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
+
+    def state_dict(self) -> dict:
+        return dict(epoch=self.epoch, position=self.position, seed=self.seed, batch_size=self.batch_size,
+                    world_size=self.world_size, rows=len(self.packed))
+
+    def load_state_dict(self, state: dict):
+        for k in ('seed', 'batch_size', 'world_size', 'rows'):
+            mine = self.state_dict()[k]
+            if state.get(k, mine) != mine:
+                raise ValueError(f'loader state has {k}={state[k]}, this loader has {mine}')
+        self.epoch, self.position = int(state['epoch']), int(state['position'])
+
+# -----------------------------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser(description='Build the pretraining corpus (dedup, filters, quality '
+                                'classifier, mix) and write its data card.')
+    p.add_argument('--data', default=None, help='your text/JSONL file or folder (default: the stdlib corpus)')
+    p.add_argument('--max-mb', type=float, default=8.0, help='cap on stdlib text read, in MB')
+    p.add_argument('--synthetic', type=int, default=DataConfig.synthetic_docs, help='documents per generator')
+    p.add_argument('--junk', type=int, default=DataConfig.junk_docs, help='planted low-quality documents')
+    p.add_argument('--min-quality', type=float, default=DataConfig.min_quality, help='ML filter threshold')
+    p.add_argument('--alpha', type=float, default=DataConfig.upweight_alpha, help='weight = 1 + alpha * score percentile')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', default='out/data', help='folder for data_card.json and data_card.png')
+    a = p.parse_args()
+    cfg = DataConfig(data=a.data, max_bytes=int(a.max_mb * 1e6), synthetic_docs=a.synthetic, junk_docs=a.junk,
+                     min_quality=a.min_quality, upweight_alpha=a.alpha, seed=a.seed)
+    try:
+        docs, card = build_corpus(cfg)
+    except (FileNotFoundError, ValueError) as e:    # bad --data: a message, not a traceback
+        p.error(str(e))
+    out = card.save(a.out)
+    print(f'wrote {out / "data_card.json"} and {out / "data_card.png"}')
+    print(json.dumps(dict(docs=len(docs), mb=card.info['mb'], seconds=card.info['seconds'],
+                          domains={k: v['docs'] for k, v in card.mix.items()},
+                          quality_auc=card.info['quality_auc_heldout'], out=str(out))))
