@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 import data as D
-from model import CommandA, KVCache, ModelConfig, PRESETS, flops_per_token, measure_matmul_peak
+from model import CommandA, KVCache, ModelConfig, PRESETS, flops_per_token, measure_matmul_peak, tune_malloc
 from tokenizer import Tokenizer
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense FLOP/s
@@ -76,7 +76,7 @@ class TrainConfig:
     eval_every: int = 100              # steps between validation losses
     ckpt_every: int = 100              # steps between checkpoints
     log_every: int = 10                # steps between log lines
-    eval_rows: int = 32                # validation rows per evaluation
+    eval_rows: int = 64                # validation rows per evaluation (spread over the held-out documents)
     samples: int = 3                   # generations printed at the end
 
 
@@ -164,12 +164,19 @@ def phase_at(step: int, plan: list[dict]) -> int:
 
 
 def prepare_data(cfg: TrainConfig, out: str, tok: Tokenizer | None, verbose=True):
-    dcfg = D.DataConfig(data=cfg.data, max_bytes=int(cfg.corpus_mb * 1e6), seed=cfg.seed)
+    # with --data the user's text is the whole corpus; the default adds the project's synthetic documents
+    dcfg = D.DataConfig(data=cfg.data, max_bytes=int(cfg.corpus_mb * 1e6), seed=cfg.seed,
+                        synthetic_docs=0 if cfg.data else D.DataConfig.synthetic_docs)
     docs, card = D.build_corpus(dcfg, verbose=verbose)
     if not docs:
         raise ValueError("the corpus is empty after filtering: give more or better text with --data")
     card.save(os.path.join(out, "data"))
-    train_docs, val_docs = D.split_documents(docs, cfg.val_fraction, cfg.seed)
+    # held out per domain, so a few long code files cannot all land on one side of the split
+    train_docs, val_docs = [], []
+    for dom in sorted({d.domain for d in docs}):
+        tr, va = D.split_documents([d for d in docs if d.domain == dom], cfg.val_fraction, cfg.seed)
+        train_docs += tr
+        val_docs += va
     if tok is None:
         t0 = time.time()
         tok = Tokenizer.train((d.text for d in train_docs), cfg.vocab_size)
@@ -203,7 +210,9 @@ def prepare_data(cfg: TrainConfig, out: str, tok: Tokenizer | None, verbose=True
             raise ValueError(f"corpus too small for phase {p['name']}: {len(pk)} rows of {T} tokens, a batch "
                              f"needs {rows_needed}; give more data or lower --seq-len / --batch-size")
         packed[p["name"]] = pk
-    val = D.pack(val_tokens, cfg.seq_len, pad_id=tok.pad_id)
+    val = {"all": D.pack(val_tokens, cfg.seq_len, pad_id=tok.pad_id)}
+    for dom in sorted({d.domain for d in val_docs}):
+        val[dom] = D.pack([t for d, t in zip(val_docs, val_tokens) if d.domain == dom], cfg.seq_len, tok.pad_id)
     n_train = sum(map(len, main_tokens))
     info = {"docs": len(docs), "train_docs": len(train_docs), "val_docs": len(val_docs),
             "train_tokens_main_mix": n_train, "tokenizer_seconds": round(tok_seconds, 2),
@@ -294,10 +303,12 @@ def load_checkpoint(out, model, opt, cfg, fingerprint):
 
 @torch.no_grad()
 def evaluate(model, val: D.PackedData, rows: int, autocast_kw) -> float:
+    """Token-mean loss on up to `rows` validation rows spread evenly over the held-out documents."""
     model.eval()
+    pick = np.unique(np.linspace(0, len(val) - 1, min(rows, len(val))).round().astype(int)).tolist()
     total, count = 0.0, 0
-    for start in range(0, min(rows, len(val)), 8):
-        b = val.batch(list(range(start, min(start + 8, rows, len(val)))))
+    for i in range(0, len(pick), 8):
+        b = val.batch(pick[i:i + 8])
         n = int((b["targets"] != -100).sum())
         if n == 0:
             continue
@@ -441,13 +452,16 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
                           f"MFU {100 * mfu:4.1f}% | {ph['name']}")
             t_log, tok_log = time.time(), 0
         if step % cfg.eval_every == 0 or step == stop:
-            val_log.append((step, round(evaluate(model, val, cfg.eval_rows, autocast_kw), 5)))
+            val_log.append((step, round(evaluate(model, val["all"], cfg.eval_rows, autocast_kw), 5)))
             bar.set_postfix(val=val_log[-1][1])
         if step % cfg.ckpt_every == 0 or step == stop:
             save_checkpoint(out, model, opt, step, loaders, losses, cfg, fingerprint, tok, val_log)
     bar.close()
 
-    val_loss = val_log[-1][1] if val_log else evaluate(model, val, cfg.eval_rows, autocast_kw)
+    val_loss = val_log[-1][1]
+    val_by_domain = {k: round(evaluate(model, v, cfg.eval_rows, autocast_kw), 4) for k, v in val.items() if k != "all"}
+    if verbose:
+        print("val loss by domain: " + ", ".join(f"{k} {v:.3f}" for k, v in val_by_domain.items()))
     plot_curves(os.path.join(out, "loss.png"), losses, val_log, lrs[:len(losses)], plan)
     prompts = ["def ", "The ", "import "][:cfg.samples]
     if verbose and prompts:
@@ -456,7 +470,7 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
             print(f"--- {p!r}\n{sample(model, tok, p, seed=cfg.seed + i, autocast_kw=autocast_kw)}")
     tokens = len(losses) * cfg.batch_size * cfg.seq_len * cfg.grad_accum
     return {"val_loss": val_loss, "uniform_loss": round(math.log(tok.vocab_size), 4), "losses": losses,
-            "val_log": val_log, "tokens": tokens, "seconds": round(time.time() - t_start, 1),
+            "val_log": val_log, "val_loss_by_domain": val_by_domain, "tokens": tokens, "seconds": round(time.time() - t_start, 1),
             "params": n_params, "vocab_size": tok.vocab_size, "tok_per_s": round(tok_per_s),
             "mfu": round(mfu, 4), "data": data_info, "out": out}
 
@@ -558,7 +572,7 @@ def main(argv=None):
     ap.add_argument("--context-stages", default=None,
                     help="cooldown context stages as 'mult:share,...' (default 1:0.5,4:0.3,8:0.2)")
     args = ap.parse_args(argv)
-
+    tune_malloc()
     if args.coord_check:
         res = coord_check(args.coord_check)
         print(json.dumps(res))
