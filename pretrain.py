@@ -411,6 +411,7 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
     bar = tqdm(total=stop, initial=step, desc="pretrain", disable=not verbose, dynamic_ncols=True)
     t_log, tok_log, lrs = time.time(), 0, [lr_at(s, cfg) for s in range(cfg.steps)]
     tok_per_s = mfu = 0.0
+    t_train, tokens_run, flops_run = time.time(), 0, 0.0  # this process's training work, for the averages
     model.train()
     while step < stop:
         ph = plan[phase_at(step, plan)]
@@ -440,6 +441,8 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
         step += 1
         losses.append(round(loss_sum, 5))
         tok_log += ntok
+        tokens_run += ntok
+        flops_run += ntok * flops_per_token(mcfg, ph["seq_len"])
         bar.update(1)
         if step == crash_at:
             os._exit(17)
@@ -458,6 +461,7 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
             save_checkpoint(out, model, opt, step, loaders, losses, cfg, fingerprint, tok, val_log)
     bar.close()
 
+    train_seconds = time.time() - t_train  # includes evaluation and checkpoint writes
     val_loss = val_log[-1][1]
     val_by_domain = {k: round(evaluate(model, v, cfg.eval_rows, autocast_kw), 4) for k, v in val.items() if k != "all"}
     if verbose:
@@ -471,8 +475,10 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
     tokens = len(losses) * cfg.batch_size * cfg.seq_len * cfg.grad_accum
     return {"val_loss": val_loss, "uniform_loss": round(math.log(tok.vocab_size), 4), "losses": losses,
             "val_log": val_log, "val_loss_by_domain": val_by_domain, "tokens": tokens, "seconds": round(time.time() - t_start, 1),
-            "params": n_params, "vocab_size": tok.vocab_size, "tok_per_s": round(tok_per_s),
-            "mfu": round(mfu, 4), "data": data_info, "out": out}
+            "params": n_params, "vocab_size": tok.vocab_size,
+            "train_seconds": round(train_seconds, 1), "tok_per_s": round(tokens_run / max(train_seconds, 1e-9)),
+            "mfu": round(flops_run / max(train_seconds, 1e-9) / peak, 4) if peak else None,
+            "peak_flops": peak, "data": data_info, "out": out}
 
 
 # ----------------------------------------------------------------------------------------------------------
