@@ -165,3 +165,11 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
                         samples=0, context_stages=[[1, 1.0]])
     with pytest.raises(FloatingPointError, match="non-finite loss .* at step 3"):
         P.train(cfg, str(tmp_path), verbose=False)
+
+
+def test_fp8_flag_trains_end_to_end(tmp_path):
+    res = summary(run(["--preset", "micro", "--vocab-size", "512", "--corpus-mb", "0.3", "--seq-len", "64",
+                       "--batch-size", "4", "--steps", "6", "--fp8", "--samples", "0", "--context-stages", "1:1",
+                       "--out", str(tmp_path)]))
+    assert all(map(math.isfinite, res["losses"])) and res["losses"][-1] < res["losses"][0]
+    assert CommandA.from_pretrained(tmp_path).config.fp8 is False  # fp8 is a runtime switch, not a checkpoint field

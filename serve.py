@@ -1,0 +1,1034 @@
+"""
+Serving Command A (Cohere, arXiv 2504.00698, "Efficiency" and the serving claim of the introduction: 156
+tokens/s for the 111B model on two GPUs), at our scale: an inference engine with window-aware KV caches and
+continuous batching, and a chat server with a Cohere-v2 and an OpenAI-compatible API.
+
+What the report says, and where it lives below:
+  - 3 of 4 layers are sliding-window (W keys incl. the query) -> their KV cache is a ring buffer of W
+    positions, so KV memory grows only on the 1-in-4 full layers: L_full*T + L_sliding*min(T, W) tokens -> WindowKVCache
+  - grouped-query attention: the cache stores nkv heads, not nh                              -> WindowKVCache
+  - high-throughput serving: batched prefill, continuous batching, sampling with a seed    -> Engine
+  - chat format with tools, documents/citations and safety modes (tokenizer.py renders and parses it)
+    exposed as Cohere's v2 Chat API and as OpenAI's chat completions, with SSE streaming   -> ChatServer
+
+Design notes (traps other engines fell into, SPEC 8):
+  - the ring buffer stores the key for position p at slot p % W. A decode step writes in place (the slot it
+    overwrites holds position p - W, just outside the window). A multi-token chunk instead attends over
+    concat(old ring, chunk) and only then stores its last W tokens: writing first would evict keys that the
+    chunk's own early queries still need.
+  - the mask is model.py's attention_allowed() on explicit positions, so the window off-by-one and "global
+    layers inheriting the window" cannot differ between training and serving.
+  - batched prefill pads prompts on the right; pad keys get position -1 (never attended), pad queries reuse
+    the last real position so no query row is fully masked (SDPA would return NaN for it).
+  - continuous batching keeps the live requests in cache rows 0..n-1 (a finished request's row is filled by
+    moving the last one in), so every decode step attends over slices of the cache, never gathered copies.
+  - streamed text goes through an incremental UTF-8 decoder, so a character split across tokens is never
+    emitted half; every stream ends (`message-end` / `data: [DONE]`), also on errors.
+
+References: karpathy/nanochat (engine.py: KV cache + per-row state), pytorch-labs/gpt-fast (static cache,
+tokens/s with conditions), vLLM / Orca (Yu et al. 2022, iteration-level scheduling = continuous batching),
+Holtzman et al. 2020 (top-p), Cohere v2 Chat API and OpenAI Chat Completions API references (shapes).
+
+    engine = Engine(CommandA.from_pretrained(d), Tokenizer.load(d))
+    engine.generate([ids_a, ids_b], max_new_tokens=64)            # -> new tokens per prompt
+    python serve.py --ckpt DIR --port 8000  |  --chat  |  --bench
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import collections
+import http.server
+import json
+import queue
+import random
+import re
+import select
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model import CommandA, ModelConfig, PRESETS, tune_malloc
+
+# ----------------------------------------------------------------------------------------------------------
+# The window-aware KV cache
+
+
+class WindowKVCache:
+    """Per-layer caches for up to `max_batch` sequences ("slots"): sliding layers keep a ring of W positions,
+    full layers keep all `max_len`. Speaks model.py's cache protocol (reserve once per forward, update per
+    layer) for a contiguous range of slots chosen with begin()."""
+
+    def __init__(self, cfg: ModelConfig, max_batch: int, max_len: int, device=None, dtype=torch.float32):
+        self.cfg, self.W, self.max_len, self.max_batch = cfg, cfg.sliding_window, max_len, max_batch
+        self.ring = min(self.W, max_len)        # a sequence never holds more than max_len positions anyway
+        self.kinds = list(cfg.layer_types)
+        nkv, dh = cfg.num_key_value_heads, cfg.head_dim
+        size = {"sliding": self.ring, "full": max_len}
+        self.k = [torch.zeros(max_batch, nkv, size[k], dh, device=device, dtype=dtype) for k in self.kinds]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.pos = {kind: torch.full((max_batch, size[kind]), -1, dtype=torch.long, device=device)
+                    for kind in ("sliding", "full")}     # position held in each slot, -1 = empty
+        self.length = torch.zeros(max_batch, dtype=torch.long, device=device)  # 1 + last position held
+        self.r0, self.r1, self.valid = 0, max_batch, None
+
+    # --- bookkeeping by the engine ------------------------------------------------------------------------
+    def begin(self, r0: int, r1: int, valid: torch.Tensor | None = None):
+        """The next forward runs on slots r0..r1-1; valid (B, T) marks real tokens (False = right padding)."""
+        self.r0, self.r1, self.valid = r0, r1, valid
+
+    def reset(self, slot: int):
+        for p in self.pos.values():
+            p[slot] = -1
+        self.length[slot] = 0
+
+    def move(self, src: int, dst: int):
+        """Copy sequence `src` into slot `dst` (compaction when a request leaves)."""
+        n = int(self.length[src])
+        for i, kind in enumerate(self.kinds):
+            S = self.ring if kind == "sliding" else n
+            self.k[i][dst, :, :S] = self.k[i][src, :, :S]
+            self.v[i][dst, :, :S] = self.v[i][src, :, :S]
+        for p in self.pos.values():
+            p[dst] = p[src]
+        self.length[dst] = n
+
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values (all slots)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def held_bytes(self, slot: int, bytes_per_el: int | None = None) -> int:
+        """Bytes of K/V one sequence actually holds: occupied slots of every layer's buffer."""
+        el = bytes_per_el or self.k[0].element_size()
+        tokens = sum(int((self.pos[kind][slot] >= 0).sum()) for kind in self.kinds)
+        return tokens * self.cfg.kv_bytes_per_token_per_layer(el)
+
+    # --- the protocol model.py calls -----------------------------------------------------------------------
+    def reserve(self, position_ids: torch.Tensor) -> dict:
+        r0, r1, W = self.r0, self.r1, self.W
+        B, T = position_ids.shape
+        if B != r1 - r0:
+            raise ValueError(f"cache.begin() chose {r1 - r0} slots but the forward has batch {B}")
+        valid = self.valid if self.valid is not None else torch.ones_like(position_ids, dtype=torch.bool)
+        self.valid = None
+        new_pos = torch.where(valid, position_ids, -1)
+        last = new_pos.max(dim=1).values                                    # (B,) last real position per row
+        if int(last.max()) >= self.max_len:
+            raise ValueError(f"position {int(last.max())} does not fit a cache of max_len={self.max_len}")
+        bi, ti = valid.nonzero(as_tuple=True)
+        p = position_ids[bi, ti]
+        # full layers: the key of position p lives at index p
+        self._full = (bi, ti, p)
+        self.pos["full"][r0 + bi, p] = p
+        self.length[r0:r1] = torch.maximum(self.length[r0:r1], last + 1)
+        self._S = int(self.length[r0:r1].max())
+        out = {"full": self.pos["full"][r0:r1, :self._S]}
+        # sliding layers: ring slot p % W
+        ring_pos = self.pos["sliding"][r0:r1]
+        if T == 1:        # decode: overwrite in place (the evicted key, p - W, is outside every window now)
+            self._mode = "inplace"
+            self._ring = (bi, ti, p % W)
+            ring_pos[bi, p % W] = p
+            out["sliding"] = ring_pos
+        else:             # a chunk: attend over concat(old ring, chunk), then keep the chunk's last W tokens
+            self._mode = "fresh" if not bool((ring_pos >= 0).any()) else "concat"
+            out["sliding"] = new_pos if self._mode == "fresh" else torch.cat([ring_pos, new_pos], dim=1)
+            keep = valid & (position_ids > last[:, None] - W)
+            kb, kt = keep.nonzero(as_tuple=True)
+            kp = position_ids[kb, kt]
+            self._ring = (kb, kt, kp % W)
+            ring_pos[kb, kp % W] = kp     # after the cat above, which copied the old positions
+        return out
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        K, V, r0, r1 = self.k[layer_idx], self.v[layer_idx], self.r0, self.r1
+        if self.kinds[layer_idx] == "full":
+            bi, ti, p = self._full
+            K[r0 + bi, :, p] = k[bi, :, ti].to(K.dtype)      # (N, nkv, dh) on both sides
+            V[r0 + bi, :, p] = v[bi, :, ti].to(V.dtype)
+            return K[r0:r1, :, :self._S], V[r0:r1, :, :self._S]
+        bi, ti, slot = self._ring
+        if self._mode == "inplace":
+            K[r0 + bi, :, slot] = k[bi, :, ti].to(K.dtype)
+            V[r0 + bi, :, slot] = v[bi, :, ti].to(V.dtype)
+            return K[r0:r1], V[r0:r1]
+        if self._mode == "fresh":
+            ko, vo = k, v
+        else:
+            ko, vo = torch.cat([K[r0:r1], k.to(K.dtype)], dim=2), torch.cat([V[r0:r1], v.to(V.dtype)], dim=2)
+        K[r0 + bi, :, slot] = k[bi, :, ti].to(K.dtype)
+        V[r0 + bi, :, slot] = v[bi, :, ti].to(V.dtype)
+        return ko, vo
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                 generator: torch.Generator) -> int:
+    """One token from fp32 logits (V,): temperature, then top-k, then top-p (the smallest set of tokens whose
+    probability reaches p; the most likely token is always kept). The generator makes it reproducible."""
+    x = logits.float().cpu() / temperature
+    if top_k is not None and 0 < top_k < x.numel():
+        kth = torch.topk(x, top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sx, idx = torch.sort(x, descending=True)
+        probs = torch.softmax(sx, dim=-1)
+        drop = probs.cumsum(-1) - probs >= top_p          # mass BEFORE this token already reaches p
+        x = torch.full_like(x, float("-inf")).scatter(0, idx, sx.masked_fill(drop, float("-inf")))
+    return int(torch.multinomial(torch.softmax(x, dim=-1), 1, generator=generator))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine: batched prefill, continuous batching
+
+
+@dataclass
+class Request:
+    prompt: list
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop_tokens: frozenset = frozenset()
+    generator: torch.Generator | None = None
+    sink: queue.Queue | None = None     # gets (tag, token) per token and (tag, None) when finished
+    tag: object = None
+    out: list = field(default_factory=list)
+    finish_reason: str | None = None    # 'stop' | 'length' | 'cancelled' | 'error'
+    error: str | None = None
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+
+    def finish(self, reason: str, error: str | None = None):
+        if self.finish_reason is None:
+            self.finish_reason, self.error = reason, error
+            if self.sink is not None:
+                self.sink.put((self.tag, None))
+            self.done.set()
+
+
+class Engine:
+    """Generation over a WindowKVCache. Each step() admits waiting requests (one padded prefill for the group,
+    within a token budget), then runs ONE decode step for every live request: requests join and leave
+    between decode steps (continuous batching). Call generate()/generate_stream() directly, or start() a
+    background thread and submit() from many threads (the HTTP server does that)."""
+
+    def __init__(self, model: CommandA, tokenizer=None, max_batch: int = 32, max_len: int | None = None,
+                 prefill_tokens: int = 8192, cache_dtype: torch.dtype | None = None):
+        self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, model.config
+        p = next(model.parameters(), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+        self.max_len = max_len or min(self.cfg.max_position_embeddings, 4096)
+        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.cache = WindowKVCache(self.cfg, max_batch, self.max_len, self.device,
+                                   cache_dtype or (p.dtype if p is not None else torch.float32))
+        self.default_stop = frozenset([tokenizer.eot_id] if tokenizer is not None else [])
+        self.active: list[Request] = []        # active[i] lives in cache slot i
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.cv = threading.Condition()
+        self._thread, self._stopping = None, False
+        self.stats = {"steps": 0, "prefills": 0, "max_active": 0, "tokens": 0}
+
+    # --- submitting ---------------------------------------------------------------------------------------
+    def submit(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
+               seed: int | None = None, stop_tokens=None, sink=None, tag=None) -> Request:
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("empty prompt: give at least one token")
+        if any(t < 0 or t >= self.cfg.vocab_size for t in prompt):
+            raise ValueError(f"prompt has token ids outside [0, {self.cfg.vocab_size})")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if len(prompt) + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"context of {self.max_len} tokens")
+        if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 0):
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        g = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
+        stop = self.default_stop if stop_tokens is None else frozenset(int(t) for t in stop_tokens)
+        req = Request(prompt, max_new_tokens, float(temperature), top_k, top_p, stop, g, sink, tag)
+        with self.cv:
+            self.waiting.append(req)
+            self.cv.notify()
+        return req
+
+    def cancel(self, req: Request):
+        """Frees the request's slot at the next step (a client that went away)."""
+        req.cancelled = True
+        with self.cv:
+            self.cv.notify()
+
+    # --- one iteration --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self):
+        self._retire()                                # cancelled ones leave before we spend compute on them
+        new, budget = [], self.prefill_tokens
+        with self.cv:
+            while self.waiting and len(self.active) + len(new) < self.max_batch:
+                r = self.waiting[0]
+                if r.cancelled:
+                    self.waiting.popleft().finish("cancelled")
+                    continue
+                T = max([len(x.prompt) for x in new] + [len(r.prompt)])
+                if new and T * (len(new) + 1) > budget:  # padded prefill cost; the first one always goes
+                    break
+                new.append(self.waiting.popleft())
+        if new:
+            self._prefill(new)
+            self._retire()
+        if self.active:
+            self._decode()
+            self._retire()
+        self.stats["steps"] += 1
+
+    def _prefill(self, new: list[Request]):
+        n0, B = len(self.active), len(new)
+        T = max(len(r.prompt) for r in new)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        for i, r in enumerate(new):
+            L = len(r.prompt)
+            ids[i, :L] = torch.tensor(r.prompt)
+            pos[i] = torch.arange(T).clamp(max=L - 1)   # pad queries repeat the last real position (no NaN rows)
+            valid[i, :L] = True
+            self.cache.reset(n0 + i)
+        self.active.extend(new)
+        self.stats["max_active"] = max(self.stats["max_active"], len(self.active))
+        self.stats["prefills"] += 1
+        dev = self.device
+        self.cache.begin(n0, n0 + B, valid.to(dev))
+        logits = self.model(ids.to(dev), position_ids=pos.to(dev), cache=self.cache)
+        last = logits[torch.arange(B, device=dev), valid.sum(1).to(dev) - 1]    # (B, V) at each last token
+        self._emit(new, self._sample(last, new))
+
+    def _decode(self):
+        B, dev = len(self.active), self.device
+        ids = torch.tensor([[r.out[-1]] for r in self.active], device=dev)
+        pos = torch.tensor([[len(r.prompt) + len(r.out) - 1] for r in self.active], device=dev)
+        self.cache.begin(0, B)
+        logits = self.model(ids, position_ids=pos, cache=self.cache)[:, -1]
+        self._emit(self.active, self._sample(logits, self.active))
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
+        toks = logits.argmax(dim=-1).tolist()            # greedy rows: one vectorized argmax
+        for i, r in enumerate(reqs):
+            if r.temperature > 0:
+                toks[i] = sample_token(logits[i], r.temperature, r.top_k, r.top_p, r.generator)
+        return toks
+
+    def _emit(self, reqs: list[Request], toks: list[int]):
+        now = time.perf_counter()
+        for r, t in zip(reqs, toks):
+            if r.finish_reason is not None:
+                continue
+            r.t_first = r.t_first or now
+            if t in r.stop_tokens:                       # the stop token itself is not part of the output
+                r.finish("stop")
+                continue
+            r.out.append(t)
+            self.stats["tokens"] += 1
+            if r.sink is not None:
+                r.sink.put((r.tag, t))
+            if len(r.out) >= r.max_new_tokens:
+                r.finish("length")
+
+    def _retire(self):
+        """Drop finished / cancelled requests; the last live row moves into each freed slot."""
+        for i in range(len(self.active) - 1, -1, -1):
+            r = self.active[i]
+            if r.cancelled:
+                r.finish("cancelled")
+            if r.finish_reason is None:
+                continue
+            last = len(self.active) - 1
+            if i != last:
+                self.cache.move(last, i)
+                self.active[i] = self.active[last]
+            self.active.pop()
+
+    # --- driving it -------------------------------------------------------------------------------------------
+    def start(self):
+        """Run the continuous-batching loop in a background thread (for servers)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self):
+        if self._thread is not None:
+            with self.cv:
+                self._stopping = True
+                self.cv.notify()
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self):
+        while True:
+            with self.cv:
+                while not self._stopping and not self.waiting and not self.active:
+                    self.cv.wait()
+                if self._stopping:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # a bug or OOM must not hang clients: fail what is in flight, keep serving
+                print(f"engine: step failed: {e!r}", file=sys.stderr)
+                with self.cv:
+                    victims = self.active + list(self.waiting)
+                    self.active, self.waiting = [], collections.deque()
+                for r in victims:
+                    r.finish("error", repr(e))
+        for r in self.active + list(self.waiting):
+            r.finish("cancelled")
+
+    def _run(self, reqs: list[Request]):
+        if self._thread is not None:
+            for r in reqs:
+                r.done.wait()
+        else:
+            while not all(r.done.is_set() for r in reqs):
+                self.step()
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k=None,
+                 top_p=None, seed: int | None = None, stop_tokens=None) -> list[list[int]]:
+        """New tokens per prompt (the stop token excluded). With a seed, prompt i samples with seed + i, so a
+        result does not depend on what else is in the batch."""
+        reqs = [self.submit(p, max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + i,
+                            stop_tokens) for i, p in enumerate(prompts)]
+        self._run(reqs)
+        return [r.out for r in reqs]
+
+    def generate_stream(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                        top_k=None, top_p=None, seed: int | None = None, stop_tokens=None):
+        """Yields (prompt index, token) as tokens are produced; the same tokens generate() would return."""
+        sink = queue.Queue()
+        reqs = [self.submit(p, max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + i,
+                            stop_tokens, sink, i) for i, p in enumerate(prompts)]
+        left = len(reqs)
+        try:
+            while left:
+                if self._thread is None and sink.empty():
+                    self.step()
+                    continue
+                i, t = sink.get()
+                if t is None:
+                    left -= 1
+                else:
+                    yield i, t
+        finally:  # the consumer stopped early: free the slots
+            for r in reqs:
+                if r.finish_reason is None:
+                    self.cancel(r)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chat: validating API requests into tokenizer.py's format, and turning tokens back into text / events
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _need(ok, msg, status=400):
+    if not ok:
+        raise BadRequest(msg, status)
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_tools(tools) -> list:
+    """Cohere v2 / OpenAI tools: {"type": "function", "function": {"name", "description", "parameters"}}
+    (a bare {"name", ...} is accepted too). parameters must be a JSON-Schema object."""
+    _need(isinstance(tools, list), "'tools' must be a list")
+    out = []
+    for i, t in enumerate(tools):
+        _need(isinstance(t, dict), f"tools[{i}] must be an object")
+        if "function" in t or "type" in t:
+            _need(t.get("type", "function") == "function", f"tools[{i}].type must be 'function'")
+            t = t.get("function")
+            _need(isinstance(t, dict), f"tools[{i}].function must be an object")
+        name, params = t.get("name"), t.get("parameters", {"type": "object", "properties": {}})
+        _need(isinstance(name, str) and TOOL_NAME.match(name), f"tools[{i}]: name must match {TOOL_NAME.pattern}")
+        _need(isinstance(t.get("description", ""), str), f"tools[{i}].description must be a string")
+        _need(isinstance(params, dict) and params.get("type", "object") == "object",
+              f"tools[{i}].parameters must be a JSON-Schema object ({{\"type\": \"object\", ...}})")
+        _need(isinstance(params.get("properties", {}), dict), f"tools[{i}].parameters.properties must be an object")
+        _need(isinstance(params.get("required", []), list), f"tools[{i}].parameters.required must be a list")
+        out.append({"name": name, "description": t.get("description", ""), "parameters": params})
+    return out
+
+
+def _check_documents(docs) -> tuple[list, list]:
+    """Cohere v2 documents: strings or {"id": ..., "data": {...}}. Returns (what the model reads, ids)."""
+    _need(isinstance(docs, list), "'documents' must be a list")
+    out, ids = [], []
+    for i, d in enumerate(docs):
+        if isinstance(d, str):
+            out.append({"text": d})
+            ids.append(f"doc_{i}")
+        else:
+            _need(isinstance(d, dict), f"documents[{i}] must be a string or an object")
+            data = d.get("data", {k: v for k, v in d.items() if k != "id"})
+            _need(isinstance(data, dict) and data, f"documents[{i}].data must be a non-empty object")
+            out.append(data)
+            ids.append(str(d.get("id", f"doc_{i}")))
+    return out, ids
+
+
+def _check_messages(msgs) -> list:
+    """API messages -> tokenizer.py messages. Tool calls arrive as {"id", "function": {"name", "arguments":
+    JSON string}} in both APIs; tool results as {"role": "tool", "tool_call_id", "content"}."""
+    _need(isinstance(msgs, list) and msgs, "'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(msgs):
+        _need(isinstance(m, dict), f"messages[{i}] must be an object")
+        role = m.get("role")
+        _need(role in ("system", "user", "assistant", "tool", "developer"),
+              f"messages[{i}]: unknown role {role!r}; use system, user, assistant or tool")
+        role = "system" if role == "developer" else role
+        content = m.get("content")
+        if isinstance(content, list):  # content blocks: text (both APIs) or document (Cohere tool results)
+            parts = []
+            for b in content:
+                _need(isinstance(b, dict) and b.get("type") in ("text", "document"),
+                      f"messages[{i}].content blocks must be {{'type': 'text'|'document', ...}}")
+                parts.append(b.get("text", "") if b["type"] == "text" else b.get("document", {}).get("data", b))
+            content = parts if role == "tool" else "".join(str(p) for p in parts)
+        _need(content is None or isinstance(content, (str, list)) or (role == "tool" and isinstance(content, dict)),
+              f"messages[{i}].content must be a string or a list of content blocks")
+        msg = {"role": role, "content": content}
+        if role in ("user", "system"):
+            _need(isinstance(content, str), f"messages[{i}].content must be a string")
+        if role == "assistant":
+            calls = []
+            for j, c in enumerate(m.get("tool_calls") or []):
+                fn = c.get("function") if isinstance(c, dict) else None
+                _need(isinstance(fn, dict) and isinstance(fn.get("name"), str),
+                      f"messages[{i}].tool_calls[{j}] needs function.name")
+                try:
+                    args = json.loads(fn.get("arguments") or "{}")
+                except (TypeError, ValueError):
+                    raise BadRequest(f"messages[{i}].tool_calls[{j}].function.arguments is not a JSON string")
+                _need(isinstance(args, dict), f"messages[{i}].tool_calls[{j}] arguments must be a JSON object")
+                calls.append({"tool_call_id": str(c.get("id", j)), "tool_name": fn["name"], "parameters": args})
+            if calls:
+                msg["tool_calls"] = calls
+            if isinstance(m.get("tool_plan"), str):
+                msg["thinking"] = m["tool_plan"]
+        if role == "tool":
+            msg["tool_call_id"] = str(m.get("tool_call_id", ""))
+        out.append(msg)
+    return out
+
+
+def check_sampling(body: dict, engine: Engine, n_prompt: int, default_max: int) -> dict:
+    """max_tokens / temperature / top_k (k in Cohere) / top_p (p) / seed, each type- and range-checked."""
+    mt = body.get("max_tokens", body.get("max_completion_tokens"))
+    room = engine.max_len - n_prompt
+    _need(room >= 1, f"the prompt has {n_prompt} tokens; the context holds {engine.max_len}")
+    if mt is None:
+        mt = min(default_max, room)
+    _need(_is_int(mt) and mt >= 1, "max_tokens must be a positive integer")
+    _need(mt <= room, f"max_tokens={mt} does not fit: prompt {n_prompt} + max_tokens > context {engine.max_len}")
+    t = body.get("temperature", 0.3)
+    _need(_is_num(t) and 0 <= t <= 5, "temperature must be a number in [0, 5]")
+    k, p = body.get("k", body.get("top_k")), body.get("p", body.get("top_p"))
+    _need(k is None or (_is_int(k) and 0 <= k <= engine.cfg.vocab_size), "k/top_k must be an integer >= 0")
+    _need(p is None or (_is_num(p) and 0 < p <= 1), "p/top_p must be a number in (0, 1]")
+    seed = body.get("seed")
+    _need(seed is None or (_is_int(seed) and 0 <= seed < 2**63), "seed must be a non-negative integer")
+    return {"max_new_tokens": mt, "temperature": float(t), "top_k": k or None, "top_p": p, "seed": seed}
+
+
+class ChatDecoder:
+    """Tokens -> the chat message so far: an incremental UTF-8 decoder (never half a character), then
+    tokenizer.parse_completion on the text so far. Deltas are emitted only for text that can no longer change
+    (a trailing '<' may still become a citation tag, so it waits)."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.utf8 = tokenizer, codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.sent = "", {"response": "", "thinking": ""}
+
+    def feed(self, token: int | None) -> dict:
+        """Returns {"response": new text, "thinking": new text}; token None flushes at the end."""
+        from tokenizer import parse_completion
+        if token is None:
+            self.text += self.utf8.decode(b"", final=True)
+        else:
+            self.text += self.utf8.decode(self.tok.decode_bytes([token]))
+        text = self.text
+        cut = text.rfind("<")
+        if token is not None and cut >= 0 and ">" not in text[cut:] and len(text) - cut < 64:
+            text = text[:cut]                   # maybe the start of <co> / </co: ...>: hold it back
+        parsed, deltas = parse_completion(text), {}
+        for key in ("response", "thinking"):
+            now = parsed[key] or ""
+            if now.startswith(self.sent[key]) and len(now) > len(self.sent[key]):
+                deltas[key] = now[len(self.sent[key]):]
+                self.sent[key] = now
+        return deltas
+
+    def result(self) -> dict:
+        from tokenizer import parse_completion
+        return parse_completion(self.text)
+
+
+def cohere_message(parsed: dict, doc_ids: list, has_docs: bool) -> tuple[dict, str | None]:
+    """parse_completion() output -> Cohere v2 assistant message (tool calls with JSON-string arguments,
+    citations whose sources name the documents) and the finish reason it implies."""
+    msg = {"role": "assistant"}
+    if parsed["thinking"]:
+        msg["tool_plan"] = parsed["thinking"]
+    calls = [{"id": str(c.get("tool_call_id", i)), "type": "function",
+              "function": {"name": str(c.get("tool_name", "")), "arguments": json.dumps(c.get("parameters", {}))}}
+             for i, c in enumerate(parsed["tool_calls"])]
+    if calls:
+        msg["tool_calls"] = calls
+    msg["content"] = [{"type": "text", "text": parsed["response"]}] if parsed["response"] or not calls else []
+    cites = []
+    for c in parsed["citations"]:
+        sources = []
+        for cid, k in c["sources"]:
+            if has_docs and cid == "0" and 0 <= k < len(doc_ids):   # tool call 0 injected the documents
+                sources.append({"type": "document", "id": doc_ids[k]})
+            else:
+                sources.append({"type": "tool", "id": f"{cid}:{k}"})
+        cites.append({"start": c["start"], "end": c["end"], "text": c["text"], "sources": sources})
+    if cites:
+        msg["citations"] = cites
+    return msg, ("TOOL_CALL" if calls else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The HTTP server: Cohere v2 /v2/chat, OpenAI /v1/chat/completions + /v1/models, SSE streaming
+
+
+FINISH_OPENAI = {"COMPLETE": "stop", "MAX_TOKENS": "length", "TOOL_CALL": "tool_calls", "ERROR": "stop"}
+
+
+class ChatServer(http.server.ThreadingHTTPServer):
+    """One thread per connection; all of them feed the one engine thread, which batches their requests."""
+    daemon_threads = True
+
+    def __init__(self, engine: Engine, tokenizer, host="127.0.0.1", port=0, model_name="command-a-local",
+                 max_body=1 << 20, default_max_tokens=512, verbose=False):
+        super().__init__((host, port), ChatHandler)
+        self.engine, self.tok, self.model_name = engine.start(), tokenizer, model_name
+        self.max_body, self.default_max_tokens, self.verbose = max_body, default_max_tokens, verbose
+
+    @property
+    def url(self):
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+
+
+class ChatHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: ChatServer
+
+    def log_message(self, fmt, *args):
+        if self.server.verbose:
+            super().log_message(fmt, *args)
+
+    # --- plumbing ------------------------------------------------------------------------------------------
+    def _json(self, status: int, obj: dict):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, msg: str, api: str):
+        if api == "openai":
+            self._json(status, {"error": {"message": msg, "type": "invalid_request_error", "code": status}})
+        else:
+            self._json(status, {"message": msg})
+
+    def _body(self) -> dict:
+        n = self.headers.get("Content-Length")
+        if n is None:
+            self.close_connection = True
+            raise BadRequest("a Content-Length header is required", 411)
+        _need(n.isdigit(), "bad Content-Length")
+        if int(n) > self.server.max_body:
+            self.close_connection = True      # we do not read an oversized body, so the connection is spent
+            raise BadRequest(f"body of {n} bytes exceeds the limit of {self.server.max_body}", 413)
+        try:
+            body = json.loads(self.rfile.read(int(n)))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"malformed JSON: {e}")
+        _need(isinstance(body, dict), "the body must be a JSON object")
+        return body
+
+    def _client_gone(self) -> bool:
+        """A readable socket that returns no bytes is a closed one (the client went away)."""
+        try:
+            r, _, _ = select.select([self.connection], [], [], 0)
+            return bool(r) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _sse(self, obj, event: str | None = None):
+        data = obj if isinstance(obj, str) else json.dumps(obj)
+        self.wfile.write(((f"event: {event}\n" if event else "") + f"data: {data}\n\n").encode())
+        self.wfile.flush()
+
+    # --- routes ----------------------------------------------------------------------------------------------
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        if path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                                         "created": 0, "owned_by": "local"}]})
+        elif path == "/health":
+            self._json(200, {"status": "ok", **self.server.engine.stats})
+        else:
+            self._error(404, f"no route GET {path}", "openai" if path.startswith("/v1") else "cohere")
+
+    def do_POST(self):
+        path = self.path.split("?")[0]
+        api = "openai" if path.startswith("/v1") else "cohere"
+        try:
+            if path not in ("/v2/chat", "/v1/chat/completions"):
+                self.close_connection = True
+                raise BadRequest(f"no route POST {path}", 404)
+            self._chat(self._body(), api)
+        except BadRequest as e:
+            self._error(e.status, str(e), api)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _chat(self, body: dict, api: str):
+        srv, tok = self.server, self.server.tok
+        messages = _check_messages(body.get("messages"))
+        tools = _check_tools(body["tools"]) if body.get("tools") is not None else None
+        docs, doc_ids = _check_documents(body["documents"]) if body.get("documents") is not None else ([], [])
+        mode = body.get("safety_mode") or "CONTEXTUAL"
+        _need(isinstance(mode, str) and mode.upper() in ("CONTEXTUAL", "STRICT"),
+              "safety_mode must be CONTEXTUAL or STRICT")
+        stream = body.get("stream", False)
+        _need(isinstance(stream, bool), "stream must be a boolean")
+        _need(body.get("n", 1) == 1, "n must be 1")
+        _need(body.get("stop") is None, "stop sequences are not supported; the model stops at its end-of-turn")
+        try:
+            ids = tok.render_chat(messages, documents=docs or None, tools=tools, safety_mode=mode.upper())
+        except ValueError as e:
+            raise BadRequest(str(e))
+        sampling = check_sampling(body, srv.engine, len(ids), srv.default_max_tokens)
+        sink = queue.Queue()
+        req = srv.engine.submit(ids, sink=sink, **sampling)
+        rid = ("chatcmpl-" if api == "openai" else "") + uuid.uuid4().hex
+        meta = {"id": rid, "n_prompt": len(ids), "doc_ids": doc_ids, "has_docs": bool(docs),
+                "include_usage": bool((body.get("stream_options") or {}).get("include_usage"))}
+        try:
+            if stream:
+                self._stream(req, sink, api, meta)
+            else:
+                while not req.done.wait(0.05):
+                    if self._client_gone():
+                        srv.engine.cancel(req)
+                        self.close_connection = True
+                        return
+                self._respond(req, api, meta)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            srv.engine.cancel(req)                 # the client went away: free its batch slot
+            self.close_connection = True
+
+    def _finish(self, req: Request, parsed: dict, meta: dict):
+        msg, reason = cohere_message(parsed, meta["doc_ids"], meta["has_docs"])
+        if req.finish_reason == "error":
+            reason = "ERROR"
+        reason = reason or ("MAX_TOKENS" if req.finish_reason == "length" else "COMPLETE")
+        n_out = len(req.out) + (req.finish_reason == "stop")     # the stop token was generated too
+        return msg, reason, n_out
+
+    def _respond(self, req: Request, api: str, meta: dict):
+        dec = ChatDecoder(self.server.tok)
+        for t in req.out:
+            dec.feed(t)
+        dec.feed(None)
+        msg, reason, n_out = self._finish(req, dec.result(), meta)
+        if req.finish_reason == "error":
+            raise BadRequest(f"generation failed: {req.error}", 500)
+        if api == "cohere":
+            usage = {"input_tokens": meta["n_prompt"], "output_tokens": n_out}
+            self._json(200, {"id": meta["id"], "finish_reason": reason, "message": msg,
+                             "usage": {"billed_units": usage, "tokens": usage}})
+            return
+        text = "".join(c["text"] for c in msg.get("content", []))
+        omsg = {"role": "assistant", "content": text if text or "tool_calls" not in msg else None}
+        if "tool_calls" in msg:
+            omsg["tool_calls"] = msg["tool_calls"]
+        if "citations" in msg:
+            omsg["citations"] = msg["citations"]     # an extension: OpenAI's schema has no citations
+        self._json(200, {"id": meta["id"], "object": "chat.completion", "created": int(time.time()),
+                         "model": self.server.model_name,
+                         "choices": [{"index": 0, "message": omsg, "finish_reason": FINISH_OPENAI[reason]}],
+                         "usage": {"prompt_tokens": meta["n_prompt"], "completion_tokens": n_out,
+                                   "total_tokens": meta["n_prompt"] + n_out}})
+
+    def _stream(self, req: Request, sink: queue.Queue, api: str, meta: dict):
+        self.close_connection = True          # no Content-Length: the end of the stream is the end of the body
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        oa = {"id": meta["id"], "object": "chat.completion.chunk", "created": int(time.time()),
+              "model": self.server.model_name}
+
+        def chunk(delta, finish=None):
+            self._sse({**oa, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+        if api == "cohere":
+            self._sse({"type": "message-start", "id": meta["id"], "delta": {"message": {"role": "assistant"}}},
+                      "message-start")
+        else:
+            chunk({"role": "assistant", "content": ""})
+        dec, started = ChatDecoder(self.server.tok), False
+        while True:
+            try:
+                _, t = sink.get(timeout=1.0)
+            except queue.Empty:           # nothing for a second: is anyone still listening?
+                if self._client_gone():
+                    raise BrokenPipeError
+                continue
+            deltas = dec.feed(t)
+            if api == "cohere":
+                if "thinking" in deltas:
+                    self._sse({"type": "tool-plan-delta", "delta": {"message": {"tool_plan": deltas["thinking"]}}},
+                              "tool-plan-delta")
+                if "response" in deltas:
+                    if not started:
+                        self._sse({"type": "content-start", "index": 0, "delta": {"message": {"content": {
+                            "type": "text", "text": ""}}}}, "content-start")
+                        started = True
+                    self._sse({"type": "content-delta", "index": 0, "delta": {"message": {"content": {
+                        "text": deltas["response"]}}}}, "content-delta")
+            elif "response" in deltas:
+                chunk({"content": deltas["response"]})
+            if t is None:
+                break
+        msg, reason, n_out = self._finish(req, dec.result(), meta)
+        usage = {"input_tokens": meta["n_prompt"], "output_tokens": n_out}
+        calls = msg.get("tool_calls", [])
+        if api == "cohere":
+            if started:
+                self._sse({"type": "content-end", "index": 0}, "content-end")
+            for i, c in enumerate(calls):
+                self._sse({"type": "tool-call-start", "index": i, "delta": {"message": {"tool_calls": c}}},
+                          "tool-call-start")
+                self._sse({"type": "tool-call-end", "index": i}, "tool-call-end")
+            for i, c in enumerate(msg.get("citations", [])):
+                self._sse({"type": "citation-start", "index": i, "delta": {"message": {"citations": c}}},
+                          "citation-start")
+                self._sse({"type": "citation-end", "index": i}, "citation-end")
+            end = {"finish_reason": reason, "usage": {"billed_units": usage, "tokens": usage}}
+            if req.error:
+                end["error"] = req.error
+            self._sse({"type": "message-end", "delta": end}, "message-end")
+            return
+        if calls:
+            chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+        if req.error:
+            self._sse({"error": {"message": f"generation failed: {req.error}", "type": "server_error"}})
+        chunk({}, FINISH_OPENAI[reason])
+        if meta["include_usage"]:
+            self._sse({**oa, "choices": [], "usage": {"prompt_tokens": meta["n_prompt"], "completion_tokens": n_out,
+                                                     "total_tokens": meta["n_prompt"] + n_out}})
+        self._sse("[DONE]")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Interactive terminal chat
+
+
+def chat_repl(engine: Engine, tok, max_tokens=512, temperature=0.3, top_p=0.95, safety_mode="CONTEXTUAL"):
+    print("chat: /reset clears the conversation, /quit (or Ctrl-D) leaves", file=sys.stderr)
+    history = []
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/quit", "/exit"):
+            return
+        if line.strip() == "/reset" or not line.strip():
+            history = [] if line.strip() else history
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tok.render_chat(history, safety_mode=safety_mode)
+        room = engine.max_len - len(ids)
+        if room < 2:
+            print("(the conversation fills the context; /reset)", file=sys.stderr)
+            history.pop()
+            continue
+        dec = ChatDecoder(tok)
+        print("bot> ", end="", flush=True)
+        for _, t in engine.generate_stream([ids], min(max_tokens, room), temperature, top_p=top_p):
+            print(dec.feed(t).get("response", ""), end="", flush=True)
+        print(dec.feed(None).get("response", ""))
+        history.append({"role": "assistant", "content": dec.result()["response"]})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark: TTFT, decode tokens/s, KV bytes; baselines in the same run
+
+
+@torch.inference_mode()
+def naive_generate(model, prompts: torch.Tensor, n: int, cache: bool = False) -> torch.Tensor:
+    """The straightforward HF-style greedy loop: recompute the whole sequence every step (no cache), or with
+    model.py's contiguous KVCache (keeps every position of every layer) when cache=True."""
+    ids, out = prompts, []
+    kv = None
+    if cache:
+        from model import KVCache
+        kv = KVCache(model.config, prompts.shape[0], prompts.shape[1] + n)
+    for _ in range(n):
+        logits = model(ids if not cache or not out else out[-1], cache=kv)[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        out.append(nxt)
+        ids = torch.cat([ids, nxt], dim=1)
+    return torch.cat(out, dim=1)
+
+
+def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tokens=64, long_ctx=131072):
+    rows, kv_rows = [], []
+    for name in presets:
+        cfg = PRESETS[name]
+        torch.manual_seed(0)
+        model = CommandA(cfg).eval()
+        engine = Engine(model, max_batch=max(batches), max_len=prompt_len + new_tokens)
+        engine.generate([[1] * 8], 4, stop_tokens=[])           # warm-up
+        for B in batches:
+            prompts = torch.randint(0, cfg.vocab_size, (B, prompt_len))
+            reqs = [engine.submit(p, new_tokens, stop_tokens=[]) for p in prompts.tolist()]
+            t0 = time.perf_counter()
+            while not all(r.done.is_set() for r in reqs):
+                engine.step()
+            t1 = time.perf_counter()
+            ttft = max(r.t_first for r in reqs) - t0                  # the whole batch's prefill
+            dec_s = t1 - max(r.t_first for r in reqs)
+            tok_s = B * (new_tokens - 1) / dec_s
+            rows.append({"preset": name, "method": "engine", "batch": B, "ttft_s": round(ttft, 4),
+                         "decode_tok_s": round(tok_s, 1), "total_tok_s": round(B * new_tokens / (t1 - t0), 1)})
+            print(f"{name:6s} engine        B={B:3d}  TTFT {1000 * ttft:8.1f} ms  decode {tok_s:9.1f} tok/s  "
+                  f"end-to-end {B * new_tokens / (t1 - t0):9.1f} tok/s")
+        # baselines, batch 1, same prompt length and new tokens, greedy; must agree with the engine's tokens
+        p = torch.randint(0, cfg.vocab_size, (1, prompt_len))
+        ref = engine.generate(p.tolist(), new_tokens, stop_tokens=[])[0]
+        for method, use_cache in (("naive-recompute", False), ("model.KVCache", True)):
+            naive_generate(model, p[:, :8], 2, use_cache)
+            t0 = time.perf_counter()
+            out = naive_generate(model, p, new_tokens, use_cache)
+            dt = time.perf_counter() - t0
+            rows.append({"preset": name, "method": method, "batch": 1, "total_tok_s": round(new_tokens / dt, 1),
+                         "same_tokens_as_engine": out[0].tolist() == ref})
+            print(f"{name:6s} {method:15s} B=  1  end-to-end {new_tokens / dt:9.1f} tok/s  "
+                  f"(same tokens as engine: {out[0].tolist() == ref})")
+        eng1 = next(r for r in rows if r["preset"] == name and r["method"] == "engine" and r["batch"] == 1)
+        naive1 = next(r for r in rows if r["preset"] == name and r["method"] == "naive-recompute")
+        print(f"{name:6s} speed-up at batch 1 vs naive recompute (end-to-end): "
+              f"{eng1['total_tok_s'] / naive1['total_tok_s']:.1f}x")
+        # KV bytes: a real cache for one long sequence (bf16) vs the formula and vs an all-full-attention cache
+        T = min(long_ctx, 32768)
+        c = WindowKVCache(cfg, 1, T, dtype=torch.bfloat16)
+        kv = {"preset": name, "T": T, "allocated": c.nbytes(), "formula": cfg.kv_cache_bytes(T),
+              "all_full": cfg.kv_cache_bytes(T, window_aware=False)}
+        kv_rows.append(kv)
+        del c
+        print(f"{name:6s} KV bytes at T={T} (bf16): window-aware {kv['allocated'] / 2**20:.1f} MiB "
+              f"(formula {kv['formula'] / 2**20:.1f} MiB) vs all-full {kv['all_full'] / 2**20:.1f} MiB")
+    for name in ("command-a",):
+        cfg = PRESETS[name]
+        kv_rows.append({"preset": name, "T": long_ctx, "formula": cfg.kv_cache_bytes(long_ctx),
+                        "all_full": cfg.kv_cache_bytes(long_ctx, window_aware=False)})
+        print(f"{name} KV bytes at T={long_ctx} (bf16, analytic): {cfg.kv_cache_bytes(long_ctx) / 2**30:.2f} GiB "
+              f"vs all-full {cfg.kv_cache_bytes(long_ctx, window_aware=False) / 2**30:.2f} GiB")
+    return {"threads": torch.get_num_threads(), "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "rows": rows, "kv": kv_rows}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def load(ckpt: str, device: str):
+    from tokenizer import Tokenizer
+    # CUDA: bf16 weights (the report's inference precision); CPU: fp32, which is faster there at this size
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return CommandA.from_pretrained(ckpt, dtype=dtype, device=device), Tokenizer.load(ckpt)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Command A inference: a chat server (Cohere v2 + OpenAI APIs), "
+                                 "an interactive chat, or a throughput benchmark.")
+    ap.add_argument("--ckpt", help="checkpoint directory (config.json + safetensors + tokenizer.json)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
+    ap.add_argument("--chat", action="store_true", help="interactive terminal chat instead of a server")
+    ap.add_argument("--bench", action="store_true", help="TTFT / tok/s / KV bytes for tiny and small (random weights)")
+    ap.add_argument("--bench-presets", default="tiny,small", help="comma-separated presets for --bench")
+    ap.add_argument("--bench-prompt", type=int, default=128, help="prompt tokens per request for --bench")
+    ap.add_argument("--bench-new", type=int, default=64, help="new tokens per request for --bench")
+    ap.add_argument("--max-batch", type=int, default=32, help="concurrent sequences in the batch")
+    ap.add_argument("--max-len", type=int, default=None, help="context length (default min(model max, 4096))")
+    ap.add_argument("--max-tokens", type=int, default=512, help="default max new tokens per request")
+    ap.add_argument("--temperature", type=float, default=0.3, help="sampling temperature for --chat")
+    ap.add_argument("--model-name", default="command-a-local", help="model id reported by /v1/models")
+    ap.add_argument("--verbose", action="store_true", help="log every HTTP request")
+    args = ap.parse_args()
+    tune_malloc()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.bench:
+        if args.bench_prompt < 1 or args.bench_new < 2:
+            ap.error("--bench-prompt must be >= 1 and --bench-new >= 2")
+        result = bench(tuple(args.bench_presets.split(",")), prompt_len=args.bench_prompt, new_tokens=args.bench_new)
+        print(json.dumps(result))
+        sys.exit(0)
+    if not args.ckpt:
+        ap.error("--ckpt DIR is required (or use --bench)")
+    model, tok = load(args.ckpt, device)
+    engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len)
+    if args.chat:
+        chat_repl(engine, tok, args.max_tokens, args.temperature)
+        print(json.dumps({"mode": "chat", **engine.stats}))
+        sys.exit(0)
+    server = ChatServer(engine, tok, args.host, args.port, args.model_name,
+                        default_max_tokens=args.max_tokens, verbose=args.verbose)
+    print(f"serving {args.ckpt} on {server.url}  (POST /v2/chat, POST /v1/chat/completions, GET /v1/models)",
+          file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        engine.stop()
+    print(json.dumps({"mode": "server", "url": server.url, **engine.stats}))
