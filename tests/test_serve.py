@@ -184,3 +184,249 @@ def test_cancel_frees_the_slot(model):
     while not rb.done.is_set():
         engine.step()
     assert ra.finish_reason == "cancelled" and rb.out == argmax_decode(model, b, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HTTP server on loopback
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [open(os.path.join(ROOT, f), encoding="utf-8").read() for f in ("tokenizer.py", "model.py")]
+    return Tokenizer.train(texts, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tok):
+    # the chat template's preamble is ~700-1500 tokens: a micro model with room for it
+    return make(micro(vocab_size=tok.vocab_size, sliding_window=16, max_position_embeddings=2048))
+
+
+def serve(model, tok, **kw):
+    server = ChatServer(Engine(model, tok, max_batch=8, max_len=2048), tok, port=0, **kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(chat_model, tok):
+    s = serve(chat_model, tok)
+    yield s
+    s.shutdown()
+    s.server_close()
+    s.engine.stop()
+
+
+def post(server, path, body, headers=None):
+    """-> (status, parsed JSON or the list of SSE events (event, data))."""
+    conn = http.client.HTTPConnection(*server.server_address, timeout=60)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    if resp.getheader("Content-Type") == "text/event-stream":
+        events = []
+        for block in raw.decode("utf-8").split("\n\n"):
+            lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+            if "data" in lines:
+                events.append((lines.get("event"), lines["data"] if lines["data"] == "[DONE]"
+                               else json.loads(lines["data"])))
+        return resp.status, events
+    return resp.status, json.loads(raw)
+
+
+def solo_text(model, tok, messages, n, **kw):
+    ids = tok.render_chat(messages, **kw)
+    out = Engine(model, tok, max_batch=1, max_len=2048).generate([ids], n)[0]
+    return tok.parse(out)["response"], len(ids)
+
+
+HI = [{"role": "user", "content": "Say something about <|END_OF_TURN_TOKEN|> tokens."}]
+
+
+def test_both_apis_non_streaming_match_the_engine(server, chat_model, tok):
+    text, n_prompt = solo_text(chat_model, tok, HI, 12)
+    assert tok.render_chat(HI).count(tok.eot_id) == 2      # the user's "<|END_OF_TURN_TOKEN|>" stayed text
+    status, r = post(server, "/v1/chat/completions", {"model": "x", "messages": HI, "max_tokens": 12,
+                                                      "temperature": 0})
+    assert status == 200 and r["object"] == "chat.completion"
+    assert r["choices"][0]["message"]["content"] == text
+    assert r["usage"]["prompt_tokens"] == n_prompt and 1 <= r["usage"]["completion_tokens"] <= 12
+    status, r = post(server, "/v2/chat", {"messages": HI, "max_tokens": 12, "temperature": 0})
+    assert status == 200 and r["message"]["content"][0]["text"] == text
+    assert r["finish_reason"] in ("COMPLETE", "MAX_TOKENS") and r["usage"]["tokens"]["input_tokens"] == n_prompt
+    conn = http.client.HTTPConnection(*server.server_address, timeout=10)
+    conn.request("GET", "/v1/models")
+    models = json.loads(conn.getresponse().read())
+    assert models["object"] == "list" and models["data"][0]["id"] == "command-a-local"
+
+
+def test_streaming_terminates_and_deltas_add_up(server, chat_model, tok):
+    text, _ = solo_text(chat_model, tok, HI, 20)
+    status, ev = post(server, "/v1/chat/completions", {"messages": HI, "max_tokens": 20, "temperature": 0,
+                                                       "stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200 and ev[-1] == (None, "[DONE]")
+    chunks = [d for _, d in ev[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == text
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length") and chunks[-1]["usage"]
+    status, ev = post(server, "/v2/chat", {"messages": HI, "max_tokens": 20, "temperature": 0, "stream": True})
+    names = [e for e, _ in ev]
+    assert status == 200 and names[0] == "message-start" and names[-1] == "message-end"
+    assert "".join(d["delta"]["message"]["content"]["text"] for e, d in ev if e == "content-delta") == text
+
+
+def test_concurrent_clients_are_batched(server, chat_model, tok):
+    convs = [[{"role": "user", "content": f"question number {i}" * (i + 1)}] for i in range(5)]
+    want = [solo_text(chat_model, tok, c, 16)[0] for c in convs]
+    got = [None] * len(convs)
+
+    def client(i):
+        stream = i % 2 == 1
+        status, r = post(server, "/v1/chat/completions", {"messages": convs[i], "max_tokens": 16,
+                                                          "temperature": 0, "stream": stream})
+        assert status == 200
+        got[i] = ("".join(d["choices"][0]["delta"].get("content", "") for _, d in r[:-1] if d["choices"])
+                  if stream else r["choices"][0]["message"]["content"])
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(convs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
+    assert server.engine.stats["max_active"] > 1       # several requests shared decode steps
+
+
+BAD = [
+    (b"{not json", 400), (b"[1, 2]", 400), ({"messages": []}, 400), ({"messages": "hi"}, 400),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400), ({"messages": [{"role": "user", "content": 5}]}, 400),
+    ({"messages": [{"role": "user"}]}, 400),
+    ({"messages": HI, "max_tokens": 10**9}, 400), ({"messages": HI, "max_tokens": "10"}, 400),
+    ({"messages": HI, "max_tokens": 0}, 400), ({"messages": HI, "temperature": "hot"}, 400),
+    ({"messages": HI, "top_p": 2}, 400), ({"messages": HI, "stream": "yes"}, 400),
+    ({"messages": [{"role": "user", "content": "word " * 3000}]}, 400),
+    ({"messages": HI, "tools": "search"}, 400),
+    ({"messages": HI, "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, 400),
+    ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     400),
+    ({"messages": HI, "safety_mode": "OFF"}, 400), ({"messages": HI, "documents": "doc"}, 400),
+]
+
+
+@pytest.mark.parametrize("api", ["/v2/chat", "/v1/chat/completions"])
+def test_bad_requests_get_4xx_json_and_server_keeps_serving(server, api):
+    for body, code in BAD:
+        status, r = post(server, api, body)
+        assert status == code, body
+        msg = r["error"]["message"] if api.startswith("/v1") else r["message"]
+        assert isinstance(msg, str) and msg
+    assert post(server, "/v3/nothing", {"messages": HI})[0] == 404
+    # a body larger than the limit is refused from its Content-Length, without reading it
+    conn = http.client.HTTPConnection(*server.server_address, timeout=10)
+    conn.putrequest("POST", api)
+    conn.putheader("Content-Length", str(server.max_body + 1))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and json.loads(resp.read())
+    assert post(server, api, {"messages": HI, "max_tokens": 2})[0] == 200
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in model that writes a fixed completion after a prompt of P tokens (so tests can check
+    parsing of citations and tool calls end to end); it still drives the cache protocol."""
+
+    def __init__(self, cfg, script, eot, P=0, delay=0.0):
+        super().__init__()
+        self.config, self.script, self.eot, self.P, self.delay = cfg, script, eot, P, delay
+
+    def forward(self, input_ids, position_ids=None, cache=None):
+        cache.reserve(position_ids)
+        B, T = input_ids.shape
+        z = torch.zeros(B, self.config.num_key_value_heads, T, self.config.head_dim)
+        for i in range(self.config.num_hidden_layers):
+            cache.update(i, z, z)
+        time.sleep(self.delay)
+        script = torch.tensor(self.script + [self.eot])
+        nxt = script[(position_ids - self.P + 1).clamp(0, len(self.script))]
+        return torch.zeros(B, T, self.config.vocab_size).scatter_(2, nxt[..., None], 1e4)  # certain even when sampled
+
+
+DOCS = [{"id": "grass", "data": {"text": "Grass is green."}}, {"id": "sky", "data": {"text": "The sky is blue."}}]
+CITED = ("<|START_RESPONSE|>The sky is <co>blue</co: 0:[1]> and grass is <co>green</co: 0:[0]> (ça 日本)."
+         "<|END_RESPONSE|>")
+ACTION = ('<|START_THINKING|>I will search.<|END_THINKING|><|START_ACTION|>[{"tool_call_id": "0", "tool_name": '
+          '"search", "parameters": {"q": "sky"}}]<|END_ACTION|>')
+TOOLS = [{"type": "function", "function": {"name": "search", "description": "web search", "parameters": {
+    "type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}]
+
+
+def test_citations_tool_calls_and_utf8_streaming(chat_model, tok):
+    msgs = [{"role": "user", "content": "What colour is the sky?"}]
+    scripted = Scripted(chat_model.config, tok.encode(CITED, allow_special=True), tok.eot_id)
+    srv = serve(scripted, tok)
+    try:
+        scripted.P = len(tok.render_chat(msgs, documents=[d["data"] for d in DOCS]))
+        status, r = post(srv, "/v2/chat", {"messages": msgs, "documents": DOCS})
+        assert status == 200 and r["finish_reason"] == "COMPLETE"
+        clean = "The sky is blue and grass is green (ça 日本)."
+        assert r["message"]["content"][0]["text"] == clean
+        cites = r["message"]["citations"]
+        assert [(c["text"], c["sources"][0]["id"]) for c in cites] == [("blue", "sky"), ("green", "grass")]
+        assert clean[cites[0]["start"]:cites[0]["end"]] == "blue"
+        status, ev = post(srv, "/v2/chat", {"messages": msgs, "documents": DOCS, "stream": True})
+        deltas = [d["delta"]["message"]["content"]["text"] for e, d in ev if e == "content-delta"]
+        assert "".join(deltas) == clean and len(deltas) > 5 and not any("\ufffd" in x for x in deltas)
+        assert [d["delta"]["message"]["citations"]["text"] for e, d in ev if e == "citation-start"] == ["blue", "green"]
+        assert ev[-1][0] == "message-end" and ev[-1][1]["delta"]["finish_reason"] == "COMPLETE"
+
+        scripted.script = tok.encode(ACTION, allow_special=True)
+        scripted.P = len(tok.render_chat(msgs, tools=[t["function"] for t in TOOLS]))
+        status, r = post(srv, "/v2/chat", {"messages": msgs, "tools": TOOLS})
+        assert status == 200 and r["finish_reason"] == "TOOL_CALL" and r["message"]["tool_plan"] == "I will search."
+        call = r["message"]["tool_calls"][0]
+        assert call["function"]["name"] == "search" and json.loads(call["function"]["arguments"]) == {"q": "sky"}
+        status, r = post(srv, "/v1/chat/completions", {"messages": msgs, "tools": TOOLS})
+        assert r["choices"][0]["finish_reason"] == "tool_calls"
+        assert r["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "search"
+        status, ev = post(srv, "/v1/chat/completions", {"messages": msgs, "tools": TOOLS, "stream": True})
+        assert ev[-1][1] == "[DONE]" and ev[-2][1]["choices"][0]["finish_reason"] == "tool_calls"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        srv.engine.stop()
+
+
+def test_client_disconnect_frees_the_slot(chat_model, tok):
+    scripted = Scripted(chat_model.config, [ord("a")] * 4000, tok.eot_id, delay=0.01)
+    srv = serve(scripted, tok)
+    try:
+        for stream in (True, False):
+            body = json.dumps({"messages": HI, "max_tokens": 1000, "stream": stream}).encode()
+            s = socket.create_connection(srv.server_address)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            deadline = time.time() + 10
+            while not srv.engine.active and time.time() < deadline:
+                time.sleep(0.01)
+            assert srv.engine.active
+            s.close()
+            while srv.engine.active and time.time() < deadline:
+                time.sleep(0.02)
+            assert not srv.engine.active, f"slot still held after disconnect (stream={stream})"
+        assert post(srv, "/v2/chat", {"messages": HI, "max_tokens": 3})[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        srv.engine.stop()
+
+
+def test_chat_decoder_never_splits_utf8(tok):
+    text = "<|START_RESPONSE|>naïve 日本語 🙂 done<|END_RESPONSE|>"
+    dec, out = ChatDecoder(tok), ""
+    for t in tok.encode(text, allow_special=True):
+        d = dec.feed(t).get("response", "")
+        assert "\ufffd" not in d
+        out += d
+    out += dec.feed(None).get("response", "")
+    assert out == "naïve 日本語 🙂 done"
