@@ -509,7 +509,7 @@ class CommandA(nn.Module):
             else:
                 p.normal_(0.0, std / math.sqrt(cfg.width_mult))
 
-    def _masks(self, B, T, device, position_ids, doc_ids, cache, dtype):
+    def _masks(self, B, T, device, position_ids, doc_ids, cache):
         """One mask per layer kind, all built from attention_allowed()."""
         if cache is not None:
             kv_pos = cache.reserve(position_ids)
@@ -517,8 +517,10 @@ class CommandA(nn.Module):
             return {kind: attention_allowed(position_ids[:, None, :, None], kv_pos[kind][:, None, None, :],
                                             zero, zero, self.config.sliding_window if kind == "sliding" else None)
                     for kind in LAYER_KINDS}
+        # FlexAttention's compiled kernel needs head_dim >= 16; SDPA serves the rest with the same mask
         use_flex = (self.config.attn_backend == "flex" or
-                    (self.config.attn_backend == "auto" and device.type == "cuda")) and _flex_attention()
+                    (self.config.attn_backend == "auto" and device.type == "cuda")) and \
+            self.config.head_dim >= 16 and _flex_attention()
         if use_flex:
             flex, create_block_mask = _flex_attention()
             masks = {}
@@ -545,6 +547,9 @@ class CommandA(nn.Module):
         cfg = self.config
         B, T = input_ids.shape
         device = input_ids.device
+        if cache is not None and doc_ids is not None:
+            raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache: each cached row "
+                             "is one sequence; pass position_ids instead")
         if position_ids is None:
             if doc_ids is not None:
                 position_ids = positions_from_doc_ids(doc_ids)
@@ -554,9 +559,9 @@ class CommandA(nn.Module):
         if doc_ids is None:
             doc_ids = doc_ids_from_positions(position_ids)
         h = self.model.embed_tokens(input_ids)                   # (B, T, H); no sqrt(H) scaling
-        act_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
-        rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, act_dtype)
-        masks = self._masks(B, T, device, position_ids, doc_ids, cache, act_dtype)
+        # cos/sin in the hidden-state dtype as HF does (fp32 under autocast: no rounding of long positions)
+        rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
+        masks = self._masks(B, T, device, position_ids, doc_ids, cache)
         for layer in self.model.layers:
             h = layer(h, rope, masks[layer.self_attn.kind], cache)
         h = self.model.norm(h)
@@ -578,6 +583,8 @@ class CommandA(nn.Module):
         safetensors only: nothing is unpickled."""
         from safetensors import SafetensorError, safe_open
 
+        if set(runtime) - {"fp8", "attn_backend"}:
+            raise TypeError(f"from_pretrained: unknown runtime option(s) {sorted(set(runtime) - {'fp8', 'attn_backend'})}")
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{cfg_file} not found: not a checkpoint directory")
@@ -592,9 +599,11 @@ class CommandA(nn.Module):
             raise ValueError(f"{cfg_file} lacks required field {e}") from None
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
+            try:
+                with open(index) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index} is malformed (needs a 'weight_map' of tensor -> shard): {e!r}") from None
         elif os.path.isfile(os.path.join(path, "model.safetensors")):
             files = ["model.safetensors"]
         else:
@@ -611,6 +620,8 @@ class CommandA(nn.Module):
             try:
                 with safe_open(fpath, framework="pt", device="cpu") as f:
                     for name in f.keys():
+                        if name in state:
+                            raise ValueError(f"{fpath}: tensor {name} appears in more than one shard")
                         t = f.get_tensor(name)
                         if name.endswith(".bias"):  # some exports carry all-zero biases; the model has none
                             if torch.count_nonzero(t):
@@ -631,7 +642,8 @@ class CommandA(nn.Module):
         missing = sorted(set(expected) - set(state))
         if missing:
             raise ValueError(f"checkpoint {path} is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
-        if lm_head is not None and not torch.equal(lm_head.to(dtype), state["model.embed_tokens.weight"]):
+        if lm_head is not None and not torch.equal(lm_head.to(device=device, dtype=dtype),
+                                                   state["model.embed_tokens.weight"]):
             raise ValueError(f"{path}: lm_head.weight differs from model.embed_tokens.weight but the model is tied")
         model.load_state_dict(state, strict=True, assign=True)
         return model

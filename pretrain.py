@@ -93,6 +93,7 @@ def validate(cfg: TrainConfig):
         need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     need(cfg.max_steps is None or cfg.max_steps >= 1, "--max-steps must be >= 1")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), "--lr must be a positive number")
+    need(cfg.clip > 0 and math.isfinite(cfg.clip), "--clip must be a positive number")
     need(0 <= cfg.warmup_frac < 1 and 0 <= cfg.cooldown_frac <= 1 and cfg.warmup_frac + cfg.cooldown_frac <= 1,
          "--warmup-frac and --cooldown-frac must be in [0, 1] and sum to <= 1")
     need(cfg.vocab_size >= 512, "--vocab-size must be >= 512")
@@ -235,6 +236,7 @@ def data_fingerprint(packed: dict) -> str:
 
 def save_checkpoint(out, model, opt, step, loaders, losses, cfg, fingerprint, tok, val_log):
     ckpt, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    swapped = False
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -247,17 +249,22 @@ def save_checkpoint(out, model, opt, step, loaders, losses, cfg, fingerprint, to
                                      "numpy_rng": _rng_to_json(np.random.get_state())})}
         torch.save(state, os.path.join(tmp, "train_state.pt"))
         if os.path.exists(ckpt):
+            shutil.rmtree(old, ignore_errors=True)  # a run killed mid-cleanup may have left one behind
             os.replace(ckpt, old)
         os.replace(tmp, ckpt)                      # the swap: `checkpoint` is always complete
+        swapped = True
         shutil.rmtree(old, ignore_errors=True)
         # the output directory itself is an HF checkpoint + tokenizer (each file replaced atomically)
         model.save_pretrained(out, extra_config={"bos_token_id": tok.bos_id, "eos_token_id": tok.eot_id,
                                                  "pad_token_id": tok.pad_id})
         tok.save(out)
-    except OSError as e:
+    except Exception as e:  # OSError, torch's RuntimeError and SafetensorError all mean "could not write"
         shutil.rmtree(tmp, ignore_errors=True)
+        if swapped:
+            raise RuntimeError(f"step {step}: the checkpoint in {ckpt} is complete, but exporting the HF "
+                               f"checkpoint into {out} failed ({e}): disk full?") from None
         where = ckpt if os.path.exists(ckpt) else old
-        raise RuntimeError(f"could not write the checkpoint at step {step} ({e.strerror or e}: disk full?); "
+        raise RuntimeError(f"could not write the checkpoint at step {step} ({e}: disk full?); "
                            f"the previous checkpoint in {where} is intact") from None
 
 
@@ -284,7 +291,7 @@ def load_checkpoint(out, model, opt, cfg, fingerprint):
     if meta["fingerprint"] != fingerprint:
         raise ValueError("--resume: the packed training data differs from the checkpoint's (other --data "
                          "or corpus); resume needs the same data")
-    loaded = CommandA.from_pretrained(ckpt, fp8=model.config.fp8, mup_base_hidden_size=None)
+    loaded = CommandA.from_pretrained(ckpt, fp8=model.config.fp8)
     with torch.no_grad():
         for p, q in zip(model.parameters(), loaded.parameters()):
             p.copy_(q)
@@ -307,8 +314,9 @@ def evaluate(model, val: D.PackedData, rows: int, autocast_kw) -> float:
     model.eval()
     pick = np.unique(np.linspace(0, len(val) - 1, min(rows, len(val))).round().astype(int)).tolist()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for i in range(0, len(pick), 8):
-        b = val.batch(pick[i:i + 8])
+        b = {k: v.to(device) for k, v in val.batch(pick[i:i + 8]).items()}
         n = int((b["targets"] != -100).sum())
         if n == 0:
             continue
@@ -324,14 +332,15 @@ def sample(model, tok, prompt: str, max_new=48, temperature=0.8, top_k=40, seed=
     """A few tokens with a KV cache (serve.py has the full engine); top-k sampling with a fixed seed."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)])
-    cache = KVCache(model.config, 1, ids.shape[1] + max_new)
+    device = next(model.parameters()).device
+    ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)], device=device)
+    cache = KVCache(model.config, 1, ids.shape[1] + max_new, device=device)
     out, x = [], ids
     for _ in range(max_new):
         with torch.autocast(**autocast_kw):
             logits = model(x, cache=cache)[0, -1].float()
         v, i = logits.topk(top_k)
-        nxt = i[torch.multinomial(torch.softmax(v / temperature, -1), 1, generator=g)]
+        nxt = i[torch.multinomial(torch.softmax(v / temperature, -1).cpu(), 1, generator=g).to(device)]
         if nxt.item() in (tok.bos_id, tok.eos_id, tok.pad_id):
             break
         out.append(nxt.item())
@@ -419,8 +428,11 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
         loss_sum, ntok = 0.0, 0
-        for _ in range(cfg.grad_accum):
-            b = {k: v.to(device) for k, v in next(loaders[ph["name"]]).items()}
+        micro = [next(loaders[ph["name"]]) for _ in range(cfg.grad_accum)]
+        n_targets = sum(int((b["targets"] != -100).sum()) for b in micro)
+        for b in micro:  # each micro-batch weighted by its share of target tokens: the step's loss is a token mean
+            b = {k: v.to(device) for k, v in b.items()}
+            share = int((b["targets"] != -100).sum()) / max(n_targets, 1)
             with torch.autocast(**autocast_kw):
                 loss = model(b["input_ids"], targets=b["targets"], doc_ids=b["doc_ids"])
             if not torch.isfinite(loss):
@@ -428,8 +440,8 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
                 raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1} in phase "
                                          f"{ph['name']}: stopping. The last good checkpoint is in "
                                          f"{out}/checkpoint; try a lower --lr (now {cfg.lr}) or --clip.")
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
+            (loss * share).backward()
+            loss_sum += loss.item() * share
             ntok += b["input_ids"].numel()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         if not torch.isfinite(gnorm):

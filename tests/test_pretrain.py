@@ -58,7 +58,7 @@ def test_schedule_warmup_stable_linear_cooldown_to_zero():
     assert all(l == 1.0 for l in lrs[10:60])                                           # stable
     decay = [lrs[s] - lrs[s + 1] for s in range(60, 99)]
     assert all(d == pytest.approx(1 / 40) for d in decay)                              # linear cooldown
-    assert lrs[99] == pytest.approx(1 / 40) and lrs[99] - 1 / 40 == pytest.approx(0)  # ... reaching zero
+    assert lrs[99] == pytest.approx(1 / 40) and P.lr_at(100, cfg) == 0.0             # ... reaching zero
 
 
 def test_phases_extend_context_inside_the_cooldown():
@@ -124,6 +124,8 @@ def test_corpus_too_small_for_the_sequence_length(tmp_path):
 def test_bad_flags_and_incompatible_resume(full_run, tmp_path):
     p = run(["--steps", "0"])
     assert p.returncode == 2 and "--steps must be >= 1" in p.stderr
+    p = run(["--clip", "-1"])
+    assert p.returncode == 2 and "--clip must be a positive number" in p.stderr
     p = run(["--preset", "gpt5"])
     assert p.returncode == 2 and "unknown" in p.stderr
     out, _ = full_run
@@ -133,18 +135,30 @@ def test_bad_flags_and_incompatible_resume(full_run, tmp_path):
     assert p.returncode == 2 and "no checkpoint" in p.stderr
 
 
-def test_full_disk_on_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["torch.save", "safetensors"])
+def test_full_disk_on_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failing):
+    """The real savers' errors: torch.save raises RuntimeError, safetensors raises SafetensorError."""
+    from safetensors import SafetensorError
+    import safetensors.torch
     tok = Tokenizer.train([open(os.path.join(ROOT, "model.py")).read()], 300)
     model = CommandA(ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                  num_attention_heads=2, num_key_value_heads=1, sliding_window=8))
     opt = torch.optim.AdamW(model.parameters())
     cfg = P.TrainConfig()
     P.save_checkpoint(str(tmp_path), model, opt, 3, {}, [1.0], cfg, "fp", tok, [])
+    (tmp_path / "checkpoint.old").mkdir()          # debris of a run killed mid-cleanup must not block saving
+    P.save_checkpoint(str(tmp_path), model, opt, 3, {}, [1.0], cfg, "fp", tok, [])
 
-    def full_disk(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(RuntimeError, match="No space left on device.*previous checkpoint .* is intact"):
+    def full_disk_torch(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file")
+
+    def full_disk_st(*a, **k):
+        raise SafetensorError("No space left on device (os error 28)")
+    if failing == "torch.save":
+        monkeypatch.setattr(torch, "save", full_disk_torch)
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", full_disk_st)
+    with pytest.raises(RuntimeError, match="could not write the checkpoint at step 4.*previous checkpoint .* is intact"):
         P.save_checkpoint(str(tmp_path), model, opt, 4, {}, [1.0], cfg, "fp", tok, [])
     monkeypatch.undo()
     state = torch.load(tmp_path / "checkpoint" / "train_state.pt", weights_only=True)
