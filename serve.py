@@ -52,7 +52,6 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from model import CommandA, ModelConfig, PRESETS, tune_malloc
 
@@ -1002,10 +1001,18 @@ if __name__ == "__main__":
     ap.add_argument("--max-tokens", type=int, default=512, help="default max new tokens per request")
     ap.add_argument("--temperature", type=float, default=0.3, help="sampling temperature for --chat")
     ap.add_argument("--model-name", default="command-a-local", help="model id reported by /v1/models")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice; 1 for --bench on CPU, see below)")
     ap.add_argument("--verbose", action="store_true", help="log every HTTP request")
     args = ap.parse_args()
     tune_malloc()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads is None and args.bench and device == "cpu":
+        # decode steps are ~1 ms of small matmuls: on a shared 2-core box a second OpenMP thread mostly
+        # spin-waits for the other one (measured 10x slower), so the benchmark pins one thread unless told
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.bench:
         if args.bench_prompt < 1 or args.bench_new < 2:
             ap.error("--bench-prompt must be >= 1 and --bench-new >= 2")
