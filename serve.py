@@ -978,11 +978,11 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
 # CLI
 
 
-def load(ckpt: str, device: str):
+def load(ckpt: str, device: str, fp8: bool = False):
     from tokenizer import Tokenizer
     # CUDA: bf16 weights (the report's inference precision); CPU: fp32, which is faster there at this size
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return CommandA.from_pretrained(ckpt, dtype=dtype, device=device), Tokenizer.load(ckpt)
+    return CommandA.from_pretrained(ckpt, dtype=dtype, device=device, fp8=fp8), Tokenizer.load(ckpt)
 
 
 if __name__ == "__main__":
@@ -1003,6 +1003,7 @@ if __name__ == "__main__":
     ap.add_argument("--model-name", default="command-a-local", help="model id reported by /v1/models")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice; 1 for --bench on CPU, see below)")
+    ap.add_argument("--fp8", action="store_true", help="FP8 matmuls (model.py's fp8_linear; real speed on Hopper)")
     ap.add_argument("--verbose", action="store_true", help="log every HTTP request")
     args = ap.parse_args()
     tune_malloc()
@@ -1021,7 +1022,7 @@ if __name__ == "__main__":
         sys.exit(0)
     if not args.ckpt:
         ap.error("--ckpt DIR is required (or use --bench)")
-    model, tok = load(args.ckpt, device)
+    model, tok = load(args.ckpt, device, args.fp8)
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len)
     if args.chat:
         chat_repl(engine, tok, args.max_tokens, args.temperature)

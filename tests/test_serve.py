@@ -339,8 +339,11 @@ class Scripted(torch.nn.Module):
     def __init__(self, cfg, script, eot, P=0, delay=0.0):
         super().__init__()
         self.config, self.script, self.eot, self.P, self.delay = cfg, script, eot, P, delay
+        self.fail = False
 
     def forward(self, input_ids, position_ids=None, cache=None):
+        if self.fail:
+            raise RuntimeError("simulated engine failure")
         cache.reserve(position_ids)
         B, T = input_ids.shape
         z = torch.zeros(B, self.config.num_key_value_heads, T, self.config.head_dim)
@@ -430,3 +433,60 @@ def test_chat_decoder_never_splits_utf8(tok):
         out += d
     out += dec.feed(None).get("response", "")
     assert out == "naïve 日本語 🙂 done"
+
+
+def test_engine_failure_ends_every_stream_and_server_recovers(chat_model, tok):
+    scripted = Scripted(chat_model.config, [ord("a")] * 50, tok.eot_id)
+    srv = serve(scripted, tok)
+    try:
+        scripted.fail = True
+        status, r = post(srv, "/v2/chat", {"messages": HI, "max_tokens": 5})
+        assert status == 500 and "simulated" in r["message"]
+        status, ev = post(srv, "/v2/chat", {"messages": HI, "max_tokens": 5, "stream": True})
+        assert ev[-1][0] == "message-end" and ev[-1][1]["delta"]["finish_reason"] == "ERROR"
+        status, ev = post(srv, "/v1/chat/completions", {"messages": HI, "max_tokens": 5, "stream": True})
+        assert ev[-1][1] == "[DONE]" and any("error" in d for _, d in ev[:-1])
+        scripted.fail = False
+        assert post(srv, "/v1/chat/completions", {"messages": HI, "max_tokens": 5})[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        srv.engine.stop()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI and benchmark
+
+
+def test_bench_reports_baselines_and_kv_bytes():
+    import serve
+    r = serve.bench(("micro",), batches=(1, 2), prompt_len=20, new_tokens=4, long_ctx=64)
+    methods = {row["method"] for row in r["rows"]}
+    assert methods == {"engine", "naive-recompute", "model.KVCache"}
+    assert all(row.get("same_tokens_as_engine", True) for row in r["rows"])
+    micro_kv = r["kv"][0]
+    assert micro_kv["allocated"] == micro_kv["formula"] < micro_kv["all_full"]
+
+
+@pytest.mark.slow
+def test_cli_serves_a_saved_checkpoint(tmp_path, chat_model, tok):
+    import signal
+    import subprocess
+    import sys
+    chat_model.save_pretrained(str(tmp_path))
+    tok.save(str(tmp_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", str(tmp_path), "--port", "0",
+                             "--max-len", "2048"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        host, port = line.split("http://")[1].split()[0].split(":")
+        assert host == "127.0.0.1"                    # loopback unless --host says otherwise
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", "/v2/chat", json.dumps({"messages": HI, "max_tokens": 4, "temperature": 0}))
+        r = json.loads(conn.getresponse().read())
+        assert r["message"]["content"][0]["text"] == solo_text(chat_model, tok, HI, 4)[0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert json.loads(out.strip().splitlines()[-1])["mode"] == "server"
