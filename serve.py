@@ -526,9 +526,11 @@ def _check_messages(msgs) -> list:
         if isinstance(content, list):  # content blocks: text (both APIs) or document (Cohere tool results)
             parts = []
             for b in content:
-                _need(isinstance(b, dict) and b.get("type") in ("text", "document"),
-                      f"messages[{i}].content blocks must be {{'type': 'text'|'document', ...}}")
-                parts.append(b.get("text", "") if b["type"] == "text" else b.get("document", {}).get("data", b))
+                ok = isinstance(b, dict) and ((b.get("type") == "text" and isinstance(b.get("text"), str)) or
+                                              (b.get("type") == "document" and isinstance(b.get("document"), dict)))
+                _need(ok, f"messages[{i}].content blocks must be {{'type': 'text', 'text': str}} or "
+                          f"{{'type': 'document', 'document': {{...}}}}")
+                parts.append(b["text"] if b["type"] == "text" else b["document"].get("data", b["document"]))
             content = parts if role == "tool" else "".join(str(p) for p in parts)
         _need(content is None or isinstance(content, (str, list)) or (role == "tool" and isinstance(content, dict)),
               f"messages[{i}].content must be a string or a list of content blocks")
@@ -542,7 +544,8 @@ def _check_messages(msgs) -> list:
                 _need(isinstance(fn, dict) and isinstance(fn.get("name"), str),
                       f"messages[{i}].tool_calls[{j}] needs function.name")
                 try:
-                    args = json.loads(fn.get("arguments") or "{}")
+                    args = fn.get("arguments") or "{}"
+                    args = args if isinstance(args, dict) else json.loads(args)
                 except (TypeError, ValueError):
                     raise BadRequest(f"messages[{i}].tool_calls[{j}].function.arguments is not a JSON string")
                 _need(isinstance(args, dict), f"messages[{i}].tool_calls[{j}] arguments must be a JSON object")
@@ -734,6 +737,12 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             self._error(e.status, str(e), api)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except Exception as e:  # a bug must cost one request a 500, not the connection thread a traceback
+            self.close_connection = True
+            try:
+                self._error(500, f"internal error: {e!r}", api)
+            except OSError:
+                pass
 
     def _chat(self, body: dict, api: str):
         srv, tok = self.server, self.server.tok

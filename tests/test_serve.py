@@ -311,6 +311,8 @@ BAD = [
     ({"messages": HI, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
      400),
     ({"messages": HI, "safety_mode": "OFF"}, 400), ({"messages": HI, "documents": "doc"}, 400),
+    ({"messages": [{"role": "user", "content": [{"type": "document", "document": 3}]}]}, 400),
+    ({"messages": HI + [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]}, 400),
 ]
 
 
@@ -490,3 +492,18 @@ def test_cli_serves_a_saved_checkpoint(tmp_path, chat_model, tok):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     assert json.loads(out.strip().splitlines()[-1])["mode"] == "server"
+
+
+def test_multi_turn_tool_use_in_api_shape_renders_like_the_tokenizer(server, tok):
+    api_msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "tool_plan": "I will look it up.", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "search", "arguments": '{"q": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": [{"type": "document", "document": {
+                    "data": {"text": "Sunny, 21C"}}}]}]
+    ours = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "thinking": "I will look it up.", "tool_calls": [
+                {"tool_call_id": "c1", "tool_name": "search", "parameters": {"q": "Paris"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": [{"text": "Sunny, 21C"}]}]
+    n = len(tok.render_chat(ours, tools=[t["function"] for t in TOOLS]))
+    status, r = post(server, "/v2/chat", {"messages": api_msgs, "tools": TOOLS, "max_tokens": 2, "safety_mode": "STRICT"})
+    assert status == 200 and r["usage"]["tokens"]["input_tokens"] == n
