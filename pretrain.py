@@ -497,6 +497,68 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
 # muP coordinate check
 
 
+def _byte_batches(steps, batch=8, T=128):
+    """Training batches of raw UTF-8 bytes (vocab 256) from the stdlib: the width studies need tokens, not a
+    tokenizer."""
+    text = "".join(d.text for d in D.stdlib_documents(max_bytes=400_000)).encode("utf-8")
+    n = steps * batch * (T + 1)
+    if len(text) < n:
+        text = text * (n // len(text) + 1)
+    return torch.tensor(list(text[:n]), dtype=torch.long).view(steps, batch, T + 1)
+
+
+def _width_model(width, mup, lr, seed=0, base=64):
+    """A 4-layer Command A of the given width (head_dim fixed at 32: muP grows heads) and its AdamW."""
+    torch.manual_seed(seed)
+    mcfg = ModelConfig(vocab_size=256, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=4,
+                       num_attention_heads=width // 32, num_key_value_heads=max(1, width // 64),
+                       sliding_window=32, mup_base_hidden_size=base if mup else None)
+    model = CommandA(mcfg)
+    opt = torch.optim.AdamW(param_groups(model, TrainConfig(weight_decay=0.0)), lr=lr, betas=(0.9, 0.95))
+    for g in opt.param_groups:
+        g["lr"] = lr * g["lr_mult"]
+    return model, opt
+
+
+def lr_sweep(path: str, widths=(64, 128, 256), lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1), steps=30, seed=0) -> dict:
+    """muP's promise (hyper-parameters transfer across width), checked directly: the training loss after
+    `steps` steps against the LR, one curve per width, under SP and muP. Under muP the best LR is the same at
+    every width; under SP it moves (usually down) as width grows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = _byte_batches(steps)
+    res = {}
+    for mode in ("SP", "muP"):
+        for w in widths:
+            for lr in lrs:
+                model, opt = _width_model(w, mode == "muP", lr, seed)
+                for s in range(steps):
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        loss = model(data[s, :, :-1], targets=data[s, :, 1:])
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                res[(mode, w, lr)] = loss.item()  # the same final batch for every run: comparable
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    best = {}
+    for ax, mode in zip(axes, ("SP", "muP")):
+        for w in widths:
+            ys = [min(res[(mode, w, lr)], 10.0) for lr in lrs]
+            ax.plot(lrs, ys, "o-", label=f"width {w}")
+            best[f"{mode}@{w}"] = lrs[int(np.nanargmin(ys))]
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"{mode}: loss after {steps} steps")
+        ax.legend()
+    axes[0].set_ylabel("training loss (bytes)")
+    fig.suptitle("muP LR transfer: the optimum should not move with width under muP")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"plot": path, "best_lr": best, "losses": {f"{m}@{w}@{lr:g}": round(v, 4) for (m, w, lr), v in res.items()}}
+
+
 def coord_check(path: str, widths=(64, 128, 256, 512), steps=5, lr=1e-2, seed=0) -> dict:
     """Train each width a few steps with standard parametrization (SP) and with muP (base width 64), and
     plot the mean |activation| of the embedding output, the last block's output and the logits against
@@ -505,20 +567,11 @@ def coord_check(path: str, widths=(64, 128, 256, 512), steps=5, lr=1e-2, seed=0)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    text = "".join(d.text for d in D.stdlib_documents(max_bytes=400_000))
-    data = torch.tensor(list(text.encode("utf-8")[: 8 * 129 * steps]), dtype=torch.long).view(steps, 8, 129)
+    data = _byte_batches(steps)
     results = {}
     for mode in ("SP", "muP"):
         for w in widths:
-            torch.manual_seed(seed)
-            mcfg = ModelConfig(vocab_size=256, hidden_size=w, intermediate_size=3 * w, num_hidden_layers=4,
-                               num_attention_heads=w // 32, num_key_value_heads=max(1, w // 64),
-                               sliding_window=32, mup_base_hidden_size=64 if mode == "muP" else None)
-            model = CommandA(mcfg)
-            groups = param_groups(model, TrainConfig(weight_decay=0.0))
-            opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_mult"]
+            model, opt = _width_model(w, mode == "muP", lr, seed)
             acts = {}
             hooks = [model.model.embed_tokens.register_forward_hook(lambda m, i, o: acts.__setitem__("embedding", o)),
                      model.model.layers[-1].register_forward_hook(lambda m, i, o: acts.__setitem__("last block", o))]
@@ -569,6 +622,7 @@ def main(argv=None):
     ap.add_argument("--out", default="out/tiny", help="output directory (HF checkpoint + tokenizer + plots)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
     ap.add_argument("--coord-check", metavar="PNG", help="run the muP coordinate check, write the plot, exit")
+    ap.add_argument("--lr-sweep", metavar="PNG", help="muP LR transfer: loss vs LR at 3 widths, SP and muP; exit")
     d = TrainConfig()
     for f, helptext in [("preset", "model preset"), ("vocab_size", "BPE vocabulary size"),
                         ("corpus_mb", "MB of stdlib text in the default corpus"),
@@ -591,8 +645,8 @@ def main(argv=None):
                     help="cooldown context stages as 'mult:share,...' (default 1:0.5,4:0.3,8:0.2)")
     args = ap.parse_args(argv)
     tune_malloc()
-    if args.coord_check:
-        res = coord_check(args.coord_check)
+    if args.coord_check or args.lr_sweep:
+        res = coord_check(args.coord_check) if args.coord_check else lr_sweep(args.lr_sweep)
         print(json.dumps(res))
         return res
     values = dict(TINY) if args.tiny else {}

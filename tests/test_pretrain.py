@@ -187,3 +187,10 @@ def test_fp8_flag_trains_end_to_end(tmp_path):
                        "--out", str(tmp_path)]))
     assert all(map(math.isfinite, res["losses"])) and res["losses"][-1] < res["losses"][0]
     assert CommandA.from_pretrained(tmp_path).config.fp8 is False  # fp8 is a runtime switch, not a checkpoint field
+
+
+def test_lr_sweep_mup_curves_coincide_across_widths_sp_curves_do_not(tmp_path):
+    res = P.lr_sweep(str(tmp_path / "sweep.png"), widths=(64, 256), lrs=(1e-3, 3e-3), steps=10)
+    L = res["losses"]
+    gap = {m: max(abs(L[f"{m}@64@{lr:g}"] - L[f"{m}@256@{lr:g}"]) for lr in (1e-3, 3e-3)) for m in ("SP", "muP")}
+    assert gap["muP"] < 0.1 < gap["SP"] and (tmp_path / "sweep.png").exists()
