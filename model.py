@@ -540,10 +540,12 @@ class CommandA(nn.Module):
                                         self.config.sliding_window if kind == "sliding" else None)
                 for kind in LAYER_KINDS}
 
-    def forward(self, input_ids, targets=None, position_ids=None, doc_ids=None, cache=None):
+    def forward(self, input_ids, targets=None, position_ids=None, doc_ids=None, cache=None, logits_index=None):
         """input_ids (B, T). Packed rows: pass doc_ids (B, T) and/or position_ids restarting per document.
         With a cache: position_ids are the absolute positions of the new tokens (default: continue).
-        Returns logits (B, T, V) in fp32, or the mean next-token loss over targets != -100 if targets given."""
+        Returns logits (B, T, V) in fp32, or the mean next-token loss over targets != -100 if targets given.
+        logits_index (B,): only that position's logits per row, (B, 1, V) -- a prefill needs just the last
+        prompt token, and B x T x V fp32 logits would dominate its memory at V = 256K."""
         cfg = self.config
         B, T = input_ids.shape
         device = input_ids.device
@@ -564,6 +566,8 @@ class CommandA(nn.Module):
         masks = self._masks(B, T, device, position_ids, doc_ids, cache)
         for layer in self.model.layers:
             h = layer(h, rope, masks[layer.self_attn.kind], cache)
+        if logits_index is not None:
+            h = h[torch.arange(B, device=device), logits_index][:, None]   # (B, 1, H)
         h = self.model.norm(h)
         # tied output embedding; muP's output multiplier 1/m rides on the logit scale
         logits = F.linear(h, self.lm_head_weight).float() * (cfg.logit_scale / cfg.width_mult)

@@ -31,9 +31,8 @@ small ~50 / 240 / 510; at batch 1 the engine is 4.2x (tiny) and 6.7x (small) fas
 naive recompute-everything loop on the same weights, with identical tokens. KV bytes (bf16) for small at
 32K tokens: 32.8 MiB allocated = the formula, vs 128 MiB if every layer kept everything.
 
-Limits: model.py returns logits for every prompt position, so a prefill holds B x T x V fp32 logits; the
-prefill token budget shrinks with V to keep that near 2 GiB (~2K tokens at Command A's V = 256K), where a
-"last position only" option in model.py would remove the cost. The CUDA path (bf16 / --fp8 weights) is written but untested here, and
+Prefill asks model.py for the last prompt token's logits only (logits_index), so its memory does not grow
+with B x T x V. Limits: the CUDA path (bf16 / --fp8 weights) is written but untested here, and
 there is no torch.compile / CUDA-graph decode yet.
 
 References: karpathy/nanochat (engine.py: KV cache + per-row state), pytorch-labs/gpt-fast (static cache,
@@ -240,8 +239,8 @@ class Engine:
         p = next(model.parameters(), None)
         self.device = p.device if p is not None else torch.device("cpu")
         self.max_len = max_len or min(self.cfg.max_position_embeddings, 4096)
-        # a prefill materializes B x T x V fp32 logits (model.py returns all positions): cap them near 2 GiB
-        self.prefill_tokens = prefill_tokens or max(1, min(8192, (1 << 31) // (4 * self.cfg.vocab_size)))
+        # padded prompt tokens per prefill: bounds activation and mask memory (logits are last-token only)
+        self.prefill_tokens = prefill_tokens or 4096
         self.max_batch = max_batch
         self.cache = WindowKVCache(self.cfg, max_batch, self.max_len, self.device,
                                    cache_dtype or (p.dtype if p is not None else torch.float32))
@@ -321,8 +320,8 @@ class Engine:
         self.stats["prefills"] += 1
         dev = self.device
         self.cache.begin(n0, n0 + B, valid.to(dev))
-        logits = self.model(ids.to(dev), position_ids=pos.to(dev), cache=self.cache)
-        last = logits[torch.arange(B, device=dev), valid.sum(1).to(dev) - 1]    # (B, V) at each last token
+        last = self.model(ids.to(dev), position_ids=pos.to(dev), cache=self.cache,
+                          logits_index=valid.sum(1).to(dev) - 1)[:, 0]        # (B, V) at each last prompt token
         self._emit(new, self._sample(last, new))
 
     def _decode(self):

@@ -502,3 +502,11 @@ def test_fp8_scaled_mm_on_cuda():
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
     assert rel(y, x.detach() @ w.detach().T) < 0.06
     assert rel(x.grad, g @ w.detach()) < 0.10 and rel(w.grad, g.T @ x.detach()) < 0.10
+
+
+def test_logits_index_returns_only_the_requested_positions():
+    m = make()
+    ids = torch.randint(0, 97, (3, 9))
+    idx = torch.tensor([8, 2, 5])
+    full = m(ids)
+    torch.testing.assert_close(m(ids, logits_index=idx)[:, 0], full[torch.arange(3), idx])

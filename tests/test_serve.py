@@ -343,7 +343,7 @@ class Scripted(torch.nn.Module):
         self.config, self.script, self.eot, self.P, self.delay = cfg, script, eot, P, delay
         self.fail = False
 
-    def forward(self, input_ids, position_ids=None, cache=None):
+    def forward(self, input_ids, position_ids=None, cache=None, logits_index=None):
         if self.fail:
             raise RuntimeError("simulated engine failure")
         cache.reserve(position_ids)
@@ -354,7 +354,8 @@ class Scripted(torch.nn.Module):
         time.sleep(self.delay)
         script = torch.tensor(self.script + [self.eot])
         nxt = script[(position_ids - self.P + 1).clamp(0, len(self.script))]
-        return torch.zeros(B, T, self.config.vocab_size).scatter_(2, nxt[..., None], 1e4)  # certain even when sampled
+        logits = torch.zeros(B, T, self.config.vocab_size).scatter_(2, nxt[..., None], 1e4)  # certain when sampled
+        return logits if logits_index is None else logits[torch.arange(B), logits_index][:, None]
 
 
 DOCS = [{"id": "grass", "data": {"text": "Grass is green."}}, {"id": "sky", "data": {"text": "The sky is blue."}}]
