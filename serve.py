@@ -234,8 +234,12 @@ class Engine:
     background thread and submit() from many threads (the HTTP server does that)."""
 
     def __init__(self, model: CommandA, tokenizer=None, max_batch: int = 32, max_len: int | None = None,
-                 prefill_tokens: int | None = None, cache_dtype: torch.dtype | None = None):
+                 prefill_tokens: int | None = None, cache_dtype: torch.dtype | None = None, compile: bool = False):
         self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, model.config
+        # torch.compile fuses the many small decode-step kernels (norm, RoPE, SwiGLU, sampling-free logits).
+        # dynamic=True: batch size and cache length change every step, so shapes must not specialize.
+        # The cache's Python bookkeeping stays eager (a graph break), which is where it belongs.
+        self.forward = torch.compile(self.model, dynamic=True) if compile else self.model
         p = next(model.parameters(), None)
         self.device = p.device if p is not None else torch.device("cpu")
         self.max_len = max_len or min(self.cfg.max_position_embeddings, 4096)
@@ -320,7 +324,7 @@ class Engine:
         self.stats["prefills"] += 1
         dev = self.device
         self.cache.begin(n0, n0 + B, valid.to(dev))
-        last = self.model(ids.to(dev), position_ids=pos.to(dev), cache=self.cache,
+        last = self.forward(ids.to(dev), position_ids=pos.to(dev), cache=self.cache,
                           logits_index=valid.sum(1).to(dev) - 1)[:, 0]        # (B, V) at each last prompt token
         self._emit(new, self._sample(last, new))
 
@@ -329,7 +333,7 @@ class Engine:
         ids = torch.tensor([[r.out[-1]] for r in self.active], device=dev)
         pos = torch.tensor([[len(r.prompt) + len(r.out) - 1] for r in self.active], device=dev)
         self.cache.begin(0, B)
-        logits = self.model(ids, position_ids=pos, cache=self.cache)[:, -1]
+        logits = self.forward(ids, position_ids=pos, cache=self.cache)[:, -1]
         self._emit(self.active, self._sample(logits, self.active))
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
@@ -938,28 +942,43 @@ def naive_generate(model, prompts: torch.Tensor, n: int, cache: bool = False) ->
     return torch.cat(out, dim=1)
 
 
-def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tokens=64, long_ctx=131072):
+def _bench_engine(name, method, engine, vocab, batches, prompt_len, new_tokens):
+    """TTFT (the whole batch's prefill) and decode tok/s of one engine at each batch size."""
+    rows, t0 = [], time.perf_counter()
+    for B in batches:                                   # warm-up (and, with compile, compilation) per batch size
+        engine.generate([[1] * prompt_len] * B, 4, stop_tokens=[])
+    if method != "engine":
+        print(f"{name:6s} {method}: warm-up incl. compilation {time.perf_counter() - t0:.1f} s")
+    for B in batches:
+        prompts = torch.randint(0, vocab, (B, prompt_len), generator=torch.Generator().manual_seed(B))
+        reqs = [engine.submit(p, new_tokens, stop_tokens=[]) for p in prompts.tolist()]
+        t0 = time.perf_counter()
+        while not all(r.done.is_set() for r in reqs):
+            engine.step()
+        t1 = time.perf_counter()
+        ttft = max(r.t_first for r in reqs) - t0
+        tok_s = B * (new_tokens - 1) / (t1 - max(r.t_first for r in reqs))
+        rows.append({"preset": name, "method": method, "batch": B, "ttft_s": round(ttft, 4),
+                     "decode_tok_s": round(tok_s, 1), "total_tok_s": round(B * new_tokens / (t1 - t0), 1)})
+        print(f"{name:6s} {method:14s} B={B:3d}  TTFT {1000 * ttft:8.1f} ms  decode {tok_s:9.1f} tok/s  "
+              f"end-to-end {B * new_tokens / (t1 - t0):9.1f} tok/s")
+    return rows
+
+
+def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tokens=64, long_ctx=131072,
+          compile=False):
     rows, kv_rows = [], []
     for name in presets:
         cfg = PRESETS[name]
         torch.manual_seed(0)
         model = CommandA(cfg).eval()
-        engine = Engine(model, max_batch=max(batches), max_len=prompt_len + new_tokens)
-        engine.generate([[1] * 8], 4, stop_tokens=[])           # warm-up
-        for B in batches:
-            prompts = torch.randint(0, cfg.vocab_size, (B, prompt_len))
-            reqs = [engine.submit(p, new_tokens, stop_tokens=[]) for p in prompts.tolist()]
-            t0 = time.perf_counter()
-            while not all(r.done.is_set() for r in reqs):
-                engine.step()
-            t1 = time.perf_counter()
-            ttft = max(r.t_first for r in reqs) - t0                  # the whole batch's prefill
-            dec_s = t1 - max(r.t_first for r in reqs)
-            tok_s = B * (new_tokens - 1) / dec_s
-            rows.append({"preset": name, "method": "engine", "batch": B, "ttft_s": round(ttft, 4),
-                         "decode_tok_s": round(tok_s, 1), "total_tok_s": round(B * new_tokens / (t1 - t0), 1)})
-            print(f"{name:6s} engine        B={B:3d}  TTFT {1000 * ttft:8.1f} ms  decode {tok_s:9.1f} tok/s  "
-                  f"end-to-end {B * new_tokens / (t1 - t0):9.1f} tok/s")
+        engines = [("engine", Engine(model, max_batch=max(batches), max_len=prompt_len + new_tokens))]
+        if compile:
+            engines.append(("engine+compile", Engine(model, max_batch=max(batches),
+                                                     max_len=prompt_len + new_tokens, compile=True)))
+        for method, engine in engines:
+            rows += _bench_engine(name, method, engine, cfg.vocab_size, batches, prompt_len, new_tokens)
+        engine = engines[0][1]
         # baselines, batch 1, same prompt length and new tokens, greedy; must agree with the engine's tokens
         p = torch.randint(0, cfg.vocab_size, (1, prompt_len))
         ref = engine.generate(p.tolist(), new_tokens, stop_tokens=[])[0]
@@ -1025,6 +1044,8 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice; 1 for --bench on CPU, see below)")
     ap.add_argument("--fp8", action="store_true", help="FP8 matmuls (model.py's fp8_linear; real speed on Hopper)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the model (slow first requests while it compiles; with --bench: extra rows)")
     ap.add_argument("--verbose", action="store_true", help="log every HTTP request")
     args = ap.parse_args()
     tune_malloc()
@@ -1038,13 +1059,14 @@ if __name__ == "__main__":
     if args.bench:
         if args.bench_prompt < 1 or args.bench_new < 2:
             ap.error("--bench-prompt must be >= 1 and --bench-new >= 2")
-        result = bench(tuple(args.bench_presets.split(",")), prompt_len=args.bench_prompt, new_tokens=args.bench_new)
+        result = bench(tuple(args.bench_presets.split(",")), prompt_len=args.bench_prompt, new_tokens=args.bench_new,
+                       compile=args.compile)
         print(json.dumps(result))
         sys.exit(0)
     if not args.ckpt:
         ap.error("--ckpt DIR is required (or use --bench)")
     model, tok = load(args.ckpt, device, args.fp8)
-    engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len)
+    engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile)
     if args.chat:
         chat_repl(engine, tok, args.max_tokens, args.temperature)
         print(json.dumps({"mode": "chat", **engine.stats}))

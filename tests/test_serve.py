@@ -80,6 +80,14 @@ def test_greedy_equals_uncached_argmax(model, lengths):
     assert engine.stats["max_active"] == min(3, len(lengths))
 
 
+@pytest.mark.slow
+def test_compiled_engine_gives_the_same_greedy_tokens(model):
+    """torch.compile(dynamic=True) over the changing batch and cache shapes: same tokens as eager."""
+    prompts = prompts_of((3, 12, 7))
+    eager = Engine(model, max_batch=2, max_len=64).generate(prompts, 10)
+    assert Engine(model, max_batch=2, max_len=64, compile=True).generate(prompts, 10) == eager
+
+
 @torch.no_grad()
 def test_chunked_prefill_wraps_ring_and_matches_uncached_logits(model):
     # chunks longer than W after the ring is full exercise the concat(old ring, chunk) path
