@@ -54,6 +54,7 @@ import queue
 import random
 import re
 import select
+import shutil
 import socket
 import sys
 import threading
@@ -965,6 +966,26 @@ def _bench_engine(name, method, engine, vocab, batches, prompt_len, new_tokens):
     return rows
 
 
+def _hf_generate(model):
+    """transformers' Cohere2ForCausalLM.generate (greedy, its own KV cache) on the same weights, or None when
+    transformers is not installed (it is a test-only dependency). Returns gen(ids, n) -> new tokens."""
+    try:
+        import tempfile
+        import transformers
+    except ImportError:
+        return None
+    d = tempfile.mkdtemp()
+    model.save_pretrained(d)
+    hf = transformers.Cohere2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    shutil.rmtree(d, ignore_errors=True)
+
+    def gen(ids, n):
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False)
+        return out[:, ids.shape[1]:]
+    return gen
+
+
 def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tokens=64, long_ctx=131072,
           compile=False):
     rows, kv_rows = [], []
@@ -982,19 +1003,28 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
         # baselines, batch 1, same prompt length and new tokens, greedy; must agree with the engine's tokens
         p = torch.randint(0, cfg.vocab_size, (1, prompt_len))
         ref = engine.generate(p.tolist(), new_tokens, stop_tokens=[])[0]
-        for method, use_cache in (("naive-recompute", False), ("model.KVCache", True)):
-            naive_generate(model, p[:, :8], 2, use_cache)
+        for method, use_cache in (("naive-recompute", False), ("model.KVCache", True), ("hf-generate", None)):
+            if use_cache is None:
+                gen = _hf_generate(model)   # the issue's yardstick; only when transformers is installed
+                if gen is None:
+                    continue
+            else:
+                gen = lambda x, n, c=use_cache: naive_generate(model, x, n, c)
+            gen(p[:, :8], 2)
             t0 = time.perf_counter()
-            out = naive_generate(model, p, new_tokens, use_cache)
+            out = gen(p, new_tokens)
             dt = time.perf_counter() - t0
             rows.append({"preset": name, "method": method, "batch": 1, "total_tok_s": round(new_tokens / dt, 1),
                          "same_tokens_as_engine": out[0].tolist() == ref})
             print(f"{name:6s} {method:15s} B=  1  end-to-end {new_tokens / dt:9.1f} tok/s  "
                   f"(same tokens as engine: {out[0].tolist() == ref})")
-        eng1 = next(r for r in rows if r["preset"] == name and r["method"] == "engine" and r["batch"] == 1)
-        naive1 = next(r for r in rows if r["preset"] == name and r["method"] == "naive-recompute")
-        print(f"{name:6s} speed-up at batch 1 vs naive recompute (end-to-end): "
-              f"{eng1['total_tok_s'] / naive1['total_tok_s']:.1f}x")
+        for method in [m for m, _ in engines]:
+            eng1 = next(r for r in rows if r["preset"] == name and r["method"] == method and r["batch"] == 1)
+            for base in ("naive-recompute", "hf-generate"):
+                b1 = next((r for r in rows if r["preset"] == name and r["method"] == base), None)
+                if b1:
+                    print(f"{name:6s} {method} speed-up at batch 1 vs {base} (end-to-end): "
+                          f"{eng1['total_tok_s'] / b1['total_tok_s']:.1f}x")
         # KV bytes: a real cache for one long sequence (bf16) vs the formula and vs an all-full-attention cache
         T = min(long_ctx, 32768)
         c = WindowKVCache(cfg, 1, T, dtype=torch.bfloat16)
