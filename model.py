@@ -694,9 +694,13 @@ def _dump_json(obj, p):
 
 
 def _atomic_write(final_path: str, write_fn):
+    """temp file -> fsync -> rename: a kill leaves the old file or the new one, and after a power loss the
+    renamed file's bytes are on disk (rename alone orders nothing with the data)."""
     tmp = final_path + ".tmp"
     try:
         write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, final_path)
     finally:
         if os.path.exists(tmp):

@@ -248,6 +248,9 @@ def save_checkpoint(out, model, opt, step, loaders, losses, cfg, fingerprint, to
                                      "python_rng": _rng_to_json(random.getstate()),
                                      "numpy_rng": _rng_to_json(np.random.get_state())})}
         torch.save(state, os.path.join(tmp, "train_state.pt"))
+        for name in os.listdir(tmp):                  # everything on disk before the swap makes it visible
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
         if os.path.exists(ckpt):
             shutil.rmtree(old, ignore_errors=True)  # a run killed mid-cleanup may have left one behind
             os.replace(ckpt, old)

@@ -350,7 +350,10 @@ class Tokenizer:
 
 def _write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")   # same directory, so os.replace is atomic
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, ensure_ascii=False, indent=1))
+        f.flush()
+        os.fsync(f.fileno())                                    # the bytes reach the disk before the rename
     os.replace(tmp, path)
 
 
