@@ -187,8 +187,13 @@ def prepare_data(cfg: TrainConfig, out: str, tok: Tokenizer | None, verbose=True
     else:
         tok_seconds = 0.0
 
-    def encode(text):
-        return tok.encode(text)
+    memo = {}
+
+    def encode(text):  # the mixes repeat documents (up-weighting, cooldown, long stages): encode each once
+        ids = memo.get(text)
+        if ids is None:
+            ids = memo[text] = tok.encode(text)
+        return ids
     bos = tok.bos_id
     packed = {}
     main_tokens = D.tokenize_documents(D.pretrain_mix(train_docs, cfg.seed), encode, bos)
