@@ -64,8 +64,9 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from model import CommandA, ModelConfig, PRESETS, tune_malloc
+from model import CommandA, ModelConfig, PRESETS, apply_rope, rope_cos_sin, tune_malloc
 
 # ----------------------------------------------------------------------------------------------------------
 # The window-aware KV cache
@@ -179,6 +180,102 @@ class WindowKVCache:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The decode step, fused: what the parallel block buys at serving time
+
+
+class FusedDecode:
+    """One decode step (one new token per live sequence) straight on the WindowKVCache, with the parallel
+    block's two fusions (the report's reason for the parallel block is throughput, and this is where it shows):
+
+      - q, k, v, gate and up all read the SAME LayerNorm output, so they are one matmul: x @ W_in,
+        W_in = [Wq; Wk; Wv; Wgate; Wup]^T  (H x (nh*dh + 2*nkv*dh + 2*I)).
+      - attention's o_proj and the MLP's down_proj both write into the same residual, so they are one matmul
+        too, with the residual add folded in: h = addmm(h, [attn, silu(gate)*up], [Wo^T; Wdown^T]).
+
+    Two matmuls per layer instead of seven, about a dozen kernels per layer instead of ~70 through the generic
+    forward (its mask building and cache bookkeeping are per-chunk work a decode step doesn't need). Weights
+    are stored K x N contiguous, the layout in which a 1-row matmul is fastest on CPU (measured 2-3x over
+    F.linear's N x K for fp32 at N >= 3584). The math is model.py's: its LayerNorm numerics (fp32), its RoPE
+    functions, SDPA with GQA, tied logits times logit_scale; tests check it against the uncached model.
+
+    The fused weights are a copy (one more model's worth of memory, so Engine uses this only below a size
+    budget) rebuilt whenever a parameter changes in place (tensor._version), so an Engine sampling from a
+    policy that is being trained (posttrain.py) never decodes with stale weights."""
+
+    def __init__(self, model: CommandA):
+        self.model, self.cfg = model, model.config
+        self._params = list(model.parameters())     # walking the module tree each step costs ~0.4 ms
+        self._versions = None
+        self.refresh()
+
+    def _version_key(self):
+        return tuple(p._version for p in self._params)
+
+    @torch.no_grad()
+    def refresh(self):
+        """(Re)build the fused weights if any parameter changed since the last build."""
+        key = self._version_key()
+        if key == self._versions:
+            return
+        self.layers = []
+        for layer in self.model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            w_in = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight,
+                              m.up_proj.weight]).t().contiguous()
+            w_out = torch.cat([a.o_proj.weight, m.down_proj.weight], dim=1).t().contiguous()
+            self.layers.append((layer.input_layernorm.weight.float(), w_in, w_out, a.kind))
+        self.norm_w = self.model.model.norm.weight.float()
+        self.embed = self.model.model.embed_tokens.weight
+        self.lm_head = self.embed.t().contiguous()                       # tied: (H, V)
+        self._versions = key
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: "WindowKVCache") -> torch.Tensor:
+        """ids, pos: (B,) for cache rows 0..B-1. Writes each new k/v into its slot and returns (B, V) fp32."""
+        cfg = self.cfg
+        B = ids.shape[0]
+        nh, nkv, dh, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+        nq, nk = nh * dh, nkv * dh
+        rows = torch.arange(B, device=ids.device)
+        ring_slot = pos % cache.ring
+        # bookkeeping once per step (not per layer): which position each slot now holds
+        cache.pos["sliding"][rows, ring_slot] = pos
+        cache.pos["full"][rows, pos] = pos
+        cache.length[:B] = pos + 1
+        S = int(pos.max()) + 1                                           # full layers attend over 0..S-1
+        # a mask only where some row holds empty slots (short prompts, mixed lengths); None = attend to all
+        masks = {}
+        for kind, held in (("sliding", cache.pos["sliding"][:B]), ("full", cache.pos["full"][:B, :S])):
+            ok = held >= 0
+            masks[kind] = None if bool(ok.all()) else ok[:, None, None, :]
+        dtype = self.embed.dtype
+        cos, sin = rope_cos_sin(pos[:, None], dh, cfg.rope_theta, dtype)  # (B, 1, 1, dh)
+        h = F.embedding(ids, self.embed)                                  # (B, H)
+        for i, (ln_w, w_in, w_out, kind) in enumerate(self.layers):
+            n = F.layer_norm(h.float(), (cfg.hidden_size,), ln_w, None, cfg.layer_norm_eps).to(dtype)
+            y = n @ w_in                                                  # (B, nq + 2 nk + 2 I)
+            qk = y[:, :nq + nk].view(B, nh + nkv, 1, dh)
+            if kind == "sliding":                                         # RoPE on q and k at once; NoPE on full
+                qk = apply_rope(qk, cos, sin)
+            q, k = qk[:, :nh], qk[:, nh:]
+            v = y[:, nq + nk:nq + 2 * nk].view(B, nkv, 1, dh)
+            K, V = cache.k[i], cache.v[i]
+            slot = ring_slot if kind == "sliding" else pos
+            K[rows, :, slot] = k[:, :, 0].to(K.dtype)
+            V[rows, :, slot] = v[:, :, 0].to(V.dtype)
+            if kind == "sliding":
+                K, V = K[:B], V[:B]
+            else:
+                K, V = K[:B, :, :S], V[:B, :, :S]
+            attn = F.scaled_dot_product_attention(q, K.to(dtype), V.to(dtype), attn_mask=masks[kind],
+                                                  enable_gqa=nkv != nh)  # (B, nh, 1, dh)
+            g, u = y[:, nq + 2 * nk:nq + 2 * nk + I], y[:, nq + 2 * nk + I:]
+            z = torch.cat([attn.reshape(B, nq), F.silu(g) * u], dim=1)   # [attn, swiglu] feeds [Wo^T; Wdown^T]
+            h = torch.addmm(h, z, w_out)                                  # h + o_proj(attn) + down_proj(mlp)
+        n = F.layer_norm(h.float(), (cfg.hidden_size,), self.norm_w, None, cfg.layer_norm_eps).to(dtype)
+        return (n @ self.lm_head).float() * (cfg.logit_scale / cfg.width_mult)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Sampling
 
 
@@ -236,8 +333,17 @@ class Engine:
     background thread and submit() from many threads (the HTTP server does that)."""
 
     def __init__(self, model: CommandA, tokenizer=None, max_batch: int = 32, max_len: int | None = None,
-                 prefill_tokens: int | None = None, cache_dtype: torch.dtype | None = None, compile: bool = False):
+                 prefill_tokens: int | None = None, cache_dtype: torch.dtype | None = None, compile: bool = False,
+                 fused: bool | None = None):
         self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, model.config
+        # decode steps through FusedDecode (see above): on by default while its copy of the weights is small
+        # (<= 2 GiB); FP8 weights keep model.py's fp8_linear path
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if fused is None:
+            fused = isinstance(model, CommandA) and weight_bytes <= 2 * 2**30 and not self.cfg.fp8
+        if fused and self.cfg.fp8:
+            raise ValueError("fused decode has no FP8 path: use fused=False with fp8 weights")
+        self.fused = FusedDecode(model) if fused else None
         # torch.compile fuses the many small decode-step kernels (norm, RoPE, SwiGLU, sampling-free logits).
         # dynamic=True: batch size and cache length change every step, so shapes must not specialize.
         # The cache's Python bookkeeping stays eager (a graph break), which is where it belongs.
@@ -332,10 +438,14 @@ class Engine:
 
     def _decode(self):
         B, dev = len(self.active), self.device
-        ids = torch.tensor([[r.out[-1]] for r in self.active], device=dev)
-        pos = torch.tensor([[len(r.prompt) + len(r.out) - 1] for r in self.active], device=dev)
-        self.cache.begin(0, B)
-        logits = self.forward(ids, position_ids=pos, cache=self.cache)[:, -1]
+        ids = torch.tensor([r.out[-1] for r in self.active], device=dev)
+        pos = torch.tensor([len(r.prompt) + len(r.out) - 1 for r in self.active], device=dev)
+        if self.fused is not None:
+            self.fused.refresh()                        # no-op unless the weights changed (a policy in training)
+            logits = self.fused(ids, pos, self.cache)
+        else:
+            self.cache.begin(0, B)
+            logits = self.forward(ids[:, None], position_ids=pos[:, None], cache=self.cache)[:, -1]
         self._emit(self.active, self._sample(logits, self.active))
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
@@ -949,7 +1059,7 @@ def _bench_engine(name, method, engine, vocab, batches, prompt_len, new_tokens):
     rows, t0 = [], time.perf_counter()
     for B in batches:                                   # warm-up (and, with compile, compilation) per batch size
         engine.generate([[1] * prompt_len] * B, 4, stop_tokens=[])
-    if method != "engine":
+    if "compile" in method:
         print(f"{name:6s} {method}: warm-up incl. compilation {time.perf_counter() - t0:.1f} s")
     for B in batches:
         prompts = torch.randint(0, vocab, (B, prompt_len), generator=torch.Generator().manual_seed(B))
@@ -994,10 +1104,13 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
         cfg = PRESETS[name]
         torch.manual_seed(0)
         model = CommandA(cfg).eval()
-        engines = [("engine", Engine(model, max_batch=max(batches), max_len=prompt_len + new_tokens))]
-        if compile:
-            engines.append(("engine+compile", Engine(model, max_batch=max(batches),
-                                                     max_len=prompt_len + new_tokens, compile=True)))
+        L = prompt_len + new_tokens
+        engines = [("engine", Engine(model, max_batch=max(batches), max_len=L, fused=True)),
+                   # the same engine decoding through model.py's generic forward: what FusedDecode buys
+                   ("engine-unfused", Engine(model, max_batch=max(batches), max_len=L, fused=False))]
+        if compile:   # torch.compile of the generic forward (prefill and unfused decode)
+            engines.append(("engine+compile", Engine(model, max_batch=max(batches), max_len=L, compile=True,
+                                                     fused=False)))
         for method, engine in engines:
             rows += _bench_engine(name, method, engine, cfg.vocab_size, batches, prompt_len, new_tokens)
         engine = engines[0][1]
@@ -1021,7 +1134,7 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
                   f"(same tokens as engine: {out[0].tolist() == ref})")
         for method in [m for m, _ in engines]:
             eng1 = next(r for r in rows if r["preset"] == name and r["method"] == method and r["batch"] == 1)
-            for base in ("naive-recompute", "hf-generate"):
+            for base in ("naive-recompute", "model.KVCache", "hf-generate"):
                 b1 = next((r for r in rows if r["preset"] == name and r["method"] == base), None)
                 if b1:
                     print(f"{name:6s} {method} speed-up at batch 1 vs {base} (end-to-end): "

@@ -69,15 +69,42 @@ def prompts_of(lengths, seed=1):
 # Engine
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-decode", "model-forward-decode"])
 @pytest.mark.parametrize("lengths", [(3,), (12,), (1, 4, 5, 6, 13, 21)], ids=["short", "longer-than-W", "mixed"])
-def test_greedy_equals_uncached_argmax(model, lengths):
+def test_greedy_equals_uncached_argmax(model, lengths, fused):
     # max_batch=3 < 6 prompts: later prompts join while the first ones decode (continuous batching)
-    engine = Engine(model, max_batch=3, max_len=64)
+    engine = Engine(model, max_batch=3, max_len=64, fused=fused)
+    assert (engine.fused is not None) == fused
     prompts = prompts_of(lengths)
     got = engine.generate(prompts, 14)
     for p, g in zip(prompts, got):
         assert g == argmax_decode(model, p, 14), f"prompt of {len(p)} tokens (W={W})"
     assert engine.stats["max_active"] == min(3, len(lengths))
+
+
+@torch.no_grad()
+def test_fused_decode_logits_match_the_model_and_follow_weight_updates():
+    """FusedDecode's logits for a mixed batch (one row past W, one short) equal model.py's cached forward; after
+    an in-place weight update (an optimizer step in posttrain.py) it decodes with the new weights, not a stale
+    copy of the old ones."""
+    model = make(seed=3)
+    prompts = prompts_of([13, 3], seed=4)
+    for step in range(2):
+        outs = []
+        for fused in (True, False):
+            engine = Engine(model, max_batch=2, max_len=64, fused=fused)
+            logits = []
+            engine._sample = lambda lg, reqs, keep=logits: (keep.append(lg.clone()), lg.argmax(-1).tolist())[1]
+            engine.generate(prompts, 6, stop_tokens=[])
+            outs.append(logits)
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        engine = Engine(model, max_batch=2, max_len=64)            # built before the update below
+        before = engine.generate(prompts, 6)
+        for p in model.parameters():
+            p.mul_(1.1)                                            # in place: bumps tensor._version
+        after = engine.generate(prompts, 6)
+        assert after == [argmax_decode(model, p, 6) for p in prompts] and after != before
 
 
 @pytest.mark.slow
@@ -478,7 +505,7 @@ def test_bench_reports_baselines_and_kv_bytes():
         hf = {"hf-generate"}
     except ImportError:
         hf = set()
-    assert methods == {"engine", "naive-recompute", "model.KVCache"} | hf
+    assert methods == {"engine", "engine-unfused", "naive-recompute", "model.KVCache"} | hf
     assert all(row.get("same_tokens_as_engine", True) for row in r["rows"])
     micro_kv = r["kv"][0]
     assert micro_kv["allocated"] == micro_kv["formula"] < micro_kv["all_full"]
