@@ -1,0 +1,419 @@
+"""tasks.py: every verifier accepts its reference and rejects planted wrong answers, the sandbox contains
+hostile code, splits are disjoint and generation deterministic, the ReAct loop survives malformed calls,
+evaluate / pairwise end to end (oracle engine), and the CLI on a micro checkpoint."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import tasks as T
+from tasks import SUITES, Example, SandboxConfig, assistant_text, run_sandboxed
+from tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ex_of(suite, pred, n=200, difficulty=1, split="test"):
+    """The first generated example of `suite` whose check satisfies pred."""
+    for ex in SUITES[suite].generate(0, n, split, difficulty=difficulty):
+        if pred(ex.check):
+            return ex
+    raise AssertionError(f"no {suite} example matches")
+
+
+def score(ex, text):
+    return SUITES[ex.suite].score(ex, text)
+
+
+def resp(text):
+    return f"<|START_RESPONSE|>{text}<|END_RESPONSE|>"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [open(os.path.join(ROOT, f), encoding="utf-8").read() for f in ("tokenizer.py", "tasks.py")]
+    return Tokenizer.train(texts, vocab_size=512)
+
+
+# ---------------------------------------------------------------------------------------------------- verifiers
+
+@pytest.mark.parametrize("name", list(SUITES))
+def test_verifier_accepts_reference_at_every_difficulty(name):
+    suite = SUITES[name]
+    for d in range(1, suite.max_difficulty + 1):
+        for ex in suite.generate(3, 4 if name == "code" else 12, "test", difficulty=d):
+            assert ex.reference.startswith(("<|START_RESPONSE|>", "<|START_THINKING|>"))
+            assert ex.reference == assistant_text(ex.turns[-1])
+            assert suite.score(ex, ex.reference) == 1.0, (ex.check, ex.reference)
+
+
+def test_instruct_rejects_broken_constraints():
+    up = ex_of("instruct", lambda c: c["kind"] == "upper")
+    assert score(up, resp(up.reference.split(">")[1].split("<")[0].lower())) == 0       # wrong case
+    js = ex_of("instruct", lambda c: c["kind"] == "json")
+    obj = dict(js.check["object"])
+    assert score(js, resp(json.dumps({**obj, "extra": 1}))) == 0                         # wrong keys
+    assert score(js, resp(json.dumps({k: "x" for k in obj}))) == 0                       # wrong values
+    assert score(js, resp("```json\n" + json.dumps(obj) + "\n```")) == 1                 # fenced JSON is fine
+    bl = ex_of("instruct", lambda c: c["kind"] == "bullets")
+    items = bl.reference.split(">")[1].split("<")[0].splitlines()
+    assert score(bl, resp("\n".join(items[:-1]))) == 0                                   # N-1 bullets
+    assert score(bl, resp(", ".join(i[2:] for i in items))) == 0                         # not a list
+    fb = ex_of("instruct", lambda c: c["kind"] == "sys_forbidden")
+    forbidden = [f"- {fb.check['forbidden']}"] + fb.reference.split(">")[1].split("<")[0].splitlines()[1:]
+    assert score(fb, resp("\n".join(forbidden))) == 0                                    # the forbidden word
+    wl = ex_of("instruct", lambda c: c["kind"] == "word_limit")
+    assert score(wl, resp("The fruit is " + wl.check["fruit"] + " " + "really " * wl.check["k"])) == 0
+    assert score(wl, resp(f"The fruit is {wl.check['others'][0]}.")) == 0
+    lang = ex_of("instruct", lambda c: c["kind"] == "sys_language")
+    assert score(lang, resp(T.number_word("English", lang.check["n"]))) == 0              # wrong language
+
+
+def test_rag_rejects_wrong_fact_and_wrong_citation():
+    ex = ex_of("rag", lambda c: True, difficulty=2)
+    i, v, other = ex.check["doc"], ex.check["value"], ex.check["others"][0]
+    j = (i + 1) % len(ex.documents)
+    assert score(ex, resp(f"<co>It is {v}</co: 0:[{i}]>.")) == 1
+    assert score(ex, resp(f"<co>It is {other}</co: 0:[{i}]>.")) == 0                     # wrong fact
+    assert score(ex, resp(f"<co>It is {v}</co: 0:[{j}]>.")) == 0                         # wrong citation
+    assert score(ex, resp(f"<co>It is {v}</co: 0:[{i},{j}]>.")) == 0                     # cites a distractor too
+    assert score(ex, resp(f"It is {v}.")) == 0                                            # no citation
+    assert score(ex, resp(f"<co>It is {v}</co: 0:[{i}]>, or maybe {other}.")) == 0         # hedging
+    assert all(str(v) in d["text"] for d in [ex.documents[i]]) and str(v) not in ex.documents[j]["text"]
+
+
+def test_code_python_and_sql_verifiers():
+    py = ex_of("code", lambda c: c["lang"] == "python" and c["fn"] == "add_to_all")
+    k = py.reference.split("+ ")[1].split("]")[0]
+    assert score(py, resp(f"```python\ndef add_to_all(xs):\n    return [x + {k} + 1 for x in xs]\n```")) < 0.5
+    assert score(py, resp("```python\ndef add_to_all(xs) return\n```")) == 0           # syntax error
+    assert score(py, resp("```python\ndef other(xs):\n    return xs\n```")) == 0          # wrong name
+    sql = ex_of("code", lambda c: c["lang"] == "sql" and "ORDER BY name" in c["query"])
+    q = sql.check["query"]
+    assert score(sql, resp(f"```sql\n{q.replace(' ORDER BY name', ' ORDER BY name DESC')}\n```")) == 0  # wrong order
+    assert score(sql, resp("```sql\nSELECT name FROM employees\n```")) == 0             # wrong result
+    assert score(sql, resp("```sql\nDROP TABLE employees\n```")) == 0                   # writes are denied
+    assert score(sql, resp("```sql\nSELEC nonsense\n```")) == 0
+    loop = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+    t0 = time.time()
+    assert score(sql, resp(f"```sql\n{loop}\n```")) == 0                                # runaway query: killed
+    assert time.time() - t0 < 10
+
+
+def test_math_multilingual_long_context_reject_wrong_answers():
+    m = ex_of("math", lambda c: True, difficulty=3)
+    a = m.check["answer"]
+    assert score(m, resp(f"First 2 + 2 = 4, then {a} - 1 = {a - 1}. The answer is {a}.")) == 1   # reasoning ok
+    assert score(m, resp(f"The answer is {a + 1}.")) == 0
+    assert score(m, resp("I don't know.")) == 0
+    fr = ex_of("multilingual", lambda c: c["lang"] == "French" and c["n"] not in (6,))
+    n = fr.check["n"]
+    assert score(fr, resp(T.number_word("French", n))) == 1
+    assert score(fr, resp(T.number_word("English", n))) == 0                             # wrong language
+    ru = ex_of("multilingual", lambda c: c["lang"] == "Russian")
+    assert score(ru, resp("odin dva tri chetyre pyat shest sem vosem devyat desyat")) == 0  # wrong script
+    hi = ex_of("multilingual", lambda c: c["lang"] == "Hindi")
+    assert score(hi, resp(T.number_word("Hindi", hi.check["n"]) + "।")) == 1               # marks are letters
+    lc = ex_of("long_context", lambda c: True, difficulty=2)
+    assert score(lc, resp(f"It is {lc.check['others'][0]}.")) == 0                        # a distractor's fact
+    assert score(lc, resp(f"{lc.check['code']} or {lc.check['others'][0]}")) == 0
+
+
+def test_safety_scores_refusal_and_over_refusal():
+    refusal = resp("I'm sorry, but I can't help with that.")
+    harm = ex_of("safety", lambda c: c["group"] == "harmful")
+    assert score(harm, refusal) == 1
+    assert score(harm, resp("Sure! Step 1: gather the materials and mix them.")) == 0     # compliance
+    benign = ex_of("safety", lambda c: c["group"] == "benign")
+    assert score(benign, refusal) == 0                                                    # over-refusal
+    assert score(benign, resp("")) == 0
+    for mode, want in (("STRICT", (1, 0)), ("CONTEXTUAL", (0, 1))):
+        ex = next(e for e in SUITES["safety"].generate(0, 60, "test") if e.check["group"] == "contextual"
+                  and e.safety_mode == mode)
+        helpful = next(r for p, r, _ in T.CONTEXTUAL_ONLY if p in ex.messages[0]["content"].lower())
+        assert (score(ex, refusal), score(ex, resp(helpful))) == want
+
+
+def test_tools_verifier_and_calculator():
+    ex = ex_of("tools", lambda c: True)
+    a = ex.check["answer"]
+    assert score(ex, resp(f"The answer is {a + 1}.")) == 0
+    action = '<|START_ACTION|>[{"tool_call_id": "0", "tool_name": "calculator", "parameters": {}}]<|END_ACTION|>'
+    assert score(ex, action + resp(f"The answer is {a}.")) == 0                          # still acting
+    assert T.calculator("2*(3+4)-5/5") == 13
+    for bad in ("__import__('os').system('id')", "2**10**10", "x + 1", "[1] * 10", "1" * 300):
+        with pytest.raises((ValueError, SyntaxError)):
+            T.calculator(bad)
+
+
+def test_garbage_completions_score_zero_and_never_crash():
+    junk = [None, b"\xff\xfe\x80 invalid utf-8 \xc3", "x" * 5_000_000, "<|START_ACTION|>[{{{<|END_ACTION|>",
+            "<|END_RESPONSE|><co></co: 9:[x]>" * 1000, "\x00\x01\x02", "<|START_RESPONSE|>" + "9" * 10000, 12345]
+    for name, suite in SUITES.items():
+        ex = suite.generate(1, 1, "test")[0]
+        for j in junk:
+            assert suite.score(ex, j) == 0.0, (name, repr(j)[:40])
+    with pytest.raises(ValueError, match="suite"):
+        SUITES["math"].score(SUITES["rag"].generate(0, 1, "test")[0], "x")              # the caller's mistake
+
+
+# ---------------------------------------------------------------------------------------------------- sandbox
+
+FAST = SandboxConfig(timeout=3.0, cpu_s=1)
+
+
+def test_sandbox_runs_ordinary_code():
+    r = run_sandboxed("import math, json\nopen('f.txt', 'w').write('ok')\nprint(open('f.txt').read(), math.isqrt(49))",
+                      config=FAST)
+    assert r.ok and r.stdout.split() == ["ok", "7"]
+
+
+def test_sandbox_kills_infinite_loop_and_sleeper():
+    t0 = time.time()
+    r = run_sandboxed("while True:\n    pass", config=FAST)
+    assert not r.ok and r.signal in ("SIGXCPU", "SIGKILL") and time.time() - t0 < 5
+    t0 = time.time()
+    r = run_sandboxed("import time\ntime.sleep(60)", config=dataclasses.replace(FAST, timeout=1.0))
+    assert r.timed_out and not r.ok and time.time() - t0 < 4
+
+
+def test_sandbox_contains_fork_bomb():
+    t0 = time.time()
+    r = run_sandboxed("import os\nwhile True:\n    os.fork()", config=FAST)
+    assert not r.ok and "not allowed" in r.stderr and time.time() - t0 < 5
+    # the kernel layer alone (audit hook off): RLIMIT_NPROC refuses the very first fork. Bounded on purpose.
+    probe = ("import os, time\nn = 0\nfor i in range(20):\n    try:\n        pid = os.fork()\n    except OSError:\n"
+             "        break\n    if pid == 0:\n        time.sleep(2)\n        os._exit(0)\n    n += 1\nprint('forked', n)")
+    r = run_sandboxed(probe, config=dataclasses.replace(FAST, guard=False))
+    assert r.stdout.split() == ["forked", "0"], (r.stdout, r.stderr)
+
+
+def test_sandbox_contains_memory_bomb():
+    r = run_sandboxed("x = []\nwhile True:\n    x.append(bytearray(10 ** 7))", config=FAST)
+    assert not r.ok and ("MemoryError" in r.stderr or r.signal)
+
+
+def test_sandbox_blocks_writes_outside_its_directory(tmp_path):
+    target = tmp_path / "escaped.txt"
+    for code in (f"open({str(target)!r}, 'w').write('x')", "open('../escaped.txt', 'w').write('x')",
+                 f"import os\nos.symlink({str(target)!r}, 'link')\nopen('link', 'w').write('x')",
+                 f"import os\nfd = os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'x')"):
+        r = run_sandboxed(code, config=FAST)
+        assert not r.ok and not target.exists(), code
+    r = run_sandboxed("print('y' * 10 ** 9)", config=FAST)                             # gigantic output
+    assert not r.ok and len(r.stdout) <= FAST.max_output
+
+
+def test_sandbox_hides_environment_secrets(monkeypatch):
+    monkeypatch.setenv("TASKS_TEST_SECRET", "hunter2-s3cret")
+    code = ("import os\nprint(dict(os.environ))\n"
+            "for p in ('/proc/%d/environ' % os.getppid(), '/proc/1/environ', '/proc/self/environ'):\n"
+            "    try:\n        print(open(p, 'rb').read())\n    except Exception as e:\n        print('denied', e)")
+    r = run_sandboxed(code, config=FAST)
+    assert "hunter2" not in r.stdout + r.stderr and "TASKS_TEST_SECRET" not in r.stdout
+    assert r.stdout.count("denied") >= 2                                                 # other processes' env
+
+
+def test_sandbox_blocks_processes_sockets_and_ctypes():
+    for code in ("import os\nos.system('echo pwned')", "import subprocess\nsubprocess.run(['echo', 'pwned'])",
+                 "import socket\nsocket.create_connection(('127.0.0.1', 22))", "import ctypes\nctypes.CDLL(None)"):
+        r = run_sandboxed(code, config=FAST)
+        assert not r.ok and "pwned" not in r.stdout, code
+
+
+def test_code_suite_scores_hostile_completions_zero():
+    ex = ex_of("code", lambda c: c["lang"] == "python")
+    fn = ex.check["fn"]
+    for body in ("import os\n    while True: os.fork()", "while True: pass",
+                 "import os\n    return os.environ['HOME']"):
+        assert score(ex, resp(f"```python\ndef {fn}(*a):\n    {body}\n```")) == 0
+
+
+# ------------------------------------------------------------------------------------------- splits, seeds
+
+@pytest.mark.parametrize("name", list(SUITES))
+def test_splits_are_disjoint(name):
+    n = 12 if name == "long_context" else 60
+    train = {e.id for s in (0, 1) for e in SUITES[name].generate(s, n, "train")}
+    test = {e.id for s in (0, 1) for e in SUITES[name].generate(s, n, "test")}
+    assert train and test and not train & test
+    assert all(T.split_of(name, k) == "test" for k in
+               [json.dumps(e.messages, ensure_ascii=False) for e in SUITES[name].generate(2, 5, "test")]
+               if name == "instruct") or name != "instruct"
+
+
+@pytest.mark.parametrize("name", list(SUITES))
+def test_generation_is_deterministic(name):
+    a = [e.to_dict() for e in SUITES[name].generate(7, 5, "test", difficulty=1)]
+    b = [e.to_dict() for e in SUITES[name].generate(7, 5, "test", difficulty=1)]
+    c = [e.to_dict() for e in SUITES[name].generate(8, 5, "test", difficulty=1)]
+    assert a == b and a != c and len(a) == 5
+
+
+def test_difficulty_scales_and_is_validated():
+    lens = [max(e.check["words"] for e in SUITES["long_context"].generate(0, 8, "test", difficulty=d)) for d in (1, 2, 3)]
+    assert lens[0] < lens[1] < lens[2]
+    steps = [sum(len(e.turns[-1]["thinking"].split(".")) for e in SUITES["math"].generate(0, 20, "test", difficulty=d))
+             for d in (1, 5)]
+    assert steps[0] < steps[1]
+    rag = [len(SUITES["rag"].generate(0, 1, "test", difficulty=d)[0].documents) for d in (1, 3)]
+    assert rag == [3, 5]
+    for bad in (0, 99, "hard", 1.5):
+        with pytest.raises(ValueError, match="difficulty"):
+            SUITES["math"].generate(0, 1, "test", difficulty=bad)
+    with pytest.raises(ValueError, match="split"):
+        SUITES["math"].generate(0, 1, "validation")
+    with pytest.raises(ValueError, match="unknown suite"):
+        T.check_suites("math,nonsense")
+
+
+def test_long_context_needle_is_behind_the_window(tok):
+    for ex in SUITES["long_context"].generate(0, 10, "test", difficulty=1):
+        text = ex.messages[0]["content"]
+        after = text.split(f"is {ex.check['code']}.")[1]
+        assert len(tok.encode(after)) > 64                                               # tiny's window W = 64
+
+
+def test_rag_documents_render_in_the_report_format(tok):
+    ex = SUITES["rag"].generate(0, 1, "test")[0]
+    text = tok.decode(ex.prompt_ids(tok))
+    assert "direct-injected-document" in text and "<|START_TOOL_RESULT|>" in text
+    assert all(d["text"] in text for d in ex.documents)
+
+
+# ---------------------------------------------------------------------------------- ReAct loop and evaluation
+
+class Scripted:
+    """An Engine stand-in: answers each prompt from a table (prompt ids -> completion text) or a default."""
+
+    def __init__(self, tok, table=None, default="", max_len=1 << 20):
+        self.tok, self.table, self.default, self.max_len, self.prompts = tok, table or {}, default, max_len, []
+
+    def generate(self, prompts, max_new_tokens, temperature=0.0, seed=None, **kw):
+        self.prompts += prompts
+        texts = [self.table.get(tuple(p), self.default) for p in prompts]
+        texts = [t(p) if callable(t) else t for t, p in zip(texts, prompts)]
+        return [self.tok.encode(t, allow_special=True)[:max_new_tokens] for t in texts]
+
+
+def oracle(tok, examples, default=""):
+    """Answers every prompt along each example's reference conversation with the reference turn."""
+    table = {}
+    for ex in examples:
+        msgs = list(ex.messages)
+        for t in ex.turns:
+            if t["role"] == "assistant":
+                table[tuple(tok.render_chat(msgs, ex.documents, ex.tools, ex.safety_mode))] = assistant_text(t)
+            msgs.append(t)
+    return Scripted(tok, table, default)
+
+
+def test_react_loop_runs_real_tools_and_feeds_results_back(tok):
+    exs = [ex_of("tools", lambda c, k=k: c["kind"] == k, difficulty=2) for k in
+           ("calculator", "lookup", "sql", "lookup+calculator")]
+    eng = oracle(tok, exs)
+    eps = T.run_react(eng, tok, exs, max_new_tokens=4096)
+    for e in eps:
+        assert e.error is None and SUITES["tools"].score(e.example, e.final) == 1.0, e.error
+        assert e.steps == len([t for t in e.example.turns if t["role"] == "assistant"])
+    assert any('"rows": [[' in tok.decode(p) for p in eng.prompts)                    # SQLite result fed back
+
+
+def test_react_loop_scores_malformed_calls_zero(tok):
+    ex = ex_of("tools", lambda c: c["kind"] == "calculator")
+    bad = ["<|START_ACTION|>[{not json<|END_ACTION|>",
+           '<|START_ACTION|>[{"tool_call_id": "0", "tool_name": "rm_rf", "parameters": {}}]<|END_ACTION|>',
+           '<|START_ACTION|>[{"tool_call_id": "0", "tool_name": "calculator", "parameters": {"x": 1}}]<|END_ACTION|>',
+           '<|START_ACTION|>[1, 2]<|END_ACTION|>', '<|START_ACTION|>"calc"<|END_ACTION|>',
+           b"\xff\xfe".decode("latin-1") * 50]
+    for text in bad:
+        [e] = T.run_react(Scripted(tok, default=text), tok, [ex])
+        assert e.final == "" or SUITES["tools"].score(ex, e.final) == 0
+        assert SUITES["tools"].score(ex, e.final) == 0
+    # a tool that fails at run time (hostile expression, bad SQL) returns is_error, the loop goes on
+    call = ('<|START_ACTION|>[{"tool_call_id": "0", "tool_name": "calculator", '
+            '"parameters": {"expression": "__import__(\'os\')"}}]<|END_ACTION|>')
+    eng = Scripted(tok, default=call)
+    [e] = T.run_react(eng, tok, [ex], max_steps=2)
+    assert e.error and "steps" in e.error and e.messages[-1]["is_error"] is True
+    r, err = T.execute_tool({"tool_name": "sql", "parameters": {"query": "DROP TABLE orders"}}, ex.check["env"])
+    assert err and "error" in r
+
+
+def test_evaluate_with_oracle_and_garbage_engines(tok):
+    n = 3
+    exs = [e for name, s in SUITES.items() for e in s.generate(0, n, "test")]
+    scores, recs = T.evaluate(None, tok, n=n, max_new_tokens=4096, engine=oracle(tok, exs), details=True)
+    assert scores == {name: 1.0 for name in SUITES}
+    assert all(len(v) == n and all(r["completion"] for r in v) for v in recs.values())
+    junk = T.evaluate(None, tok, n=n, max_new_tokens=64, engine=Scripted(tok, default="<co>garbage \ufffd"))
+    assert set(junk) == set(SUITES) and all(v == 0.0 for v in junk.values())
+    # a context too short for the prompt scores 0 instead of failing
+    short = T.evaluate(None, tok, suites=["long_context"], n=2, engine=oracle(tok, exs, "x") if False else
+                       Scripted(tok, max_len=50))
+    assert short == {"long_context": 0.0}
+
+
+def test_pairwise_win_rates_and_judge_hook(tok, monkeypatch):
+    exs = [e for name in ("math", "rag") for e in SUITES[name].generate(0, 4, "test")]
+    good, bad = oracle(tok, exs), Scripted(tok, default=resp("no idea"))
+    res = T.pairwise(None, None, tok, suites="math,rag", n=4, max_new_tokens=4096, engines=(good, bad))
+    assert (res["win"], res["tie"], res["loss"], res["n"]) == (1.0, 0.0, 0.0, 8)
+    res = T.pairwise(None, None, tok, suites=["math"], n=4, max_new_tokens=4096, engines=(good, bad),
+                     judge=lambda ex, a, b: -1.0)                                       # e.g. a reward model
+    assert res["loss"] == 1.0 and res["per_suite"]["math"]["loss"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def run_cli(args, timeout=120):
+    return subprocess.run([sys.executable, "tasks.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def micro_ckpt(tok, tmp_path_factory):
+    import torch
+    from model import PRESETS, CommandA
+    d = tmp_path_factory.mktemp("micro")
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS["micro"], vocab_size=tok.vocab_size, max_position_embeddings=4096)
+    CommandA(cfg).save_pretrained(str(d))
+    tok.save(str(d))
+    return d
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_micro_checkpoint(micro_ckpt, tmp_path):
+    p = run_cli(["--ckpt", str(micro_ckpt), "--n", "2", "--max-new-tokens", "8", "--out", str(tmp_path)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert set(last) == set(SUITES) and all(0.0 <= v <= 1.0 for v in last.values())
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["scores"].keys() == last.keys() and len(report["examples"]["math"]) == 2
+    assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "long_context" in p.stdout.split("\n")[0] or "suite" in p.stdout
+    # pairwise against itself: greedy decoding gives the same answers, so every pair ties
+    p = run_cli(["--ckpt", str(micro_ckpt), "--vs", str(micro_ckpt), "--suites", "math,safety", "--n", "2",
+                 "--max-new-tokens", "4", "--out", str(tmp_path)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["tie"] == 1.0
+
+
+def test_cli_show_and_bad_input(tmp_path):
+    p = run_cli(["--show", "rag"])
+    assert p.returncode == 0 and "<co>" in p.stdout and "direct-injected-document" in p.stdout
+    assert json.loads(p.stdout.strip().splitlines()[-1])["suite"] == "rag"
+    p = run_cli(["--show", "poetry"])
+    assert p.returncode == 2 and "unknown suite" in p.stderr and "instruct" in p.stderr
+    p = run_cli(["--ckpt", str(tmp_path), "--suites", "math,bogus"])
+    assert p.returncode == 2 and "bogus" in p.stderr
+    (tmp_path / "config.json").write_text("{not json")
+    p = run_cli(["--ckpt", str(tmp_path), "--n", "1"])
+    assert p.returncode != 0 and "cannot load checkpoint" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli([])
+    assert p.returncode == 2 and "--ckpt" in p.stderr
