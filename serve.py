@@ -1098,8 +1098,8 @@ def _hf_generate(model):
 
 
 def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tokens=64, long_ctx=131072,
-          compile=False):
-    rows, kv_rows = [], []
+          compile=False, reps=3):
+    rows, race, kv_rows = [], [], []
     for name in presets:
         cfg = PRESETS[name]
         torch.manual_seed(0)
@@ -1113,32 +1113,37 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
                                                      fused=False)))
         for method, engine in engines:
             rows += _bench_engine(name, method, engine, cfg.vocab_size, batches, prompt_len, new_tokens)
-        engine = engines[0][1]
-        # baselines, batch 1, same prompt length and new tokens, greedy; must agree with the engine's tokens
+        # batch 1, one prompt, greedy, end to end (prefill + new_tokens): the engines against the baselines,
+        # interleaved round-robin and best-of-`reps`, so load from other jobs on a shared box hits every method
+        # alike and the ratios stay meaningful. Every method must produce the engine's tokens.
         p = torch.randint(0, cfg.vocab_size, (1, prompt_len))
-        ref = engine.generate(p.tolist(), new_tokens, stop_tokens=[])[0]
-        for method, use_cache in (("naive-recompute", False), ("model.KVCache", True), ("hf-generate", None)):
-            if use_cache is None:
-                gen = _hf_generate(model)   # the yardstick; only when transformers is installed
-                if gen is None:
-                    continue
-            else:
-                gen = lambda x, n, c=use_cache: naive_generate(model, x, n, c)
+        gens = {m: (lambda x, n, e=e: torch.tensor(e.generate(x.tolist(), n, stop_tokens=[]))) for m, e in engines}
+        gens["naive-recompute"] = lambda x, n: naive_generate(model, x, n, cache=False)
+        gens["model.KVCache"] = lambda x, n: naive_generate(model, x, n, cache=True)
+        hf = _hf_generate(model)            # the yardstick; only when transformers is installed
+        if hf is not None:
+            gens["hf-generate"] = hf
+        ref = gens["engine"](p, new_tokens)[0].tolist()
+        best, same = {}, {}
+        for m, gen in gens.items():         # warm-up
             gen(p[:, :8], 2)
-            t0 = time.perf_counter()
-            out = gen(p, new_tokens)
-            dt = time.perf_counter() - t0
-            rows.append({"preset": name, "method": method, "batch": 1, "total_tok_s": round(new_tokens / dt, 1),
-                         "same_tokens_as_engine": out[0].tolist() == ref})
-            print(f"{name:6s} {method:15s} B=  1  end-to-end {new_tokens / dt:9.1f} tok/s  "
-                  f"(same tokens as engine: {out[0].tolist() == ref})")
-        for method in [m for m, _ in engines]:
-            eng1 = next(r for r in rows if r["preset"] == name and r["method"] == method and r["batch"] == 1)
+        for _ in range(reps):
+            for m, gen in gens.items():
+                if m == "naive-recompute" and m in best and new_tokens / best[m] > 5:
+                    continue                # one slow recompute run is enough
+                t0 = time.perf_counter()
+                out = gen(p, new_tokens)
+                best[m] = max(best.get(m, 0.0), new_tokens / (time.perf_counter() - t0))
+                same[m] = out[0].tolist() == ref
+        for m in gens:
+            race.append({"preset": name, "method": m, "batch": 1, "total_tok_s": round(best[m], 1),
+                         "same_tokens_as_engine": same[m]})
+            print(f"{name:6s} {m:15s} B=  1  end-to-end {best[m]:9.1f} tok/s (best of {reps}, interleaved; "
+                  f"same tokens as engine: {same[m]})")
+        for m, _ in engines:
             for base in ("naive-recompute", "model.KVCache", "hf-generate"):
-                b1 = next((r for r in rows if r["preset"] == name and r["method"] == base), None)
-                if b1:
-                    print(f"{name:6s} {method} speed-up at batch 1 vs {base} (end-to-end): "
-                          f"{eng1['total_tok_s'] / b1['total_tok_s']:.1f}x")
+                if base in best:
+                    print(f"{name:6s} {m} at batch 1 vs {base}: {best[m] / best[base]:.1f}x")
         # KV bytes: a real cache for one long sequence (bf16) vs the formula and vs an all-full-attention cache
         T = min(long_ctx, 32768)
         c = WindowKVCache(cfg, 1, T, dtype=torch.bfloat16)
@@ -1155,7 +1160,7 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
         print(f"{name} KV bytes at T={long_ctx} (bf16, analytic): {cfg.kv_cache_bytes(long_ctx) / 2**30:.2f} GiB "
               f"vs all-full {cfg.kv_cache_bytes(long_ctx, window_aware=False) / 2**30:.2f} GiB")
     return {"threads": torch.get_num_threads(), "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "rows": rows, "kv": kv_rows}
+            "rows": rows, "batch1": race, "kv": kv_rows}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1180,6 +1185,7 @@ if __name__ == "__main__":
     ap.add_argument("--bench-presets", default="tiny,small", help="comma-separated presets for --bench")
     ap.add_argument("--bench-prompt", type=int, default=128, help="prompt tokens per request for --bench")
     ap.add_argument("--bench-new", type=int, default=64, help="new tokens per request for --bench")
+    ap.add_argument("--bench-reps", type=int, default=3, help="interleaved repetitions of the batch-1 race")
     ap.add_argument("--max-batch", type=int, default=32, help="concurrent sequences in the batch")
     ap.add_argument("--max-len", type=int, default=None, help="context length (default min(model max, 4096))")
     ap.add_argument("--max-tokens", type=int, default=512, help="default max new tokens per request")
@@ -1201,10 +1207,13 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.bench:
-        if args.bench_prompt < 1 or args.bench_new < 2:
-            ap.error("--bench-prompt must be >= 1 and --bench-new >= 2")
+        if args.bench_prompt < 1 or args.bench_new < 2 or args.bench_reps < 1:
+            ap.error("--bench-prompt and --bench-reps must be >= 1 and --bench-new >= 2")
+        unknown = [p for p in args.bench_presets.split(",") if p not in PRESETS]
+        if unknown:
+            ap.error(f"unknown preset(s) {unknown} for --bench-presets; choose from {sorted(PRESETS)}")
         result = bench(tuple(args.bench_presets.split(",")), prompt_len=args.bench_prompt, new_tokens=args.bench_new,
-                       compile=args.compile)
+                       compile=args.compile, reps=args.bench_reps)
         print(json.dumps(result))
         sys.exit(0)
     if not args.ckpt:
