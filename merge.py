@@ -44,10 +44,14 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from model import CommandA, ModelConfig
+from model import CommandA, ModelConfig, tune_malloc
 
 METHODS = ("linear", "soup", "interpolate", "task_arithmetic", "ties", "dare", "dare_ties", "slerp")
 NEEDS_BASE = ("interpolate", "task_arithmetic", "ties", "dare", "dare_ties")
+# methods where every output entry depends only on the same entry of the inputs: these stream in row blocks,
+# so even the 3B-entry embedding never sits in memory whole. TIES (a per-tensor magnitude threshold), DARE
+# (one drop mask per tensor) and SLERP (one angle per tensor) see whole tensors.
+ELEMENTWISE = ("linear", "soup", "interpolate", "task_arithmetic")
 # mergekit's default for dividing the combined task vector by the weight sum (TIES' "disjoint mean")
 DEFAULT_NORMALIZE = {"linear": True, "soup": True, "task_arithmetic": False, "ties": True, "dare": False,
                      "dare_ties": False}
@@ -87,6 +91,7 @@ class MergeConfig:
     seed: int = 0                      # DARE's drop masks (one stream per tensor name and model)
     dtype: str | None = None           # output dtype; None -> every tensor keeps the first model's dtype
     max_shard_bytes: int = 5 * 2**30   # output shard size (HF's default)
+    chunk_bytes: int = 2**28           # element-wise methods read row blocks of at most this many fp32 bytes
 
     def check(self, n_models: int, has_base: bool):
         """Every rule about flags and model counts, before a byte is read or written."""
@@ -129,8 +134,8 @@ class MergeConfig:
             raise MergeError(f"lambda must be finite, got {self.lam}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise MergeError(f"dtype {self.dtype!r} unknown; choose from {', '.join(DTYPES)}")
-        if self.max_shard_bytes < 1:
-            raise MergeError("max_shard_bytes must be positive")
+        if self.max_shard_bytes < 1 or self.chunk_bytes < 1:
+            raise MergeError("max_shard_bytes and chunk_bytes must be positive")
 
     def resolved_weights(self, n_models: int) -> list[float]:
         if self.weights is not None:
@@ -152,6 +157,7 @@ def linear(tensors, weights, normalize=True):
     for t, w in zip(tensors, weights):
         acc = t.mul_(w) if acc is None else acc.add_(t, alpha=w)  # the input is ours to overwrite
         total += w
+        del t  # before the next input is read, or two inputs would be alive at once
     return acc.div_(total) if normalize else acc
 
 
@@ -202,24 +208,27 @@ def task_vectors(base, tensors, weights, lam=1.0, normalize=False, sparsify=None
         wsum += w
         if not elect_sign:
             pos = d.mul_(w) if pos is None else pos.add_(d, alpha=w)
+            del t, d  # before the next input is read
             continue
         wd = d.mul_(w)
         if pos is None:
             pos, neg = torch.zeros_like(base), torch.zeros_like(base)
             pos_w, neg_w = torch.zeros_like(base), torch.zeros_like(base)
-        up, down = wd > 0, wd < 0                          # zeros (trimmed / dropped) vote for neither sign
-        pos.add_(wd.clamp(min=0))
-        neg.add_(wd.clamp(max=0))
-        pos_w.add_(up.to(base.dtype), alpha=w)
-        neg_w.add_(down.to(base.dtype), alpha=w)
-        del wd, up, down
+        mask = wd > 0                                      # zeros (trimmed / dropped) vote for neither sign
+        pos.addcmul_(wd, mask)                             # fused multiply-add: no temporary tensor
+        pos_w.add_(mask, alpha=w)
+        torch.lt(wd, 0, out=mask)
+        neg.addcmul_(wd, mask)
+        neg_w.add_(mask, alpha=w)
+        del t, d, wd, mask
     if pos is None:
         return base
     if elect_sign:
         elected = (pos + neg) >= 0                         # sign(sum_i w_i delta_i); a tie elects +
-        mixed = torch.where(elected, pos, neg)
-        div = torch.where(elected, pos_w, neg_w)
-        del neg, pos_w, neg_w
+        mixed = pos.where(elected, neg)
+        del pos, neg
+        div = pos_w.where(elected, neg_w)
+        del pos_w, neg_w, elected
         if normalize:                                      # disjoint mean: divide by the agreeing weight only
             mixed = mixed.div_(div.masked_fill_(div == 0, 1))
     else:
@@ -230,15 +239,21 @@ def task_vectors(base, tensors, weights, lam=1.0, normalize=False, sparsify=None
 def slerp(a, b, t, dot_threshold=0.9995):
     """Spherical interpolation of the two flattened tensors: sin((1-t)O)/sin(O) a + sin(tO)/sin(O) b, with O the
     angle between them; nearly parallel tensors fall back to linear interpolation (sin O -> 0)."""
-    na, nb = a.double().norm(), b.double().norm()
+    na, nb = math.sqrt(_dot64(a, a)), math.sqrt(_dot64(b, b))
     if na == 0 or nb == 0:
         return a.mul_(1 - t).add_(b, alpha=t)
-    dot = float((torch.dot(a.flatten().double(), b.flatten().double()) / (na * nb)).clamp(-1, 1))
+    dot = max(-1.0, min(1.0, _dot64(a, b) / (na * nb)))
     if abs(dot) > dot_threshold:
         return a.mul_(1 - t).add_(b, alpha=t)
     omega = math.acos(dot)
     s = math.sin(omega)
     return a.mul_(math.sin((1 - t) * omega) / s).add_(b, alpha=math.sin(t * omega) / s)
+
+
+def _dot64(a, b, block=2**22) -> float:
+    """<a, b> accumulated in fp64 over blocks: exact enough for billions of entries, one small block of memory."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return sum(float(torch.dot(a[i:i + block].double(), b[i:i + block].double())) for i in range(0, a.numel(), block))
 
 
 def _dare_seed(seed: int, name: str, i: int) -> int:
@@ -393,11 +408,12 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(math.prod(s) * d.itemsize for d, s in self.meta.values())
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor (or rows [r0, r1) of it) as a private fp32 copy."""
         from safetensors import safe_open
 
         with safe_open(self.files[name], framework="pt", device="cpu") as f:
-            t = f.get_tensor(name)
+            t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
             return t.to(_compute_dtype(t.dtype), copy=True)  # our own copy: the mapping closes with the file
 
 
@@ -477,11 +493,15 @@ def _write_safetensors_streaming(f, names, meta_out, produce, metadata, on_tenso
     f.write(struct.pack("<Q", len(raw)) + raw)
     for k in names:
         dt, shape = meta_out[k]
-        t = produce(k).to(dt).contiguous()
-        assert tuple(t.shape) == shape, (k, t.shape, shape)
-        f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # safetensors is little-endian, as is the host
-        on_tensor(k, t.numel() * t.element_size())
-        del t
+        written = 0
+        for block in produce(k):  # row blocks in order: row-major bytes concatenate into the whole tensor
+            block = block.to(dt).contiguous()
+            f.write(block.reshape(-1).view(torch.uint8).numpy().data)  # safetensors and the host: little-endian
+            written += block.numel()
+            on_tensor(k, block.numel() * block.element_size())
+            del block
+        if written != math.prod(shape):
+            raise RuntimeError(f"merge produced {written} entries for {k}, expected {math.prod(shape)}")
 
 
 def merge_checkpoints(cfg: MergeConfig, models: list[str], base: str | None, out: str, overwrite: bool = False,
@@ -512,8 +532,16 @@ def merge_checkpoints(cfg: MergeConfig, models: list[str], base: str | None, out
               [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
 
     def produce(k):
-        ts = (experts[i].read(k) for i in idx)  # lazy: one input alive at a time
-        return merge_tensor(cfg, k, ts, [w[i] for i in idx], base_ckpt.read(k) if base_ckpt else None, idx)
+        """Row blocks of merged tensor k; inputs are read lazily, one alive at a time."""
+        shape = meta_out[k][1]
+        rows = shape[0] if shape else 1
+        step = rows
+        if cfg.method in ELEMENTWISE and len(shape) >= 1:
+            step = max(1, cfg.chunk_bytes // max(1, 4 * math.prod(shape[1:])))
+        for r0 in range(0, rows, step):
+            sl = None if step >= rows else (r0, min(rows, r0 + step))
+            ts = (experts[i].read(k, sl) for i in idx)
+            yield merge_tensor(cfg, k, ts, [w[i] for i in idx], base_ckpt.read(k, sl) if base_ckpt else None, idx)
 
     out = os.path.abspath(out)
     parent, leaf = os.path.split(out)
@@ -907,8 +935,12 @@ def main(argv=None):
     ap.add_argument("--floor", type=float, default=0.0, help="--search: no domain score may fall below this")
     ap.add_argument("--max-evals", type=int, default=200, help="--search: at most this many merges evaluated")
     ap.add_argument("--loo", action="store_true", help="linear: leave-one-out analysis with --rank-by")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default torch's; 1 on a shared, busy machine)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tune_malloc()  # keep freed tensor buffers for reuse: page-faulting each tensor back in costs ~3x here
     try:
         summary = _run(args)
     except (MergeError, FileNotFoundError) as e:
