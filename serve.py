@@ -1054,26 +1054,37 @@ def naive_generate(model, prompts: torch.Tensor, n: int, cache: bool = False) ->
     return torch.cat(out, dim=1)
 
 
-def _bench_engine(name, method, engine, vocab, batches, prompt_len, new_tokens):
-    """TTFT (the whole batch's prefill) and decode tok/s of one engine at each batch size."""
-    rows, t0 = [], time.perf_counter()
-    for B in batches:                                   # warm-up (and, with compile, compilation) per batch size
-        engine.generate([[1] * prompt_len] * B, 4, stop_tokens=[])
-    if "compile" in method:
-        print(f"{name:6s} {method}: warm-up incl. compilation {time.perf_counter() - t0:.1f} s")
-    for B in batches:
-        prompts = torch.randint(0, vocab, (B, prompt_len), generator=torch.Generator().manual_seed(B))
-        reqs = [engine.submit(p, new_tokens, stop_tokens=[]) for p in prompts.tolist()]
+def _bench_batches(name, engines, vocab, batches, prompt_len, new_tokens, reps):
+    """TTFT (the whole batch's prefill) and decode tok/s of each engine at each batch size; engines interleaved
+    round-robin, best of `reps` (least disturbed by other load), so rows of one batch size compare fairly."""
+    for method, engine in engines:
         t0 = time.perf_counter()
-        while not all(r.done.is_set() for r in reqs):
-            engine.step()
-        t1 = time.perf_counter()
-        ttft = max(r.t_first for r in reqs) - t0
-        tok_s = B * (new_tokens - 1) / (t1 - max(r.t_first for r in reqs))
-        rows.append({"preset": name, "method": method, "batch": B, "ttft_s": round(ttft, 4),
-                     "decode_tok_s": round(tok_s, 1), "total_tok_s": round(B * new_tokens / (t1 - t0), 1)})
-        print(f"{name:6s} {method:14s} B={B:3d}  TTFT {1000 * ttft:8.1f} ms  decode {tok_s:9.1f} tok/s  "
-              f"end-to-end {B * new_tokens / (t1 - t0):9.1f} tok/s")
+        for B in batches:                               # warm-up (and, with compile, compilation) per batch size
+            engine.generate([[1] * prompt_len] * B, 4, stop_tokens=[])
+        if "compile" in method:
+            print(f"{name:6s} {method}: warm-up incl. compilation {time.perf_counter() - t0:.1f} s")
+    rows = []
+    for B in batches:
+        prompts = torch.randint(0, vocab, (B, prompt_len), generator=torch.Generator().manual_seed(B)).tolist()
+        best = {}
+        for _ in range(reps):
+            for method, engine in engines:
+                reqs = [engine.submit(p, new_tokens, stop_tokens=[]) for p in prompts]
+                t0 = time.perf_counter()
+                while not all(r.done.is_set() for r in reqs):
+                    engine.step()
+                t1 = time.perf_counter()
+                first = max(r.t_first for r in reqs)
+                r = {"preset": name, "method": method, "batch": B, "ttft_s": round(first - t0, 4),
+                     "decode_tok_s": round(B * (new_tokens - 1) / (t1 - first), 1),
+                     "total_tok_s": round(B * new_tokens / (t1 - t0), 1)}
+                if method not in best or r["total_tok_s"] > best[method]["total_tok_s"]:
+                    best[method] = r
+        for method, _ in engines:
+            r = best[method]
+            rows.append(r)
+            print(f"{name:6s} {method:14s} B={B:3d}  TTFT {1000 * r['ttft_s']:8.1f} ms  decode "
+                  f"{r['decode_tok_s']:9.1f} tok/s  end-to-end {r['total_tok_s']:9.1f} tok/s")
     return rows
 
 
@@ -1111,8 +1122,7 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
         if compile:   # torch.compile of the generic forward (prefill and unfused decode)
             engines.append(("engine+compile", Engine(model, max_batch=max(batches), max_len=L, compile=True,
                                                      fused=False)))
-        for method, engine in engines:
-            rows += _bench_engine(name, method, engine, cfg.vocab_size, batches, prompt_len, new_tokens)
+        rows += _bench_batches(name, engines, cfg.vocab_size, batches, prompt_len, new_tokens, reps)
         # batch 1, one prompt, greedy, end to end (prefill + new_tokens): the engines against the baselines,
         # interleaved round-robin and best-of-`reps`, so load from other jobs on a shared box hits every method
         # alike and the ratios stay meaningful. Every method must produce the engine's tokens.
@@ -1212,6 +1222,9 @@ if __name__ == "__main__":
         unknown = [p for p in args.bench_presets.split(",") if p not in PRESETS]
         if unknown:
             ap.error(f"unknown preset(s) {unknown} for --bench-presets; choose from {sorted(PRESETS)}")
+        huge = [p for p in args.bench_presets.split(",") if PRESETS[p].num_params() > 2e9]
+        if huge:   # random fp32 weights for 8B+ parameters would not fit this kind of machine
+            ap.error(f"--bench builds random weights in fp32; {huge} are too large (over 2B parameters)")
         result = bench(tuple(args.bench_presets.split(",")), prompt_len=args.bench_prompt, new_tokens=args.bench_new,
                        compile=args.compile, reps=args.bench_reps)
         print(json.dumps(result))
