@@ -123,6 +123,21 @@ def test_math_multilingual_long_context_reject_wrong_answers():
     assert score(lc, resp(f"{lc.check['code']} or {lc.check['others'][0]}")) == 0
 
 
+def test_multilingual_covers_the_23_languages_each_verified():
+    spec = ("English, French, Spanish, Italian, German, Portuguese, Japanese, Korean, Arabic, Chinese, Russian, "
+            "Indonesian, Turkish, Dutch, Polish, Persian, Vietnamese, Czech, Hindi, Ukrainian, Romanian, Greek, Hebrew")
+    assert sorted(T.LANGS) == sorted(spec.split(", "))
+    for lang in T.LANGS:
+        assert "{n}" in T.LANGS[lang][0] and len(T.LANGS[lang][1].split()) == 10
+        for n in range(1, 11):
+            assert T.says_number_in(f"{T.number_word(lang, n)}.", lang, n), (lang, n)
+            en = T.number_word("English", n)
+            if en != T.number_word(lang, n):
+                assert not T.says_number_in(en, lang, n), (lang, n)                    # English is not it
+            assert not T.says_number_in(T.number_word(lang, n % 10 + 1), lang, n)      # another number is not it
+    assert {e.check["lang"] for e in SUITES["multilingual"].generate(0, 120, "train")} == set(T.LANGS)
+
+
 def test_safety_scores_refusal_and_over_refusal():
     refusal = resp("I'm sorry, but I can't help with that.")
     harm = ex_of("safety", lambda c: c["group"] == "harmful")
