@@ -78,7 +78,7 @@ MAX_COMPLETION_CHARS = 100_000  # longer completions are cut before parsing: gig
 @dataclass
 class SandboxConfig:
     timeout: float = 5.0        # wall-clock seconds before the process group is killed
-    cpu_s: int = 2              # RLIMIT_CPU: SIGXCPU after this many CPU seconds
+    cpu_s: int = 1              # RLIMIT_CPU: SIGXCPU after this many CPU seconds (tests need ~0.1)
     mem_mb: int = 256           # RLIMIT_AS: address space (a memory bomb gets MemoryError)
     fsize_kb: int = 1024        # RLIMIT_FSIZE: largest file it may write, stdout/stderr included
     nproc: int = 1              # RLIMIT_NPROC for its user: 1 = no new processes or threads at all
