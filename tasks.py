@@ -1391,12 +1391,19 @@ if __name__ == "__main__":
         sys.exit(0)
     if not args.ckpt:
         ap.error("--ckpt DIR is required (or --show SUITE)")
+    if not os.path.isdir(args.ckpt):
+        raise SystemExit(f"tasks.py: cannot load checkpoint {args.ckpt!r}: not a directory")
+    out_dir = args.out or os.path.join(args.ckpt, "eval")
+    try:                                     # find out now, not after minutes of sampling
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise SystemExit(f"tasks.py: cannot write results to {out_dir!r}: {e}")
     import torch
     from model import tune_malloc
     tune_malloc()
     t0 = time.time()
     model, tok = _load(args.ckpt)
-    out_dir = args.out or os.path.join(args.ckpt, "eval")
     if args.vs:
         model_b, tok_b = _load(args.vs)
         if tok_b.ranks != tok.ranks:

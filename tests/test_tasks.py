@@ -434,3 +434,7 @@ def test_cli_show_and_bad_input(tmp_path):
     assert p.returncode != 0 and "cannot load checkpoint" in p.stderr and "Traceback" not in p.stderr
     p = run_cli([])
     assert p.returncode == 2 and "--ckpt" in p.stderr
+    p = run_cli(["--ckpt", str(tmp_path / "missing")])
+    assert p.returncode != 0 and "cannot load checkpoint" in p.stderr
+    p = run_cli(["--ckpt", str(tmp_path), "--out", str(tmp_path / "config.json" / "sub")])   # under a file
+    assert p.returncode != 0 and "cannot write results" in p.stderr and "Traceback" not in p.stderr
