@@ -1,0 +1,649 @@
+"""
+Data, fully-sharded, sequence and tensor parallelism for Command A (report: "trained in JAX with named sharding
+over a mesh of H100s" -- DP, FSDP, SP and Megatron-style TP), on torch.distributed, launched with torchrun:
+
+    torchrun --standalone --nproc_per_node 4 pretrain.py --tiny --fsdp 2 --tp 2      # one node (gloo on CPU)
+    torchrun --nnodes 2 --node_rank R --rdzv_endpoint HOST:29500 --nproc_per_node 8 pretrain.py --fsdp 2 --tp 8
+    python parallel.py --plan command-a --gpus 64 [--dp --fsdp --sp --tp] [--seq --micro-batch]   # plan the real run
+
+The PyTorch analog of JAX's named sharding is a DeviceMesh with named dims and DTensor placements. The four axes,
+in the order torchtitan composes them (TP first, then FSDP per block and on the root):
+
+  dp    replicate the model, split the batch, all-reduce gradients            -> fully_shard on mesh dim 0 (HSDP)
+  fsdp  split the batch; shard params, grads and Adam state (ZeRO-3):
+        all-gather before use, reduce-scatter gradients                        -> fully_shard on mesh dim 1
+  sp    split the SEQUENCE over ranks for the whole block (norm, residual, MLP, loss); attention all-gathers
+        K/V along sp, so sliding windows and document masks stay exact        -> _AllGather in _attention()
+  tp    Megatron TP: q/k/v/gate/up column-parallel, o/down row-parallel, heads and KV heads split
+        (parallelize_module: ColwiseParallel / RowwiseParallel place the weights), with Megatron's
+        sequence parallelism in the norm/residual region: ONE all-gather before the column-parallel
+        projections, ONE reduce-scatter after the row-parallel ones        -> _layer_forward()
+
+Command A's parallel block helps TP: attention and MLP read the same LayerNorm output and both add into the
+residual, so one all-gather feeds q, k, v, gate and up, and the two row-parallel partial sums are added
+BEFORE the single reduce-scatter (a sequential block needs 2 all-gathers + 2 reduce-scatters per layer).
+
+Library and hand-written parts: the mesh (init_device_mesh), the weight layouts (parallelize_module), FSDP2
+(fully_shard, HSDP on a 2-D mesh) and checkpoint gathering (torch.distributed.checkpoint.state_dict) are
+PyTorch's own. The Megatron-SP collectives are written out (_AllGather / _ReduceScatter, autograd-aware: the
+backward of an all-gather is a reduce-scatter and vice versa) because they are the strategy, and because the
+library path issues one collective per projection (5 per layer for q/k/v/gate/up); tests check the written-out
+block against the parallelize_module path (SequenceParallel + Colwise/RowwiseParallel) on the same weights.
+
+Numerics: every parallel layout computes the same function as one process. The only differences are the order
+of fp32 sums (gradient reductions, row-parallel partial sums), so fp32 runs agree to ~1e-6. Under bf16
+autocast the row-parallel partial sums are formed in fp32 and rounded to bf16 once after the reduction, as one
+device's GEMM rounds its fp32 accumulator once.
+
+References: Shoeybi et al. 2019 (Megatron-LM TP), Korthikanti et al. 2022 (sequence parallelism, activation
+memory), Rajbhandari et al. 2020 (ZeRO), Zhao et al. 2023 (PyTorch FSDP), torchtitan (composition order).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import types
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model import PRESETS, CommandA, ModelConfig, attention_allowed, apply_rope, doc_ids_from_positions, \
+    fp8_linear, positions_from_doc_ids, rope_cos_sin
+
+AXES = ("dp", "fsdp", "sp", "tp")
+# torch 2.13 renames the tensor collectives (*_single) and deprecates slicing flattened mesh dims; the GPU
+# machines run 2.11, which has only the old names, so keep them and silence the notices
+warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated")
+warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1      # data parallel: model replicated, gradients all-reduced (the outer, inter-node axis)
+    fsdp: int = 1    # fully sharded data parallel: params / grads / Adam state split over these ranks (ZeRO-3)
+    sp: int = 1      # sequence parallel: tokens of every row split over these ranks, K/V all-gathered in attention
+    tp: int = 1      # tensor parallel (Megatron): heads and MLP columns split; fastest links (inside a node)
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.fsdp * self.sp * self.tp
+
+    @property
+    def data(self) -> int:  # ranks that see different rows of the batch
+        return self.dp * self.fsdp
+
+    def validate(self, cfg: ModelConfig | None = None, world_size: int | None = None):
+        for a in AXES:
+            v = getattr(self, a)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{a} must be a positive integer, got {v!r}")
+        if world_size is not None and self.world != world_size:
+            raise ValueError(f"--dp {self.dp} x --fsdp {self.fsdp} x --sp {self.sp} x --tp {self.tp} = {self.world}, "
+                             f"but the world size is {world_size}: the product of the axes must equal the number "
+                             f"of processes (torchrun --nproc_per_node x --nnodes)")
+        if cfg is not None and self.tp > 1:
+            if cfg.num_key_value_heads % self.tp:
+                raise ValueError(f"--tp {self.tp}: num_key_value_heads={cfg.num_key_value_heads} is not divisible "
+                                 f"by tp; every TP rank needs whole KV heads (GQA). Use a tp that divides "
+                                 f"{cfg.num_key_value_heads}")
+            if cfg.num_attention_heads % self.tp or cfg.intermediate_size % self.tp:
+                raise ValueError(f"--tp {self.tp} must divide num_attention_heads={cfg.num_attention_heads} and "
+                                 f"intermediate_size={cfg.intermediate_size}")
+
+    def check_batch(self, B: int, T: int):
+        if B % self.data:
+            raise ValueError(f"batch of {B} rows cannot be split over dp x fsdp = {self.data} ranks: "
+                             f"choose a --batch-size divisible by {self.data}")
+        if T % (self.sp * self.tp):
+            raise ValueError(f"sequence of {T} tokens cannot be split over sp x tp = {self.sp * self.tp} ranks: "
+                             f"every context length must be divisible by {self.sp * self.tp}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Process group and the named mesh
+
+
+def init_distributed() -> torch.device:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment; multi-node
+    is torchrun's own --nnodes/--rdzv flags). NCCL on CUDA, gloo on CPU. Returns this process's device."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise RuntimeError("parallel training needs torchrun: torchrun --nproc_per_node N pretrain.py ... "
+                           "(RANK / WORLD_SIZE are not set)")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def build_mesh(pc: ParallelConfig, device_type: str):
+    """The 4-D mesh (dp, fsdp, sp, tp). Ranks are laid out tp-fastest: TP neighbours share a node (NVLink),
+    dp is the outermost (slowest links carry only one gradient all-reduce per step)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (pc.dp, pc.fsdp, pc.sp, pc.tp), mesh_dim_names=AXES)
+
+
+@dataclass
+class ParallelState:
+    """What the sharded forward needs to know about this rank; attached to the model as `model._parallel`."""
+    pc: ParallelConfig
+    mesh: object
+    groups: dict          # axis -> ProcessGroup
+    rank: dict            # axis -> this rank's coordinate
+    tp_sharded: set       # parameter names split by TP (the rest are replicated over tp)
+    fsdp: bool            # fully_shard applied (some of dp / fsdp / sp > 1)
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank["dp"] * self.pc.fsdp + self.rank["fsdp"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hand-written collectives along the sequence (autograd-aware), counted for the plan's formulas
+
+COLLECTIVES = Counter()   # (op, axis) -> calls;  ("bytes", axis) -> bytes handed to the collective
+
+
+def _comm_dtype(x):  # gloo has no bf16 reduction kernels: carry bf16 as fp32 (exact) on CPU
+    return torch.float32 if (x.dtype == torch.bfloat16 and not x.is_cuda) else x.dtype
+
+
+def _all_gather(x, group, axis, dim):
+    COLLECTIVES[("all_gather", axis)] += 1
+    COLLECTIVES[("bytes", axis)] += x.numel() * x.element_size()
+    n = dist.get_world_size(group)
+    xm = x.movedim(dim, 0).to(_comm_dtype(x)).contiguous()                  # rank blocks laid out along dim 0
+    out = torch.empty((n * xm.shape[0], *xm.shape[1:]), dtype=xm.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, xm, group=group)
+    return out.movedim(0, dim).to(x.dtype)
+
+
+def _reduce_scatter(x, group, axis, dim):
+    COLLECTIVES[("reduce_scatter", axis)] += 1
+    COLLECTIVES[("bytes", axis)] += x.numel() * x.element_size()
+    n = dist.get_world_size(group)
+    xm = x.movedim(dim, 0).to(_comm_dtype(x)).contiguous()
+    out = torch.empty((xm.shape[0] // n, *xm.shape[1:]), dtype=xm.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, xm, op=dist.ReduceOp.SUM, group=group)
+    return out.movedim(0, dim).to(x.dtype)
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate the ranks' chunks along `dim`. Backward: every rank's gradient w.r.t. the full tensor is a
+    partial sum (its own tokens' contribution), so the chunk's gradient is the SUM over ranks: a reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x, group, axis, dim):
+        ctx.args = (group, axis, dim)
+        return _all_gather(x, group, axis, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, *ctx.args), None, None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """Sum partial results over ranks and keep this rank's chunk along `dim`. Backward: an all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group, axis, dim):
+        ctx.args = (group, axis, dim)
+        return _reduce_scatter(x, group, axis, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, *ctx.args), None, None, None
+
+
+def all_gather_seq(x, P: ParallelState, axis: str, dim: int = 1):
+    return _AllGather.apply(x, P.groups[axis], axis, dim)
+
+
+def reduce_scatter_seq(x, P: ParallelState, axis: str, dim: int = 1):
+    return _ReduceScatter.apply(x, P.groups[axis], axis, dim)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sharded forward: the same math as model.py, on this rank's rows, tokens and heads
+
+
+def _local(w):
+    """A TP weight is a DTensor placed by parallelize_module; the matmul uses this rank's shard of it."""
+    from torch.distributed.tensor import DTensor
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
+def _column(x, lin):
+    """Column-parallel: this rank's output features (heads / MLP columns); the input is the full activation."""
+    w = _local(lin.weight)
+    return fp8_linear(x, w) if lin.fp8 else F.linear(x, w)
+
+
+def _row(x, lin, tp):
+    """Row-parallel: this rank's input features; the result is a PARTIAL sum, completed by the reduce-scatter.
+    Under bf16 autocast the partials are fp32 (bf16 operands, fp32 accumulate), rounded to bf16 once after the
+    reduction -- what one device's GEMM does with its accumulator -- so TP changes nothing but fp32 sum order."""
+    w = _local(lin.weight)
+    if lin.fp8:
+        return fp8_linear(x, w).float()
+    dev = x.device.type
+    if tp > 1 and torch.is_autocast_enabled(dev):
+        low = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return F.linear(x.to(low).float(), w.to(low).float())
+    return F.linear(x, w).float()
+
+
+def _attention(attn, n, rope, mask, P: ParallelState):
+    """GQA attention on this rank's heads (TP) for this rank's query tokens (SP), against ALL keys of the row."""
+    B, Tq, _ = n.shape
+    nh, nkv, dh = attn.nh // P.pc.tp, attn.nkv // P.pc.tp, attn.dh   # heads split: whole KV groups per rank
+    q = _column(n, attn.q_proj).view(B, Tq, nh, dh).transpose(1, 2)         # (B, nh/tp, Tq, dh)
+    k = _column(n, attn.k_proj).view(B, Tq, nkv, dh).transpose(1, 2)        # (B, nkv/tp, Tq, dh)
+    v = _column(n, attn.v_proj).view(B, Tq, nkv, dh).transpose(1, 2)
+    if attn.kind == "sliding":          # RoPE at each token's own position, before K leaves this rank
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if P.pc.sp > 1:
+        # SP: the mask (window, documents) may reach keys held by any sp rank, so gather all of K and V (one
+        # collective for both); the queries stay local. Exact for any window and document layout.
+        kv = all_gather_seq(torch.cat([k, v], dim=1), P, "sp", dim=2)        # (B, 2 nkv/tp, T, dh)
+        k, v = kv[:, :nkv], kv[:, nkv:]
+    y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=nkv != nh)
+    return _row(y.transpose(1, 2).reshape(B, Tq, nh * dh), attn.o_proj, P.pc.tp)
+
+
+def _mlp(mlp, n, P: ParallelState):
+    return _row(F.silu(_column(n, mlp.gate_proj)) * _column(n, mlp.up_proj), mlp.down_proj, P.pc.tp)
+
+
+def _layer_forward(self, h, rope, mask, cache=None):
+    """DecoderLayer.forward under SP/TP. h is this rank's slice of the residual stream, (B, T/(sp*tp), H)."""
+    P = self._parallel
+    n = self.input_layernorm(h)                         # norm on sequence-sharded tokens: no communication
+    if P.pc.tp > 1:
+        n = all_gather_seq(n, P, "tp")                  # (B, T/sp, H): ONE all-gather feeds q, k, v, gate, up
+    y = _attention(self.self_attn, n, rope, mask, P) + _mlp(self.mlp, n, P)   # parallel block: add partials
+    if P.pc.tp > 1:
+        y = reduce_scatter_seq(y, P, "tp")              # ONE reduce-scatter completes both branches' sums
+    return h + y.to(h.dtype)
+
+
+def _model_forward(self, input_ids, targets=None, position_ids=None, doc_ids=None, cache=None, logits_index=None):
+    """CommandA.forward under all four axes. Every rank receives the SAME global batch (B, T) and keeps its rows
+    (dp x fsdp) and tokens (sp x tp). Returns the global token-mean loss; its gradient is this rank's share,
+    scaled so FSDP's average over its mesh turns into the sum over ranks (see `grad_scale`)."""
+    P = self._parallel
+    if targets is None or cache is not None or logits_index is not None:
+        raise ValueError("the sharded model only trains (input_ids + targets); gather_full_model() gives a "
+                         "single-process model for logits, evaluation and generation")
+    cfg, pc = self.config, P.pc
+    B, T = input_ids.shape
+    pc.check_batch(B, T)
+    if position_ids is None:
+        position_ids = positions_from_doc_ids(doc_ids) if doc_ids is not None else \
+            torch.arange(T, device=input_ids.device).expand(B, T)
+    if doc_ids is None:
+        doc_ids = doc_ids_from_positions(position_ids)
+    n_targets = (targets != -100).sum().clamp(min=1)          # of the global batch: every rank knows it
+    Bd, Ts, Tl = B // pc.data, T // pc.sp, T // (pc.sp * pc.tp)
+    rows = slice(P.data_rank * Bd, (P.data_rank + 1) * Bd)                     # DP / FSDP: split the batch
+    s0 = P.rank["sp"] * Ts                                                      # SP: this rank's query tokens
+    t0 = s0 + P.rank["tp"] * Tl                                                 # TP's SP: this rank's residual
+    ids, tgt, pos, doc = input_ids[rows], targets[rows], position_ids[rows], doc_ids[rows]
+
+    h = self.model.embed_tokens(ids[:, t0:t0 + Tl])                             # (B/data, T/(sp*tp), H)
+    cos, sin = rope_cos_sin(pos[:, s0:s0 + Ts], cfg.head_dim, cfg.rope_theta, h.dtype)
+    q_pos, kv_pos = pos[:, None, s0:s0 + Ts, None], pos[:, None, None, :]       # rows: my queries; cols: all keys
+    q_doc, kv_doc = doc[:, None, s0:s0 + Ts, None], doc[:, None, None, :]
+    masks = {kind: attention_allowed(q_pos, kv_pos, q_doc, kv_doc, cfg.sliding_window if kind == "sliding" else None)
+             for kind in ("sliding", "full")}
+    for layer in self.model.layers:
+        h = layer(h, (cos, sin), masks[layer.self_attn.kind])
+    h = self.model.norm(h)
+    logits = F.linear(h, self.model.embed_tokens.weight).float() * (cfg.logit_scale / cfg.width_mult)
+    local = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt[:, t0:t0 + Tl].reshape(-1),
+                            ignore_index=-100, reduction="sum")                 # this rank's tokens only
+    total = local.detach().clone()
+    COLLECTIVES[("all_reduce", "world")] += 1
+    dist.all_reduce(total)                            # every token lives on exactly one rank: the sum is the batch's
+    scaled = local / n_targets * grad_scale(P)
+    return scaled + (total / n_targets - scaled).detach()     # value: the global mean; gradient: this rank's share
+
+
+def grad_scale(P: ParallelState) -> float:
+    """FSDP averages gradients over its mesh (dp x fsdp x sp ranks); each of those ranks holds a disjoint share
+    of the loss, so the loss is multiplied by the mesh size to make the average a sum."""
+    return float(P.pc.dp * P.pc.fsdp * P.pc.sp) if P.fsdp else 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Applying the strategies to a CommandA (in torchtitan's order: TP, then FSDP per block, then the root)
+
+
+def tp_plan():
+    """Megatron's layout as DTensor placements: column-parallel = weight Shard(0) (output features),
+    row-parallel = weight Shard(1) (input features). Head h's rows are contiguous, so Shard(0) of q_proj
+    gives each rank whole heads, and Shard(0) of k/v_proj whole KV heads (kv_heads % tp == 0)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    col, row = ColwiseParallel, RowwiseParallel
+    return {"self_attn.q_proj": col(), "self_attn.k_proj": col(), "self_attn.v_proj": col(),
+            "self_attn.o_proj": row(), "mlp.gate_proj": col(), "mlp.up_proj": col(), "mlp.down_proj": row()}
+
+
+def parallelize(model: CommandA, pc: ParallelConfig, mesh=None) -> CommandA:
+    """Shard `model` in place over the mesh and switch its forward to the sharded one. Call on every rank with
+    the same (identically initialised or loaded) full model; build the optimizer afterwards."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    pc.validate(model.config, dist.get_world_size())
+    device_type = next(model.parameters()).device.type
+    mesh = mesh if mesh is not None else build_mesh(pc, device_type)
+    if pc.tp > 1:
+        for layer in model.model.layers:
+            parallelize_module(layer, mesh["tp"], tp_plan())
+    tp_sharded = {n for n, p in model.named_parameters() if type(p).__name__ == "DTensor" or
+                  type(getattr(p, "data", None)).__name__ == "DTensor"}
+    use_fsdp = pc.dp * pc.fsdp * pc.sp > 1
+    P = ParallelState(pc=pc, mesh=mesh, groups={a: mesh.get_group(a) for a in AXES},
+                      rank={a: mesh.get_local_rank(a) for a in AXES}, tp_sharded=tp_sharded, fsdp=use_fsdp)
+    model._parallel = P
+    model.forward = types.MethodType(_model_forward, model)        # the same module; its forward sharded
+    for layer in model.model.layers:
+        layer._parallel = P
+        layer.forward = types.MethodType(_layer_forward, layer)
+    if use_fsdp:
+        # HSDP: replicate over dp (dim 0), shard over fsdp x sp (dim 1). SP ranks hold the same weights but
+        # different tokens, so they join the sharding group (torchtitan does the same for context parallel).
+        fmesh = mesh["fsdp", "sp"]._flatten("fsdp_sp")
+        fmesh = mesh["dp", "fsdp_sp"]
+        for layer in model.model.layers:       # one all-gather / reduce-scatter unit per block
+            fully_shard(layer, mesh=fmesh)
+        fully_shard(model, mesh=fmesh)         # the root: embedding (tied output) and final norm
+    return model
+
+
+def is_parallel(model) -> bool:
+    return getattr(model, "_parallel", None) is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# After backward: gradients of TP-replicated params, and the global gradient norm
+
+
+@torch.no_grad()
+def sync_grads(model):
+    """Parameters TP does not split (embedding, norms) are replicated over tp, but each tp rank saw only its
+    slice of the sequence: sum their gradients over tp (one bucketed all-reduce). FSDP already reduced
+    everything over dp / fsdp / sp. (SPEC 4: "norm-weight gradients need a sum over the tp group".)"""
+    P = model._parallel
+    if P.pc.tp == 1:
+        return
+    grads = [_local(p.grad) for n, p in model.named_parameters() if n not in P.tp_sharded and p.grad is not None]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    COLLECTIVES[("all_reduce", "tp")] += 1
+    COLLECTIVES[("bytes", "tp")] += flat.numel() * flat.element_size()
+    dist.all_reduce(flat, group=P.groups["tp"])
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+
+
+def _replicas(p, world: int) -> int:
+    """How many ranks hold each element of p: world / (product of the mesh dims p is sharded over)."""
+    shards = 1
+    if type(p).__name__ == "DTensor":
+        for i, pl in enumerate(p.placements):
+            if pl.is_shard():
+                shards *= p.device_mesh.size(i)
+    return world // shards
+
+
+@torch.no_grad()
+def clip_grad_norm_(model, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for parameters on different meshes: sum the squares of local shards,
+    each divided by its replication count, over all ranks."""
+    P = model._parallel
+    world = P.pc.world
+    params = [p for p in model.parameters() if p.grad is not None]
+    sq = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    for p in params:
+        sq += _local(p.grad).double().pow(2).sum() / _replicas(p.grad, world)
+    COLLECTIVES[("all_reduce", "world")] += 1
+    dist.all_reduce(sq)
+    norm = sq.sqrt().float()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)      # torch's formula
+    for p in params:
+        _local(p.grad).mul_(coef.to(p.grad.dtype))
+    return norm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: any layout <-> the single-process (HF) layout, through torch.distributed.checkpoint.state_dict
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    # gathering a (fsdp, tp) parameter takes two all-gathers; DTensor logs that on every rank, every tensor
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+    return StateDictOptions(full_state_dict=True)
+
+
+def full_model_state(model) -> dict:
+    """The unsharded state dict (HF names), on every rank (a collective: call on all ranks)."""
+    if not is_parallel(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return {k: v.detach().cpu() for k, v in get_model_state_dict(model, options=_options()).items()}
+
+
+def gather_full_model(model) -> CommandA:
+    """A single-process CommandA with the current weights (for evaluation, sampling, save_pretrained)."""
+    sd = full_model_state(model)
+    with torch.device("meta"):
+        full = CommandA(model.config)
+    full.load_state_dict(sd, assign=True)
+    return full
+
+
+def _param_names(model, opt) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def full_optimizer_state(model, opt) -> dict:
+    """The optimizer state in the single-process layout of `opt.state_dict()` (params as indices in group
+    order), unsharded: a single process or any other layout loads it (a collective)."""
+    if not is_parallel(model):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    osd = get_optimizer_state_dict(model, opt, options=_options())
+    names = _param_names(model, opt)
+    state = {i: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in osd["state"][n].items()}
+             for i, n in enumerate(names) if n in osd["state"]}
+    return {"state": state, "param_groups": opt.state_dict()["param_groups"]}
+
+
+def load_full_state(model, opt, model_state: dict, opt_state: dict | None):
+    """Load single-process (HF) weights and optimizer state into a model of any layout (all ranks call it)."""
+    if not is_parallel(model):
+        model.load_state_dict(model_state)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    set_model_state_dict(model, dict(model_state), options=_options())   # copies: the setters edit in place
+    if opt_state is not None:
+        names = _param_names(model, opt)
+        if len(names) != sum(len(g["params"]) for g in opt_state["param_groups"]):
+            raise ValueError("optimizer state does not match this model's parameters")
+        osd = {"state": {names[int(i)]: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                         for i, s in opt_state["state"].items()},   # clones: the optimizer steps them in place
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_state["param_groups"]]}
+        set_optimizer_state_dict(model, opt, osd, options=_options())
+
+
+def local_state_bytes(model, opt) -> dict:
+    """Bytes this rank holds for parameters and optimizer state (its shards only; Adam's scalar step excluded)."""
+    pbytes = sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
+    obytes = sum(_local(v).numel() * _local(v).element_size() for s in opt.state.values() for k, v in s.items()
+                 if torch.is_tensor(v) and k != "step")
+    return {"params": pbytes, "optimizer": obytes}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plan: memory and communication per GPU from the ZeRO / Megatron formulas (what parallelize() does)
+
+H100_MEM = 80e9          # bytes of HBM on an H100 SXM
+BYTES = {"master": 4, "grad": 4, "adam": 8, "gathered": 2}   # fp32 master, fp32 grads, Adam m+v; bf16 gathered
+
+
+def collectives_per_step(cfg: ModelConfig, pc: ParallelConfig, micro_batches: int = 1) -> dict:
+    """Collective calls per optimizer step that parallel.py issues itself (FSDP's are the library's). Per layer
+    and micro-batch: TP+SP 1 all-gather + 1 reduce-scatter forward (the parallel block's fusion) and the same
+    swapped in backward; SP 1 K/V all-gather forward, 1 reduce-scatter backward. Per micro-batch one loss
+    all-reduce; per step one tp all-reduce of the replicated gradients and one for the gradient norm."""
+    L, m = cfg.num_hidden_layers, micro_batches
+    c = Counter()
+    if pc.tp > 1:
+        c[("all_gather", "tp")] = 2 * L * m
+        c[("reduce_scatter", "tp")] = 2 * L * m
+        c[("all_reduce", "tp")] = 1
+    if pc.sp > 1:
+        c[("all_gather", "sp")] = L * m
+        c[("reduce_scatter", "sp")] = L * m
+    if pc.world > 1:
+        c[("all_reduce", "world")] = m + 1
+    return dict(c)
+
+
+def plan(cfg: ModelConfig, pc: ParallelConfig, seq: int, micro_batch: int, micro_batches: int = 1,
+         recompute: bool = False) -> dict:
+    """Per-GPU memory (bytes) and communication (bytes sent per step, ring algorithms: an all-gather or
+    reduce-scatter of S bytes over g ranks sends (g-1)/g * S, an all-reduce twice that)."""
+    H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kvd = cfg.num_key_value_heads * cfg.head_dim
+    t, s, shard = pc.tp, pc.sp, pc.fsdp * pc.sp
+    layer_mats = 2 * H * H + 2 * H * kvd + 3 * H * I            # q, o, k, v, gate, up, down: split by TP
+    replicated = V * H + (L + 1) * H                             # tied embedding + norms: not split by TP here
+    per_tp_rank = L * layer_mats / t + replicated                # parameters one TP rank owns before FSDP
+    p_local = per_tp_rank / shard                                # ... and after FSDP's sharding
+    mem = {"params": p_local * BYTES["master"], "grads": p_local * BYTES["grad"], "optimizer": p_local * BYTES["adam"],
+           "gathered": 2 * layer_mats / t * BYTES["gathered"]}   # two blocks unsharded at a time (prefetch)
+    # activations kept for backward, bf16 unless noted, per token per layer (no dropout, flash attention):
+    # residual in fp32 4H, norm out 2H, q 2H, k+v 4*kvd, attention out 2H, gate/up/product 6I
+    per_tok_layer = 10 * H + 4 * kvd + 6 * I
+    tokens_local = micro_batch * seq / (s * t)                   # norm/residual/MLP regions are sequence-sharded
+    if recompute:   # full activation checkpointing: keep each layer's input, rebuild one layer at a time
+        act = L * tokens_local * 4 * H + tokens_local * per_tok_layer
+    else:
+        act = L * tokens_local * per_tok_layer
+    if s > 1:       # the gathered K/V of the whole row, saved for backward
+        act += (1 if recompute else L) * micro_batch * seq * 2 * 2 * kvd / t
+    act += tokens_local * V * 4                                  # fp32 logits of this rank's tokens
+    mem["activations"] = act
+    mem["total"] = sum(mem.values())
+    ring = lambda g: (g - 1) / g                                 # noqa: E731
+    m = micro_batches
+    tok_mb = micro_batch * seq
+    comm = {
+        # FSDP: all-gather the bf16... here fp32 params forward and backward, reduce-scatter fp32 grads
+        "fsdp": m * 3 * ring(shard) * per_tp_rank * 4 if shard > 1 else 0.0,
+        "dp": 2 * ring(pc.dp) * p_local * 4 if pc.dp > 1 else 0.0,
+        # TP+SP per layer: AG of the norm output (fp32 residual dtype) + RS of the fp32 partials, x2 for backward
+        "tp": m * L * 4 * ring(t) * (tok_mb / s) * H * 4 + 2 * ring(t) * replicated / shard * 4 if t > 1 else 0.0,
+        # SP: K/V of local heads gathered forward, reduce-scattered backward (bf16)
+        "sp": m * L * 2 * ring(s) * tok_mb * 2 * kvd / t * 2 if s > 1 else 0.0,
+    }
+    comm["total"] = sum(comm.values())
+    return {"layout": {a: getattr(pc, a) for a in AXES}, "gpus": pc.world, "seq": seq, "micro_batch": micro_batch,
+            "micro_batches": m, "recompute": recompute, "memory": mem, "comm_bytes_per_step": comm,
+            "collectives_per_step": {f"{op}@{ax}": n for (op, ax), n in collectives_per_step(cfg, pc, m).items()},
+            "fits_h100": mem["total"] < H100_MEM}
+
+
+def candidate_layouts(gpus: int) -> list[ParallelConfig]:
+    out = [ParallelConfig(fsdp=gpus)]
+    for tp, sp in ((4, 1), (8, 1), (8, 2), (8, 4)):
+        if gpus % (tp * sp) == 0 and gpus >= tp * sp:
+            out.append(ParallelConfig(fsdp=gpus // (tp * sp), sp=sp, tp=tp))
+    if gpus % 64 == 0 and gpus > 64:
+        out.append(ParallelConfig(dp=gpus // 64, fsdp=8, tp=8))
+    return out
+
+
+def plan_table(cfg: ModelConfig, layouts, seq: int, micro_batch: int, recompute: bool) -> tuple[str, list]:
+    G = 1e9
+    rows = [plan(cfg, pc, seq, micro_batch, recompute=recompute) for pc in layouts]
+    lines = [f"| dp | fsdp | sp | tp | params+grads+Adam GB | gathered GB | activations GB | total GB | fits 80 GB "
+             f"| comm GB/step/GPU (fsdp / dp / tp / sp) |", "|" + "---|" * 10]
+    for r in rows:
+        m, c, l = r["memory"], r["comm_bytes_per_step"], r["layout"]
+        lines.append(f"| {l['dp']} | {l['fsdp']} | {l['sp']} | {l['tp']} | "
+                     f"{(m['params'] + m['grads'] + m['optimizer']) / G:.1f} | {m['gathered'] / G:.1f} | "
+                     f"{m['activations'] / G:.1f} | {m['total'] / G:.1f} | {'yes' if r['fits_h100'] else 'no'} | "
+                     f"{c['total'] / G:.1f} ({c['fsdp'] / G:.1f} / {c['dp'] / G:.1f} / {c['tp'] / G:.1f} / "
+                     f"{c['sp'] / G:.1f}) |")
+    return "\n".join(lines), rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Plan a parallel layout: memory per GPU and communication per step "
+                                 "from the ZeRO / Megatron formulas, for a model preset on H100s.")
+    ap.add_argument("--plan", metavar="PRESET", required=True, help=f"model preset ({', '.join(PRESETS)})")
+    ap.add_argument("--gpus", type=int, default=64, help="number of GPUs (default 64)")
+    for a in AXES:
+        ap.add_argument(f"--{a}", type=int, default=None, help=f"{a} degree of one layout to detail")
+    ap.add_argument("--seq", type=int, default=8192, help="tokens per row (report: 8K main phase; default 8192)")
+    ap.add_argument("--micro-batch", type=int, default=1, help="rows per GPU-group micro-batch (default 1)")
+    ap.add_argument("--recompute", action="store_true", help="full activation checkpointing per block")
+    args = ap.parse_args(argv)
+    if args.plan not in PRESETS:
+        ap.error(f"--plan {args.plan!r}: unknown preset; choose from {sorted(PRESETS)}")
+    if args.gpus < 1 or args.seq < 1 or args.micro_batch < 1:
+        ap.error("--gpus, --seq and --micro-batch must be >= 1")
+    cfg = PRESETS[args.plan]
+    layouts = candidate_layouts(args.gpus)
+    chosen = None
+    if any(getattr(args, a) is not None for a in AXES):
+        given = {a: getattr(args, a) or 1 for a in AXES}
+        if any(given[a] != 1 for a in AXES if getattr(args, a) is None) or True:
+            rest = args.gpus // max(1, math.prod(given.values()))
+            if args.fsdp is None:            # unspecified fsdp takes the remaining GPUs
+                given["fsdp"] = rest
+        chosen = ParallelConfig(**given)
+        try:
+            chosen.validate(cfg, args.gpus)
+        except ValueError as e:
+            ap.error(str(e))
+        layouts = [chosen] + [pc for pc in layouts if pc != chosen]
+    for pc in layouts:
+        pc.validate(cfg)
+    table, rows = plan_table(cfg, layouts, args.seq, args.micro_batch, args.recompute)
+    print(f"{args.plan}: {cfg.num_params() / 1e9:.1f}B params, {args.gpus} GPUs, seq {args.seq}, micro-batch "
+          f"{args.micro_batch}, {'full recompute' if args.recompute else 'no recompute'}; fp32 master + grads "
+          f"+ Adam = 16 B/param split by tp x fsdp x sp")
+    print(table)
+    print(json.dumps({"preset": args.plan, "params": cfg.num_params(), "rows": rows}))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

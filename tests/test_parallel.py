@@ -1,0 +1,359 @@
+"""parallel.py: DP, FSDP (HSDP), SP and TP on gloo/CPU against one process -- losses over several optimizer steps
+and final parameters, with sliding windows, document masks, GQA and muP groups in the model; FSDP memory per
+rank; counted collectives against the plan's formulas; checkpoints across layouts; the written-out Megatron
+block against parallelize_module's; pretrain.py under torchrun; the plan CLI.
+
+Two process-group launches (2 and 4 ranks) run all distributed checks; the tests read their results."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import parallel as par
+import pretrain as P
+from model import CommandA, ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# GQA (4 query heads, 2 KV heads), 3 sliding layers (window 6 < T) + 1 full, muP on (m = 2)
+CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, sliding_window=6, max_position_embeddings=64, mup_base_hidden_size=32)
+B, T, STEPS = 4, 16, 3
+TOL = dict(rtol=2e-4, atol=2e-5)
+
+
+def batches(n=STEPS, seed=0):
+    """Packed rows with several documents each (document ids, -100 targets at every document end)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, CFG.vocab_size, (B, T + 1), generator=g)
+        cuts = torch.rand(B, T, generator=g) < 0.15
+        doc = cuts.long().cumsum(1)
+        tgt = ids[:, 1:].clone()
+        tgt[:, :-1][doc[:, 1:] != doc[:, :-1]] = -100                 # never predict across a document boundary
+        out.append({"input_ids": ids[:, :-1], "targets": tgt, "doc_ids": doc})
+    return out
+
+
+def fresh(seed=0):
+    torch.manual_seed(seed)
+    model = CommandA(CFG)
+    opt = torch.optim.AdamW(P.param_groups(model, P.TrainConfig(weight_decay=0.1)), lr=1e-2, betas=(0.9, 0.95))
+    for g in opt.param_groups:
+        g["lr"] = 1e-2 * g["lr_mult"]
+    return model, opt
+
+
+def train(model, opt, data):
+    losses = []
+    for b in data:
+        loss = model(b["input_ids"], targets=b["targets"], doc_ids=b["doc_ids"])
+        loss.backward()
+        if par.is_parallel(model):
+            par.sync_grads(model)
+            par.clip_grad_norm_(model, 0.5)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def max_param_diff(sd, ref):
+    return max((sd[k].float() - ref[k].float()).abs().max().item() for k in ref)
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+
+
+def _layouts(world):
+    if world == 2:
+        return [dict(dp=2), dict(fsdp=2), dict(sp=2), dict(tp=2)]
+    return [dict(fsdp=2, tp=2), dict(sp=2, tp=2), dict(dp=2, fsdp=2), dict(fsdp=2, sp=2)]
+
+
+def _job(world):
+    rank = dist.get_rank()
+    data = batches()
+    res = {"layouts": {}}
+    if rank == 0:
+        model, opt = fresh()
+        res["ref_losses"] = train(model, opt, data)
+        ref_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        res["ref_bytes"] = par.local_state_bytes(model, opt)
+    for lay in _layouts(world):
+        pc = par.ParallelConfig(**lay)
+        model, opt = fresh()
+        par.parallelize(model, pc)
+        opt = torch.optim.AdamW(P.param_groups(model, P.TrainConfig(weight_decay=0.1)), lr=1e-2, betas=(0.9, 0.95))
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 * g["lr_mult"]
+        par.COLLECTIVES.clear()
+        losses = train(model, opt, data[:1])
+        counted = {f"{op}@{ax}": n for (op, ax), n in par.COLLECTIVES.items() if op != "bytes"}
+        losses += train(model, opt, data[1:])
+        sd = par.gather_full_model(model).state_dict()   # a collective: every rank
+        r = {"losses": losses, "counted": counted, "bytes": par.local_state_bytes(model, opt),
+             "formula": {f"{op}@{ax}": n for (op, ax), n in par.collectives_per_step(CFG, pc).items()}}
+        if rank == 0:
+            r["param_diff"] = max_param_diff(sd, ref_sd)
+        res["layouts"][json.dumps(lay)] = r
+    if world == 2:
+        res["library"] = _library_block_check()
+        res["errors"] = _error_checks()
+    else:
+        res["ckpt"] = _checkpoint_round_trip(data)
+    return res
+
+
+def _checkpoint_round_trip(data):
+    """2 steps in fsdp x tp -> full (HF-layout) state -> 1 step in sp x tp, and 1 step in one process: both
+    continue exactly like an uninterrupted single-process run."""
+    rank = dist.get_rank()
+    out = {}
+    a, opt_a = fresh()
+    par.parallelize(a, par.ParallelConfig(fsdp=2, tp=2))
+    opt_a = torch.optim.AdamW(P.param_groups(a, P.TrainConfig(weight_decay=0.1)), lr=1e-2, betas=(0.9, 0.95))
+    for g in opt_a.param_groups:
+        g["lr"] = 1e-2 * g["lr_mult"]
+    train(a, opt_a, data[:2])
+    msd, osd = par.full_model_state(a), par.full_optimizer_state(a, opt_a)
+    b, _ = fresh(seed=123)                     # other init: everything must come from the checkpoint
+    par.parallelize(b, par.ParallelConfig(sp=2, tp=2))
+    opt_b = torch.optim.AdamW(P.param_groups(b, P.TrainConfig(weight_decay=0.1)), lr=1e-2, betas=(0.9, 0.95))
+    par.load_full_state(b, opt_b, msd, osd)
+    out["resumed_loss"] = train(b, opt_b, data[2:])
+    out["resumed_sd"] = par.full_model_state(b)
+    if rank == 0:
+        ref, ref_opt = fresh()
+        out["ref_losses"] = train(ref, ref_opt, data)
+        ref_sd = ref.state_dict()
+        out["layout_diff"] = max_param_diff(out.pop("resumed_sd"), ref_sd)
+        one, one_opt = fresh(seed=7)           # the same checkpoint in a single process
+        one.load_state_dict(msd)
+        one_opt.load_state_dict(osd)
+        out["single_loss"] = train(one, one_opt, data[2:])
+        out["single_diff"] = max_param_diff(one.state_dict(), ref_sd)
+        # ... and through the HF files: save_pretrained + from_pretrained of the gathered model
+        with tempfile.TemporaryDirectory() as d:
+            m = CommandA(CFG)
+            m.load_state_dict(msd)
+            m.save_pretrained(d)
+            back = CommandA.from_pretrained(d)
+            out["hf_equal"] = all(torch.equal(back.state_dict()[k], msd[k]) for k in msd)
+    else:
+        out.pop("resumed_sd")
+    return out
+
+
+def _library_block_check():
+    """The written-out Megatron TP+SP block (_layer_forward: 1 all-gather, 1 reduce-scatter) against the same
+    layer sharded by parallelize_module with the library's SequenceParallel / Colwise / Rowwise styles and run
+    through model.py's own DecoderLayer.forward: same outputs, same input and weight gradients."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+    from model import rope_cos_sin, attention_allowed
+    rank = dist.get_rank()
+    torch.manual_seed(1)
+    model = CommandA(CFG)
+    x = torch.randn(2, T, CFG.hidden_size)
+    pos = torch.arange(T).expand(2, T)
+    rope = rope_cos_sin(pos, CFG.head_dim, CFG.rope_theta, torch.float32)
+    mask = attention_allowed(pos[:, None, :, None], pos[:, None, None, :], 0, 0, CFG.sliding_window)
+    Tl = T // 2
+    mine = CommandA(CFG)
+    mine.load_state_dict(model.state_dict())
+    par.parallelize(mine, par.ParallelConfig(tp=2))
+    xl = x[:, rank * Tl:(rank + 1) * Tl].clone().requires_grad_(True)
+    y_mine = mine.model.layers[0](xl, rope, mask)
+    y_mine.pow(2).sum().backward()
+
+    lib = CommandA(CFG).model.layers[0]
+    lib.load_state_dict(model.model.layers[0].state_dict())
+    mesh = mine._parallel.mesh["tp"]
+    parallelize_module(lib, mesh, {
+        "input_layernorm": SequenceParallel(),
+        "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                        desired_input_layouts=(Replicate(), None, None, None)),
+        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        **{k: v for k, v in par.tp_plan().items() if not k.endswith(("o_proj", "down_proj"))},
+        "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)})
+    lib.self_attn.nh //= 2
+    lib.self_attn.nkv //= 2
+    xl2 = x[:, rank * Tl:(rank + 1) * Tl].clone().requires_grad_(True)
+    from torch.distributed.tensor import DTensor
+    y_lib = lib(DTensor.from_local(xl2, mesh, [Shard(1)]), rope, mask)   # the residual as a sequence-sharded DTensor
+    y_lib.to_local().pow(2).sum().backward()
+    out = {"out_diff": (y_lib.to_local() - y_mine).abs().max().item(),
+           "dx_diff": (xl2.grad - xl.grad).abs().max().item()}
+    gm = {n: par._local(p.grad) for n, p in mine.model.layers[0].named_parameters()}
+    gm["input_layernorm.weight"] = gm["input_layernorm.weight"].clone()
+    dist.all_reduce(gm["input_layernorm.weight"])          # what sync_grads does for TP-replicated params
+    # the library leaves the norm weight's gradient Partial (a pending sum over tp); sync_grads() sums it
+    assert lib.input_layernorm.weight.grad.placements[0].is_partial()
+    g_lib = {n: par._local(p.grad.redistribute(placements=[Replicate()]) if p.grad.placements[0].is_partial()
+                           else p.grad) for n, p in lib.named_parameters()}
+    out["grad_diffs"] = {n: (g_lib[n] - gm[n]).abs().max().item() for n in g_lib}
+    out["grad_diff"] = max(out["grad_diffs"].values())
+    # the autograd all-gather against the library's functional collective (forward and backward)
+    from torch.distributed import _functional_collectives as funcol
+    all_gather_tensor_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    a = torch.randn(2, 3, 4, requires_grad=True)
+    b = a.detach().clone().requires_grad_(True)
+    w = torch.randn(2, 6, 4)
+    (par.all_gather_seq(a, mine._parallel, "tp", dim=1) * w).sum().backward()
+    g = all_gather_tensor_autograd(b.transpose(0, 1).contiguous(), 0, mine._parallel.groups["tp"])
+    (g.transpose(0, 1) * w).sum().backward()
+    out["allgather_grad_diff"] = (a.grad - b.grad).abs().max().item()
+    return out
+
+
+def _error_checks():
+    out = {}
+    bad = ModelConfig(**{**{f: getattr(CFG, f) for f in ("vocab_size", "hidden_size", "intermediate_size",
+                                                         "num_hidden_layers", "sliding_window")},
+                         "num_attention_heads": 4, "num_key_value_heads": 1})
+    try:
+        par.parallelize(CommandA(bad), par.ParallelConfig(tp=2))
+    except ValueError as e:
+        out["kv"] = str(e)
+    try:
+        par.parallelize(CommandA(CFG), par.ParallelConfig(fsdp=4))
+    except ValueError as e:
+        out["world"] = str(e)
+    m, _ = fresh()
+    par.parallelize(m, par.ParallelConfig(sp=2))
+    try:
+        m(torch.zeros(2, 15, dtype=torch.long), targets=torch.zeros(2, 15, dtype=torch.long))
+    except ValueError as e:
+        out["seq"] = str(e)
+    return out
+
+
+def _worker(rank, world, port, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    par.init_distributed()
+    try:
+        res = _job(world)
+    except Exception:
+        res = {"error": traceback.format_exc()}
+    if rank == 0 or "error" in res:
+        torch.save(res, f"{path}.{rank}")
+    dist.destroy_process_group()
+
+
+def _launch(world, tmp):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp / f"res{world}")
+    mp.spawn(_worker, args=(world, port, path), nprocs=world, join=True)
+    for r in range(world):
+        if os.path.exists(f"{path}.{r}"):
+            res = torch.load(f"{path}.{r}", weights_only=False)  # our own test output, written just now
+            assert "error" not in res, f"rank {r}:\n{res['error']}"
+    return torch.load(f"{path}.0", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    return _launch(2, tmp_path_factory.mktemp("w2"))
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    return _launch(4, tmp_path_factory.mktemp("w4"))
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [dict(dp=2), dict(fsdp=2), dict(sp=2), dict(tp=2)])
+def test_each_axis_matches_one_process_losses_and_parameters(world2, layout):
+    r = world2["layouts"][json.dumps(layout)]
+    assert len(r["losses"]) == STEPS
+    torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(world2["ref_losses"]), **TOL)
+    assert r["param_diff"] < 1e-4       # absolute, after 3 Adam steps of lr 1e-2: fp32 sum order only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [dict(fsdp=2, tp=2), dict(sp=2, tp=2), dict(dp=2, fsdp=2), dict(fsdp=2, sp=2)])
+def test_2x2_layouts_match_one_process(world4, layout):
+    r = world4["layouts"][json.dumps(layout)]
+    torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(world4["ref_losses"]), **TOL)
+    assert r["param_diff"] < 1e-4       # absolute, after 3 Adam steps of lr 1e-2: fp32 sum order only
+
+
+@pytest.mark.slow
+def test_fsdp_holds_one_nth_of_params_and_adam_state(world2, world4):
+    ref = world2["ref_bytes"]
+    assert world2["layouts"][json.dumps(dict(fsdp=2))]["bytes"] == {k: v // 2 for k, v in ref.items()}
+    assert world2["layouts"][json.dumps(dict(dp=2))]["bytes"] == ref          # DP replicates
+    assert world4["layouts"][json.dumps(dict(dp=2, fsdp=2))]["bytes"] == {k: v // 2 for k, v in ref.items()}
+
+
+@pytest.mark.slow
+def test_counted_collectives_match_the_plan_formula(world2, world4):
+    for res in (world2, world4):
+        for lay, r in res["layouts"].items():
+            assert r["counted"] == r["formula"], lay
+    tp = world2["layouts"][json.dumps(dict(tp=2))]["counted"]
+    assert tp["all_gather@tp"] == tp["reduce_scatter@tp"] == 2 * CFG.num_hidden_layers   # 1 + 1 per layer, x2 bwd
+
+
+@pytest.mark.slow
+def test_checkpoint_round_trip_between_layouts_and_one_process(world4):
+    c = world4["ckpt"]
+    torch.testing.assert_close(torch.tensor(c["resumed_loss"]), torch.tensor(c["ref_losses"][2:]), **TOL)
+    torch.testing.assert_close(torch.tensor(c["single_loss"]), torch.tensor(c["ref_losses"][2:]), **TOL)
+    assert c["layout_diff"] < 1e-4 and c["single_diff"] < 1e-4 and c["hf_equal"]
+
+
+@pytest.mark.slow
+def test_written_out_megatron_block_equals_the_parallelize_module_path(world2):
+    lib = world2["library"]
+    assert lib["out_diff"] < 1e-5 and lib["dx_diff"] < 1e-5 and lib["grad_diff"] < 1e-5
+    assert lib["allgather_grad_diff"] < 1e-6
+
+
+@pytest.mark.slow
+def test_bad_layouts_are_clear_errors(world2):
+    e = world2["errors"]
+    assert "num_key_value_heads=1" in e["kv"] and "divisible" in e["kv"]
+    assert "world size is 2" in e["world"]
+    assert "15 tokens" in e["seq"]
+
+
+def test_plan_cli_command_a_table_and_json():
+    proc = subprocess.run([sys.executable, "parallel.py", "--plan", "command-a", "--gpus", "64", "--tp", "8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    first = res["rows"][0]
+    assert first["layout"] == {"dp": 1, "fsdp": 8, "sp": 1, "tp": 8}
+    # ZeRO accounting: 16 bytes/param split over tp x fsdp (the replicated embedding only over fsdp)
+    cfg = P.PRESETS["command-a"]
+    H, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    per_rank = (cfg.num_params() - V * H - (L + 1) * H) / 8 / 8 + (V * H + (L + 1) * H) / 8
+    m = first["memory"]
+    assert m["params"] + m["grads"] + m["optimizer"] == pytest.approx(16 * per_rank)
+    full_fsdp = next(r for r in res["rows"] if r["layout"] == {"dp": 1, "fsdp": 64, "sp": 1, "tp": 1})
+    assert full_fsdp["comm_bytes_per_step"]["tp"] == 0 and "| 8 | 1 | 8 |" not in proc.stdout.splitlines()[1]
+    assert first["collectives_per_step"]["all_gather@tp"] == 2 * L
+    bad = subprocess.run([sys.executable, "parallel.py", "--plan", "command-a", "--gpus", "64", "--tp", "16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "num_key_value_heads=8" in bad.stderr
