@@ -213,24 +213,35 @@ class FusedDecode:
 
     @torch.no_grad()
     def refresh(self):
-        """(Re)build the fused weights if any parameter changed since the last build."""
+        """Rebuild the fused weights if any parameter changed since the last build. Rebuilt IN PLACE (copy_ into
+        the same tensors), so CUDA graphs captured over them stay valid."""
         key = self._version_key()
         if key == self._versions:
             return
-        self.layers = []
+        fresh = []
         for layer in self.model.model.layers:
             a, m = layer.self_attn, layer.mlp
             w_in = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight,
                               m.up_proj.weight]).t().contiguous()
             w_out = torch.cat([a.o_proj.weight, m.down_proj.weight], dim=1).t().contiguous()
-            self.layers.append((layer.input_layernorm.weight.float(), w_in, w_out, a.kind))
-        self.norm_w = self.model.model.norm.weight.float()
+            fresh.append((layer.input_layernorm.weight.float(), w_in, w_out))
+        fresh.append((self.model.model.norm.weight.float(), self.model.model.embed_tokens.weight.t().contiguous()))
+        if self._versions is None:
+            self.layers = [(*t, layer.self_attn.kind) for t, layer in zip(fresh, self.model.model.layers)]
+            self.norm_w, self.lm_head = fresh[-1]                          # lm_head: tied embedding, (H, V)
+        else:
+            old = [t[:3] for t in self.layers] + [(self.norm_w, self.lm_head)]
+            for dst, src in zip(old, fresh):
+                for d, s in zip(dst, src):
+                    if d is not s:
+                        d.copy_(s)
         self.embed = self.model.model.embed_tokens.weight
-        self.lm_head = self.embed.t().contiguous()                       # tied: (H, V)
         self._versions = key
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: "WindowKVCache") -> torch.Tensor:
-        """ids, pos: (B,) for cache rows 0..B-1. Writes each new k/v into its slot and returns (B, V) fp32."""
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: "WindowKVCache", static: bool = False):
+        """ids, pos: (B,) for cache rows 0..B-1. Writes each new k/v into its slot and returns (B, V) fp32.
+        static=True: no host synchronization and shapes that depend only on B (full layers attend over all
+        max_len slots under a mask) -- the form a CUDA graph can capture (StaticDecode below)."""
         cfg = self.cfg
         B = ids.shape[0]
         nh, nkv, dh, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
@@ -241,12 +252,12 @@ class FusedDecode:
         cache.pos["sliding"][rows, ring_slot] = pos
         cache.pos["full"][rows, pos] = pos
         cache.length[:B] = pos + 1
-        S = int(pos.max()) + 1                                           # full layers attend over 0..S-1
+        S = cache.max_len if static else int(pos.max()) + 1             # full layers attend over 0..S-1
         # a mask only where some row holds empty slots (short prompts, mixed lengths); None = attend to all
         masks = {}
         for kind, held in (("sliding", cache.pos["sliding"][:B]), ("full", cache.pos["full"][:B, :S])):
             ok = held >= 0
-            masks[kind] = None if bool(ok.all()) else ok[:, None, None, :]
+            masks[kind] = ok[:, None, None, :] if static or not bool(ok.all()) else None
         dtype = self.embed.dtype
         cos, sin = rope_cos_sin(pos[:, None], dh, cfg.rope_theta, dtype)  # (B, 1, 1, dh)
         h = F.embedding(ids, self.embed)                                  # (B, H)
@@ -273,6 +284,53 @@ class FusedDecode:
             h = torch.addmm(h, z, w_out)                                  # h + o_proj(attn) + down_proj(mlp)
         n = F.layer_norm(h.float(), (cfg.hidden_size,), self.norm_w, None, cfg.layer_norm_eps).to(dtype)
         return (n @ self.lm_head).float() * (cfg.logit_scale / cfg.width_mult)
+
+
+class StaticDecode:
+    """FusedDecode in fixed shapes, optionally replayed as CUDA graphs (gpt-fast's trick for small-batch decode,
+    where a GPU spends more time launching ~12 kernels per layer than running them).
+
+    The live batch B is padded up to a bucket (1, 2, 4, ..., max_batch); the extra rows decode position 0 in
+    free cache slots (harmless: a slot is reset before a prefill uses it). Inputs go through fixed buffers, so
+    a graph captured once per bucket replays with new tokens. graphs=False runs the same static step eagerly:
+    that is how the padding and masking are tested on a CPU."""
+
+    def __init__(self, fused: FusedDecode, cache: "WindowKVCache", graphs: bool):
+        if graphs and not cache.k[0].is_cuda:
+            raise ValueError("CUDA graphs need the model and cache on a CUDA device")
+        self.fused, self.cache, self.graphs = fused, cache, graphs
+        dev, n = cache.k[0].device, cache.max_batch
+        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self.buckets = sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
+        self.captured = {}                                  # bucket -> (graph, output buffer)
+
+    def refresh(self):
+        self.fused.refresh()                                # in place: captured graphs see the new weights
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: "WindowKVCache") -> torch.Tensor:
+        B = ids.shape[0]
+        Bb = next(b for b in self.buckets if b >= B)
+        self.ids[:B].copy_(ids)
+        self.pos[:B].copy_(pos)
+        self.pos[B:Bb].zero_()                              # padding rows: position 0 of a free slot
+        if not self.graphs:
+            return self.fused(self.ids[:Bb], self.pos[:Bb], cache, static=True)[:B]
+        if Bb not in self.captured:
+            # warm up on a side stream (allocator and cuBLAS workspaces), then capture one step
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    self.fused(self.ids[:Bb], self.pos[:Bb], cache, static=True)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = self.fused(self.ids[:Bb], self.pos[:Bb], cache, static=True)
+            self.captured[Bb] = (g, out)
+        g, out = self.captured[Bb]
+        g.replay()
+        return out[:B]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,15 +392,16 @@ class Engine:
 
     def __init__(self, model: CommandA, tokenizer=None, max_batch: int = 32, max_len: int | None = None,
                  prefill_tokens: int | None = None, cache_dtype: torch.dtype | None = None, compile: bool = False,
-                 fused: bool | None = None):
+                 fused: bool | None = None, cuda_graphs: bool = False):
         self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, model.config
         # decode steps through FusedDecode (see above): on by default while its copy of the weights is small
         # (<= 2 GiB); FP8 weights keep model.py's fp8_linear path
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if fused is None:
             fused = isinstance(model, CommandA) and weight_bytes <= 2 * 2**30 and not self.cfg.fp8
+        fused = fused or cuda_graphs                    # the graphs replay the fused step
         if fused and self.cfg.fp8:
-            raise ValueError("fused decode has no FP8 path: use fused=False with fp8 weights")
+            raise ValueError("fused decode (and so --cuda-graphs) has no FP8 path: use fused=False with fp8 weights")
         self.fused = FusedDecode(model) if fused else None
         # torch.compile fuses the many small decode-step kernels (norm, RoPE, SwiGLU, sampling-free logits).
         # dynamic=True: batch size and cache length change every step, so shapes must not specialize.
@@ -356,6 +415,8 @@ class Engine:
         self.max_batch = max_batch
         self.cache = WindowKVCache(self.cfg, max_batch, self.max_len, self.device,
                                    cache_dtype or (p.dtype if p is not None else torch.float32))
+        if cuda_graphs:     # replaces the eager fused step (raises unless the cache lives on a CUDA device)
+            self.fused = StaticDecode(self.fused, self.cache, graphs=True)
         self.default_stop = frozenset([tokenizer.eot_id] if tokenizer is not None else [])
         self.active: list[Request] = []        # active[i] lives in cache slot i
         self.waiting: collections.deque[Request] = collections.deque()
@@ -1206,6 +1267,8 @@ if __name__ == "__main__":
     ap.add_argument("--fp8", action="store_true", help="FP8 matmuls (model.py's fp8_linear; real speed on Hopper)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the model (slow first requests while it compiles; with --bench: extra rows)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="replay decode steps as CUDA graphs, one per batch bucket (CUDA only)")
     ap.add_argument("--verbose", action="store_true", help="log every HTTP request")
     args = ap.parse_args()
     tune_malloc()
@@ -1232,7 +1295,10 @@ if __name__ == "__main__":
     if not args.ckpt:
         ap.error("--ckpt DIR is required (or use --bench)")
     model, tok = load(args.ckpt, device, args.fp8)
-    engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile)
+    if args.cuda_graphs and device != "cuda":
+        ap.error("--cuda-graphs needs a CUDA GPU")
+    engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile,
+                    cuda_graphs=args.cuda_graphs)
     if args.chat:
         chat_repl(engine, tok, args.max_tokens, args.temperature)
         print(json.dumps({"mode": "chat", **engine.stats}))

@@ -107,6 +107,31 @@ def test_fused_decode_logits_match_the_model_and_follow_weight_updates():
         assert after == [argmax_decode(model, p, 6) for p in prompts] and after != before
 
 
+def test_static_decode_padding_buckets_match_uncached_argmax(model):
+    """StaticDecode (the CUDA-graph form, run eagerly here): batches padded to 1/2/4 rows, full layers over all
+    max_len slots under a mask; requests of mixed lengths join and leave; tokens equal the uncached model's."""
+    from serve import StaticDecode
+    engine = Engine(model, max_batch=4, max_len=64)
+    engine.fused = StaticDecode(engine.fused, engine.cache, graphs=False)
+    assert engine.fused.buckets == [1, 2, 4]
+    prompts = prompts_of((3, 12, 7, 1, 9))
+    got = engine.generate(prompts, 11)
+    assert got == [argmax_decode(model, p, 11) for p in prompts]
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(model, max_batch=2, max_len=64, cuda_graphs=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_matches_eager_on_gpu():
+    m = make().cuda()
+    prompts = prompts_of((3, 12, 7, 1, 9))
+    eager = Engine(m, max_batch=4, max_len=64).generate(prompts, 11)
+    graphed = Engine(m, max_batch=4, max_len=64, cuda_graphs=True)
+    assert graphed.generate(prompts, 11) == eager
+    assert set(graphed.fused.captured) <= {1, 2, 4}
+
+
 @pytest.mark.slow
 def test_compiled_engine_gives_the_same_greedy_tokens(model):
     """torch.compile(dynamic=True) over the changing batch and cache shapes: same tokens as eager."""
