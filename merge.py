@@ -1,6 +1,6 @@
 """
-Model merging (Command A report, section 3 "Merging"; SPEC section 7): the expert soups, seed soups and the
-interpolation back to the parent that the report uses, and the merge methods beyond it (task arithmetic,
+Model merging (Command A report, post-training, "Merging"; SPEC section 7): the expert soups, seed soups and
+the interpolation back to the parent that the report uses, and the merge methods beyond it (task arithmetic,
 TIES, DARE, SLERP), on HF Cohere2 checkpoint directories, one tensor at a time.
 
 What the report does, and where it lives below:
@@ -18,11 +18,15 @@ examples are the tests.
 
 Memory. A merge reads one tensor name at a time from every input (safetensors, sharded or not; only the
 headers are parsed up front), keeps running sums instead of stacking the inputs, and streams each merged
-tensor straight into its output shard, whose header is written first from the known shapes. Peak memory is a
-few copies of the largest tensor in fp32 (measured in tests/test_merge.py), whatever the model or shard size:
-for Command A the 256000 x 12288 embedding (12.6 GB in fp32) dominates, so a 111B merge (222 GB per bf16
-copy) runs in ~4-7 of those, on a machine that cannot hold one copy of the model. All output goes to a temp
-directory next to --out that is renamed into place at the end: a failure leaves no half-written output.
+tensor straight into its output shard, whose header is written first from the shapes known in advance.
+  - linear / soup / interpolate / task arithmetic are element-wise, so they go in row blocks (chunk_bytes,
+    256 MB by default): peak memory is a few blocks, even for the 256000 x 12288 embedding of Command A;
+  - TIES, DARE and SLERP need whole tensors (a magnitude threshold, a drop mask, an angle per tensor): peak
+    is ~8 (TIES), ~4 (DARE), ~3 (SLERP) fp32 copies of the largest tensor, measured, whatever the number of
+    models (running sums, not stacks). For Command A's 12.6 GB fp32 embedding that is ~100 GB for TIES,
+    against 222 GB for one bf16 copy of the model.
+tests/test_merge.py measures both on a sharded checkpoint. All output goes to a temp directory next to --out
+that is renamed into place at the end: a failure leaves no half-written output.
 
 Evaluating merges, not merging, is the cost (the report says so): `search_weights` caches every score and
 `--rank-by` evaluates with tasks.py, imported only when asked for.
@@ -33,6 +37,7 @@ import argparse
 import itertools
 import json
 import math
+import numbers
 import os
 import shutil
 import struct
@@ -119,7 +124,7 @@ class MergeConfig:
             w = self.weights
             if len(w) != n_models:
                 raise MergeError(f"{len(w)} weight(s) for {n_models} model(s): give one weight per model")
-            bad = [x for x in w if not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0]
+            bad = [x for x in w if not isinstance(x, numbers.Real) or not math.isfinite(x) or x < 0]
             if bad:
                 raise MergeError(f"weights must be finite and >= 0, got {bad}")
             if sum(w) <= 0:

@@ -18,6 +18,15 @@ from tokenizer import Tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Merging is memory-bound; on a shared 2-core box a second torch thread only spin-waits (~5x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def sd(**tensors):
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in tensors.items()}
 
