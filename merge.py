@@ -367,9 +367,10 @@ def merge_modules(method: str, models: list[CommandA], weights=None, base: Comma
 # On disk: checkpoints read lazily, output written tensor by tensor
 
 
-def _read_header(fpath: str) -> dict:
-    """The safetensors header (8-byte little-endian length, then JSON), checked against the file size, so a
-    truncated or foreign file is refused before the merge starts. Reads no tensor data."""
+def _read_header(fpath: str) -> tuple[dict, int]:
+    """The safetensors header (8-byte little-endian length, then JSON) and where the data starts, each
+    tensor's byte range checked against its shape and the file size, so a truncated or foreign file is
+    refused before the merge starts. Reads no tensor data."""
     try:
         size = os.path.getsize(fpath)
         with open(fpath, "rb") as f:
@@ -380,17 +381,30 @@ def _read_header(fpath: str) -> dict:
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MergeError(f"{fpath}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{fpath}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise MergeError(f"{fpath} is truncated: its header describes {8 + n + end} bytes, the file has {size}")
-    return header
+    for name, info in header.items():
+        try:
+            dt = DTYPE_ST.get(info["dtype"])
+            (b, e), shape = info["data_offsets"], [int(x) for x in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise MergeError(f"{fpath}: malformed header entry for tensor {name}") from None
+        if dt is None:
+            raise MergeError(f"{fpath}: tensor {name} has dtype {info['dtype']}; only floating-point tensors "
+                             f"(F32/BF16/F16/F64) can be merged")
+        if e - b != math.prod(shape) * dt.itemsize or b < 0:
+            raise MergeError(f"{fpath}: tensor {name}'s byte range does not match its shape {shape}")
+        if 8 + n + e > size:
+            raise MergeError(f"{fpath} is truncated: tensor {name} ends at byte {8 + n + e}, the file has {size}")
+    return header, 8 + n
 
 
 class Checkpoint:
     """An HF checkpoint directory read lazily: config.json and the safetensors headers up front, each tensor
-    only when asked for (and then copied out of the mmap, which is closed right away, so pages of the input
-    files never pile up in this process's memory)."""
+    (or row block of one) only when asked for, read straight from its byte range in the shard. Plain reads,
+    not safetensors' mmap: a mapped shard keeps every page it touched resident until it is closed, and this
+    way an fp32 input is read once into the buffer the merge computes in."""
 
     def __init__(self, path: str):
         self.path = str(path)
@@ -414,31 +428,31 @@ class Checkpoint:
             files = ["model.safetensors"]
         else:
             raise MergeError(f"no model.safetensors or model.safetensors.index.json in {self.path}")
-        self.files, self.meta = {}, {}  # tensor name -> shard path; -> (dtype, shape)
+        self.meta, self.where = {}, {}  # name -> (dtype, shape); name -> (shard path, first data byte)
         for fname in files:
             fpath = os.path.join(self.path, fname)
             if not os.path.isfile(fpath):
                 raise MergeError(f"shard {fpath} listed in the index is missing")
-            for name, info in _read_header(fpath).items():
-                if name in self.files:
+            header, data_start = _read_header(fpath)
+            for name, info in header.items():
+                if name in self.where:
                     raise MergeError(f"{fpath}: tensor {name} appears in more than one shard")
-                if info.get("dtype") not in DTYPE_ST:
-                    raise MergeError(f"{fpath}: tensor {name} has dtype {info.get('dtype')}; only floating-point "
-                                     f"tensors (F32/BF16/F16/F64) can be merged")
-                self.files[name] = fpath
-                self.meta[name] = (DTYPE_ST[info["dtype"]], tuple(info["shape"]))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(math.prod(s) * d.itemsize for d, s in self.meta.values())
+                self.where[name] = (fpath, data_start + info["data_offsets"][0])
+                self.meta[name] = (DTYPE_ST[info["dtype"]], tuple(int(x) for x in info["shape"]))
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor (or rows [r0, r1) of it) as a private fp32 copy."""
-        from safetensors import safe_open
-
-        with safe_open(self.files[name], framework="pt", device="cpu") as f:
-            t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
-            return t.to(_compute_dtype(t.dtype), copy=True)  # our own copy: the mapping closes with the file
+        """The tensor (or rows [r0, r1) of it) as a private tensor in the compute dtype (fp32, or fp64)."""
+        dt, shape = self.meta[name]
+        fpath, offset = self.where[name]
+        r0, r1 = rows if rows is not None else (0, shape[0] if shape else 1)
+        row_bytes = math.prod(shape[1:]) * dt.itemsize
+        t = torch.empty((r1 - r0, *shape[1:]) if shape else (), dtype=dt)
+        buf = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own memory, as bytes (little-endian)
+        with open(fpath, "rb") as f:
+            f.seek(offset + r0 * row_bytes)
+            if f.readinto(buf) != buf.nbytes:
+                raise MergeError(f"{fpath}: short read of tensor {name} (file changed during the merge?)")
+        return t.to(_compute_dtype(dt))  # fp32 stays as read; bf16 / fp16 are widened once
 
 
 def _expected_shapes(c: Checkpoint) -> dict[str, tuple]:
