@@ -16,7 +16,11 @@ What happens, in the report's order:
      256K, here scaled down) on a domain-balanced long-document mix;
   5. atomic checkpoints with everything needed to resume exactly (weights, Adam, step, RNG, data position);
      the output directory is also an HF Cohere2 checkpoint + tokenizer (CommandA.from_pretrained /
-     Tokenizer.load).
+     Tokenizer.load);
+  6. parallelism (parallel.py): under `torchrun --nproc_per_node N pretrain.py ... --dp --fsdp --sp --tp` the
+     same loop runs sharded over a named device mesh; every rank reads the same global batch and keeps its
+     rows / tokens / heads, and checkpoints are gathered to the single-process layout, so they resume in any
+     layout. The losses equal the single-process run's.
 
 The log line is `step | loss | lr | tok/s | MFU` (FLOPs per token 6N + 12*L*H*T, PaLM appendix B; peak from
 a bf16 matmul measured at start on CPU, a table on GPUs). The last stdout line is a JSON summary.
@@ -38,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 import data as D
+import parallel as par
 from model import CommandA, KVCache, ModelConfig, PRESETS, flops_per_token, measure_matmul_peak, tune_malloc
 from tokenizer import Tokenizer
 
@@ -239,14 +244,17 @@ def data_fingerprint(packed: dict) -> str:
 # Checkpoints: atomic directory swap; weights as safetensors, the rest loaded with weights_only=True
 
 
-def save_checkpoint(out, model, opt, step, loaders, losses, cfg, fingerprint, tok, val_log):
+def save_checkpoint(out, model, opt, step, loaders, losses, cfg, fingerprint, tok, val_log, opt_state=None):
+    """`model` is a single-process model; under parallel.py it is the gathered one and `opt_state` the gathered
+    optimizer state (single-process layout), so a checkpoint from any layout resumes in any other."""
     ckpt, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     swapped = False
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         model.save_pretrained(tmp)
-        state = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+        state = {"step": step, "optimizer": opt_state if opt_state is not None else opt.state_dict(),
+                 "torch_rng": torch.get_rng_state(),
                  "meta": json.dumps({"train_config": asdict(cfg), "fingerprint": fingerprint,
                                      "loaders": {k: l.state_dict() for k, l in loaders.items()},
                                      "losses": losses, "val_log": val_log,
@@ -300,10 +308,13 @@ def load_checkpoint(out, model, opt, cfg, fingerprint):
         raise ValueError("--resume: the packed training data differs from the checkpoint's (other --data "
                          "or corpus); resume needs the same data")
     loaded = CommandA.from_pretrained(ckpt, fp8=model.config.fp8)
-    with torch.no_grad():
-        for p, q in zip(model.parameters(), loaded.parameters()):
-            p.copy_(q)
-    opt.load_state_dict(state["optimizer"])
+    if par.is_parallel(model):   # the single-process layout, distributed to this rank's shards
+        par.load_full_state(model, opt, loaded.state_dict(), state["optimizer"])
+    else:
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), loaded.parameters()):
+                p.copy_(q)
+        opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     py = meta["python_rng"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -384,25 +395,53 @@ def plot_curves(path, losses, val_log, lrs, plan):
 # The training loop
 
 
-def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True) -> dict:
+def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True,
+          parallel: par.ParallelConfig | None = None) -> dict | None:
+    """Train; returns the summary (None on ranks other than 0 of a parallel run, which log and save nothing)."""
     validate(cfg)
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     os.makedirs(out, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank = 0
+    if parallel is not None:   # torchrun: this process's device, rank 0 alone logs and writes
+        device = par.init_distributed()
+        rank = torch.distributed.get_rank()
+        verbose = verbose and rank == 0
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast_kw = {"device_type": device.type, "dtype": torch.bfloat16}
+    plan = phases(cfg)
+    if parallel is not None:   # fail before the data work if the layout cannot split the batches
+        parallel.validate(PRESETS[cfg.preset], torch.distributed.get_world_size())
+        for p in plan:
+            try:
+                parallel.check_batch(max(1, cfg.batch_size * cfg.seq_len // p["seq_len"]), p["seq_len"])
+            except ValueError as e:
+                raise ValueError(f"phase {p['name']} (rows of {p['seq_len']} tokens): {e}") from None
 
     tok = Tokenizer.load(out) if resume and os.path.isfile(os.path.join(out, "tokenizer.json")) else None
-    tok, packed, val, data_info = prepare_data(cfg, out, tok, verbose)
+    # every rank builds the same data (deterministic); only rank 0 writes the data card into `out`
+    data_dir = out if rank == 0 else os.path.join(out, f".rank{rank}")
+    tok, packed, val, data_info = prepare_data(cfg, data_dir, tok, verbose)
+    if rank:
+        shutil.rmtree(data_dir, ignore_errors=True)
     fingerprint = data_fingerprint(packed)
-    plan = phases(cfg)
+    if parallel is not None:
+        fp = torch.tensor([int(fingerprint[:15], 16)], dtype=torch.int64)
+        lo, hi = fp.clone(), fp.clone()
+        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+        if lo.item() != hi.item():
+            raise RuntimeError("the ranks built different training data (non-deterministic corpus?)")
 
     mcfg = ModelConfig(**{**asdict(PRESETS[cfg.preset]), "vocab_size": tok.vocab_size, "fp8": cfg.fp8,
                           "mup_base_hidden_size": cfg.mup_base_hidden_size,
                           "max_position_embeddings": max(p["seq_len"] for p in plan)})
-    model = CommandA(mcfg).to(device)
+    model = CommandA(mcfg).to(device)      # every rank: the same seed, the same full model ...
+    if parallel is not None:
+        par.parallelize(model, parallel)    # ... then sharded (TP, then FSDP): build the optimizer after
     groups = param_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     loaders = {p["name"]: D.Loader(packed[p["name"]], max(1, cfg.batch_size * cfg.seq_len // p["seq_len"]),
@@ -418,6 +457,8 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
 
     peak = (next((v for k, v in GPU_PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
             if device.type == "cuda" else measure_matmul_peak())
+    if peak and parallel is not None:
+        peak *= parallel.world              # MFU of the whole job (on one CPU the processes share its cores)
     n_params = mcfg.num_params()
     stop = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
     crash_at = int(os.environ.get("PRETRAIN_CRASH_AT_STEP", "0"))  # test hook: die like a killed job
@@ -425,6 +466,9 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
         print(f"model: {cfg.preset} {n_params / 1e6:.2f}M params, vocab {tok.vocab_size}, muP m="
               f"{mcfg.width_mult:g}, {'fp8' if cfg.fp8 else 'bf16'} compute on {device}; "
               f"plan: " + ", ".join(f"{p['name']} [{p['start']},{p['end']})" for p in plan))
+        if parallel is not None:
+            print("parallel: " + " x ".join(f"{a}={getattr(parallel, a)}" for a in par.AXES) +
+                  f" over {parallel.world} processes ({torch.distributed.get_backend()})")
     bar = tqdm(total=stop, initial=step, desc="pretrain", disable=not verbose, dynamic_ncols=True)
     t_log, tok_log, lrs = time.time(), 0, [lr_at(s, cfg) for s in range(cfg.steps)]
     tok_per_s = mfu = 0.0
@@ -451,7 +495,11 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
             (loss * share).backward()
             loss_sum += loss.item() * share
             ntok += b["input_ids"].numel()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        if parallel is not None:
+            par.sync_grads(model)           # TP-replicated params: sum over tp (FSDP reduced the rest)
+            gnorm = par.clip_grad_norm_(model, cfg.clip)
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         if not torch.isfinite(gnorm):
             bar.close()
             raise FloatingPointError(f"non-finite gradient norm at step {step + 1}: stopping before the update; "
@@ -474,12 +522,21 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
                 bar.write(f"step {step:5d} | loss {loss_sum:.4f} | lr {lr:.2e} | {tok_per_s:7.0f} tok/s | "
                           f"MFU {100 * mfu:4.1f}% | {ph['name']}")
             t_log, tok_log = time.time(), 0
-        if step % cfg.eval_every == 0 or step == stop:
-            val_log.append((step, round(evaluate(model, val["all"], cfg.eval_rows, autocast_kw), 5)))
+        evals, ckpts = step % cfg.eval_every == 0 or step == stop, step % cfg.ckpt_every == 0 or step == stop
+        full, opt_state = model, None
+        if parallel is not None and (evals or ckpts):   # gather (all ranks); rank 0 evaluates and writes
+            full = par.gather_full_model(model).to(device)
+            opt_state = par.full_optimizer_state(model, opt) if ckpts else None
+        if evals and rank == 0:
+            val_log.append((step, round(evaluate(full, val["all"], cfg.eval_rows, autocast_kw), 5)))
             bar.set_postfix(val=val_log[-1][1])
-        if step % cfg.ckpt_every == 0 or step == stop:
-            save_checkpoint(out, model, opt, step, loaders, losses, cfg, fingerprint, tok, val_log)
+        if ckpts and rank == 0:
+            save_checkpoint(out, full, opt, step, loaders, losses, cfg, fingerprint, tok, val_log, opt_state)
     bar.close()
+    if parallel is not None:   # the single-process model for the summary, plots and samples (a collective)
+        model = par.gather_full_model(model).to(device)
+        if rank != 0:
+            return None
 
     train_seconds = time.time() - t_train  # includes evaluation and checkpoint writes
     val_loss = val_log[-1][1]
@@ -651,6 +708,10 @@ def main(argv=None):
     ap.add_argument("--fp8", action="store_true", help="FP8 linear layers (CUDA speed; emulated numerics on CPU)")
     ap.add_argument("--context-stages", default=None,
                     help="cooldown context stages as 'mult:share,...' (default 1:0.5,4:0.3,8:0.2)")
+    for a, what in (("dp", "data parallel (replicas)"), ("fsdp", "fully sharded data parallel"),
+                    ("sp", "sequence parallel"), ("tp", "tensor parallel (Megatron)")):
+        ap.add_argument(f"--{a}", type=int, default=1, help=f"{what} degree; the product of --dp --fsdp --sp --tp "
+                        f"must equal torchrun's world size (default 1)")
     args = ap.parse_args(argv)
     tune_malloc()
     if args.coord_check or args.lr_sweep:
@@ -673,14 +734,21 @@ def main(argv=None):
         except ValueError:
             ap.error("--context-stages must look like 1:0.5,4:0.3,8:0.2")
     cfg = TrainConfig(**values)
+    pc = par.ParallelConfig(dp=args.dp, fsdp=args.fsdp, sp=args.sp, tp=args.tp)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         validate(cfg)
+        pc.validate(PRESETS[cfg.preset], world)
         if cfg.data is not None and not os.path.exists(cfg.data):
             raise FileNotFoundError(f"--data {cfg.data}: no such file or folder")
-        res = train(cfg, args.out, resume=args.resume)
+        res = train(cfg, args.out, resume=args.resume, parallel=pc if world > 1 else None)
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, (ValueError, FileNotFoundError)) else 1)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if res is None:                      # ranks other than 0 print nothing
+            return None
     print(f"\nval loss {res['val_loss']:.3f} (uniform ln V = {res['uniform_loss']:.3f}) after {res['tokens']:,} "
           f"tokens in {res['seconds']:.0f}s; checkpoint + tokenizer in {res['out']}")
     print(json.dumps(res))
