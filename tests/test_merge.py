@@ -581,3 +581,15 @@ def test_cli_search_and_leave_one_out_write_table_plot_and_best_merge(ckpts, tmp
     assert os.path.getsize(os.path.join(out, "merge_search.png")) > 10_000
     assert CommandA.from_pretrained(out).model.norm.weight.mean().item() == pytest.approx(2.0)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_cli_as_a_script_shows_progress_and_ends_with_json(ckpts, tmp_path):
+    out = str(tmp_path / "o")
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "merge.py"), *a, "--threads", "1"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=120)
+    r = run("--method", "slerp", "--models", ckpts["m0"], ckpts["m1"], "--t", "0.25", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["method"] == "slerp"
+    assert "merge slerp" in r.stderr and "100%" in r.stderr  # the tqdm bar
+    r = run("--method", "ties", "--models", ckpts["m0"], ckpts["m1"], "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "needs a base model" in r.stderr and not os.path.exists(tmp_path / "bad")
