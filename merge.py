@@ -113,7 +113,8 @@ class MergeConfig:
             raise MergeError(f"method {m!r} does not use a base model; drop --base (or use task_arithmetic / ties "
                              f"/ dare for merges relative to a base)")
         if m == "slerp" and n_models != 2:
-            raise MergeError(f"slerp interpolates between exactly 2 models (t=0 -> first, t=1 -> second), got {n_models}")
+            raise MergeError(f"slerp interpolates between exactly 2 models (t=0 -> first, t=1 -> second), "
+                             f"got {n_models}")
         if m == "interpolate" and n_models != 1:
             raise MergeError(f"interpolate takes exactly 1 model (--base is the parent), got {n_models}")
         if self.weights is not None:
@@ -315,7 +316,8 @@ def _check_same_tensors(named: list[tuple[str, dict]]):
     for other_name, sd in rest:
         missing, extra = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
         if missing:
-            raise MergeError(f"{other_name} is missing {len(missing)} tensor(s) that {ref_name} has, e.g. {missing[:3]}")
+            raise MergeError(f"{other_name} is missing {len(missing)} tensor(s) that {ref_name} has, "
+                             f"e.g. {missing[:3]}")
         if extra:
             raise MergeError(f"{other_name} has {len(extra)} tensor(s) that {ref_name} lacks, e.g. {extra[:3]}")
         for k, shape in ref.items():
@@ -481,8 +483,10 @@ def _check_checkpoints(ckpts: list[Checkpoint], labels: list[str]) -> dict[str, 
             raise MergeError(f"{label} ({c.path}) has tensor(s) this architecture does not have, e.g. {extra[:3]}")
         for k, shape in expected.items():
             if c.meta[k][1] != shape:
-                raise MergeError(f"{label} ({c.path}): tensor {k} has shape {c.meta[k][1]}, config.json implies {shape}")
-    _check_same_tensors([(f"{label} ({c.path})", {k: s for k, (_, s) in c.meta.items()}) for c, label in zip(ckpts, labels)])
+                raise MergeError(f"{label} ({c.path}): tensor {k} has shape {c.meta[k][1]}, "
+                                 f"config.json implies {shape}")
+    _check_same_tensors([(f"{label} ({c.path})", {k: s for k, (_, s) in c.meta.items()})
+                         for c, label in zip(ckpts, labels)])
     # the same token ids must mean the same tokens, or averaging embedding rows averages different words
     for fname in ("tokenizer.json",):
         have = [(c, label) for c, label in zip(ckpts, labels) if os.path.isfile(os.path.join(c.path, fname))]
@@ -565,7 +569,8 @@ def merge_checkpoints(cfg: MergeConfig, models: list[str], base: str | None, out
     w = cfg.resolved_weights(len(models))
     idx = list(range(len(models))) if cfg.method in ("slerp", "interpolate") else [i for i, x in enumerate(w) if x > 0]
     ref = experts[0]
-    names = list(expected) + sorted(set(ref.meta) - set(expected))  # HF's layer order; then lm_head / zero biases if present
+    # HF's layer order, then what real checkpoints may add (a tied lm_head copy, all-zero biases)
+    names = list(expected) + sorted(set(ref.meta) - set(expected))
     out_dt = {k: (DTYPES[cfg.dtype] if cfg.dtype else ref.meta[k][0]) for k in names}
     meta_out = {k: (out_dt[k], ref.meta[k][1]) for k in names}
     nbytes = {k: math.prod(s) * d.itemsize for k, (d, s) in meta_out.items()}
@@ -928,7 +933,8 @@ def tasks_score_fn(suites: list[str], n: int, seed: int, tokenizer_dir: str):
     try:
         import tasks
     except ImportError as e:
-        raise MergeError(f"--rank-by needs tasks.py (the capability suites) and it could not be imported: {e}") from None
+        raise MergeError(f"--rank-by needs tasks.py (the capability suites) and it could not be imported: "
+                         f"{e}") from None
     if not hasattr(tasks, "evaluate"):
         raise MergeError("tasks.py has no evaluate(model, tokenizer, suites=..., n=..., seed=..., split=...)")
     from tokenizer import Tokenizer
@@ -958,12 +964,14 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", required=True, metavar="DIR", help="checkpoint directories to merge")
     ap.add_argument("--weights", nargs="+", type=float, help="one weight per model (>= 0; linear divides by the sum)")
     ap.add_argument("--base", metavar="DIR", help="base / parent checkpoint (task vectors; interpolate's parent)")
-    ap.add_argument("--density", type=float, default=1.0, help="TIES / DARE: fraction of each task vector kept (default 1)")
+    ap.add_argument("--density", type=float, default=1.0,
+                    help="TIES / DARE: fraction of each task vector kept (default 1)")
     ap.add_argument("--lambda", dest="lam", type=float, default=1.0, help="task-vector scale (default 1)")
     ap.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                     help="divide task vectors by the weight sum (default: mergekit's per method; linear always)")
     ap.add_argument("--t", type=float, default=0.5, help="slerp position, 0 = first model, 1 = second (default 0.5)")
-    ap.add_argument("--eta", type=float, default=0.5, help="interpolate: weight of the model vs its parent (default 0.5)")
+    ap.add_argument("--eta", type=float, default=0.5,
+                    help="interpolate: weight of the model vs its parent (default 0.5)")
     ap.add_argument("--seed", type=int, default=0, help="DARE drop masks; tasks.py sampling seed (default 0)")
     ap.add_argument("--dtype", choices=list(DTYPES), help="output dtype (default: the first model's)")
     ap.add_argument("--max-shard-gb", type=float, default=5.0, help="output shard size in GB (default 5)")
