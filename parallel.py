@@ -358,8 +358,8 @@ def parallelize(model: CommandA, pc: ParallelConfig, mesh=None) -> CommandA:
     if pc.tp > 1:
         for layer in model.model.layers:
             parallelize_module(layer, mesh["tp"], tp_plan())
-    tp_sharded = {n for n, p in model.named_parameters() if type(p).__name__ == "DTensor" or
-                  type(getattr(p, "data", None)).__name__ == "DTensor"}
+    from torch.distributed.tensor import DTensor
+    tp_sharded = {n for n, p in model.named_parameters() if isinstance(p, DTensor)}   # before FSDP wraps all
     use_fsdp = pc.dp * pc.fsdp * pc.sp > 1
     P = ParallelState(pc=pc, mesh=mesh, groups={a: mesh.get_group(a) for a in AXES},
                       rank={a: mesh.get_local_rank(a) for a in AXES}, tp_sharded=tp_sharded, fsdp=use_fsdp)
@@ -408,8 +408,9 @@ def sync_grads(model):
 
 def _replicas(p, world: int) -> int:
     """How many ranks hold each element of p: world / (product of the mesh dims p is sharded over)."""
+    from torch.distributed.tensor import DTensor
     shards = 1
-    if type(p).__name__ == "DTensor":
+    if isinstance(p, DTensor):
         for i, pl in enumerate(p.placements):
             if pl.is_shard():
                 shards *= p.device_mesh.size(i)
@@ -512,7 +513,9 @@ def local_state_bytes(model, opt) -> dict:
 # The plan: memory and communication per GPU from the ZeRO / Megatron formulas (what parallelize() does)
 
 H100_MEM = 80e9          # bytes of HBM on an H100 SXM
-BYTES = {"master": 4, "grad": 4, "adam": 8, "gathered": 2}   # fp32 master, fp32 grads, Adam m+v; bf16 gathered
+# fp32 master, fp32 grads, Adam m + v; FSDP gathers fp32 params here (exact parity with one process; a
+# MixedPrecisionPolicy(param_dtype=bf16) would halve the gathered bytes and the all-gather traffic)
+BYTES = {"master": 4, "grad": 4, "adam": 8, "gathered": 4}
 
 
 def collectives_per_step(cfg: ModelConfig, pc: ParallelConfig, micro_batches: int = 1) -> dict:
@@ -564,7 +567,7 @@ def plan(cfg: ModelConfig, pc: ParallelConfig, seq: int, micro_batch: int, micro
     m = micro_batches
     tok_mb = micro_batch * seq
     comm = {
-        # FSDP: all-gather the bf16... here fp32 params forward and backward, reduce-scatter fp32 grads
+        # FSDP: all-gather fp32 params forward and again backward, reduce-scatter fp32 grads (3 x the shard group)
         "fsdp": m * 3 * ring(shard) * per_tp_rank * 4 if shard > 1 else 0.0,
         "dp": 2 * ring(pc.dp) * p_local * 4 if pc.dp > 1 else 0.0,
         # TP+SP per layer: AG of the norm output (fp32 residual dtype) + RS of the fp32 partials, x2 for backward
@@ -574,6 +577,7 @@ def plan(cfg: ModelConfig, pc: ParallelConfig, seq: int, micro_batch: int, micro
     }
     comm["total"] = sum(comm.values())
     return {"layout": {a: getattr(pc, a) for a in AXES}, "gpus": pc.world, "seq": seq, "micro_batch": micro_batch,
+            "tokens_per_step": pc.data * micro_batch * m * seq,
             "micro_batches": m, "recompute": recompute, "memory": mem, "comm_bytes_per_step": comm,
             "collectives_per_step": {f"{op}@{ax}": n for (op, ax), n in collectives_per_step(cfg, pc, m).items()},
             "fits_h100": mem["total"] < H100_MEM}
@@ -592,11 +596,11 @@ def candidate_layouts(gpus: int) -> list[ParallelConfig]:
 def plan_table(cfg: ModelConfig, layouts, seq: int, micro_batch: int, recompute: bool) -> tuple[str, list]:
     G = 1e9
     rows = [plan(cfg, pc, seq, micro_batch, recompute=recompute) for pc in layouts]
-    lines = [f"| dp | fsdp | sp | tp | params+grads+Adam GB | gathered GB | activations GB | total GB | fits 80 GB "
-             f"| comm GB/step/GPU (fsdp / dp / tp / sp) |", "|" + "---|" * 10]
+    lines = [f"| dp | fsdp | sp | tp | tokens/step | params+grads+Adam GB | gathered GB | activations GB | total GB "
+             f"| fits 80 GB | comm GB/step/GPU (fsdp / dp / tp / sp) |", "|" + "---|" * 11]
     for r in rows:
         m, c, l = r["memory"], r["comm_bytes_per_step"], r["layout"]
-        lines.append(f"| {l['dp']} | {l['fsdp']} | {l['sp']} | {l['tp']} | "
+        lines.append(f"| {l['dp']} | {l['fsdp']} | {l['sp']} | {l['tp']} | {r['tokens_per_step']:,} | "
                      f"{(m['params'] + m['grads'] + m['optimizer']) / G:.1f} | {m['gathered'] / G:.1f} | "
                      f"{m['activations'] / G:.1f} | {m['total'] / G:.1f} | {'yes' if r['fits_h100'] else 'no'} | "
                      f"{c['total'] / G:.1f} ({c['fsdp'] / G:.1f} / {c['dp'] / G:.1f} / {c['tp'] / G:.1f} / "
@@ -612,7 +616,8 @@ def main(argv=None):
     for a in AXES:
         ap.add_argument(f"--{a}", type=int, default=None, help=f"{a} degree of one layout to detail")
     ap.add_argument("--seq", type=int, default=8192, help="tokens per row (report: 8K main phase; default 8192)")
-    ap.add_argument("--micro-batch", type=int, default=1, help="rows per GPU-group micro-batch (default 1)")
+    ap.add_argument("--micro-batch", type=int, default=1, help="rows per data-parallel rank (dp x fsdp) per "
+                    "micro-batch; sp and tp ranks share a row (default 1)")
     ap.add_argument("--recompute", action="store_true", help="full activation checkpointing per block")
     args = ap.parse_args(argv)
     if args.plan not in PRESETS:
@@ -621,13 +626,10 @@ def main(argv=None):
         ap.error("--gpus, --seq and --micro-batch must be >= 1")
     cfg = PRESETS[args.plan]
     layouts = candidate_layouts(args.gpus)
-    chosen = None
     if any(getattr(args, a) is not None for a in AXES):
         given = {a: getattr(args, a) or 1 for a in AXES}
-        if any(given[a] != 1 for a in AXES if getattr(args, a) is None) or True:
-            rest = args.gpus // max(1, math.prod(given.values()))
-            if args.fsdp is None:            # unspecified fsdp takes the remaining GPUs
-                given["fsdp"] = rest
+        if args.fsdp is None:                # fsdp takes the GPUs the other axes leave
+            given["fsdp"] = max(1, args.gpus // math.prod(given.values()))
         chosen = ParallelConfig(**given)
         try:
             chosen.validate(cfg, args.gpus)
