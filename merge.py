@@ -964,14 +964,13 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", required=True, metavar="DIR", help="checkpoint directories to merge")
     ap.add_argument("--weights", nargs="+", type=float, help="one weight per model (>= 0; linear divides by the sum)")
     ap.add_argument("--base", metavar="DIR", help="base / parent checkpoint (task vectors; interpolate's parent)")
-    ap.add_argument("--density", type=float, default=1.0,
-                    help="TIES / DARE: fraction of each task vector kept (default 1)")
-    ap.add_argument("--lambda", dest="lam", type=float, default=1.0, help="task-vector scale (default 1)")
+    ap.add_argument("--density", type=float, help="TIES / DARE: fraction of each task vector kept (default 1)")
+    ap.add_argument("--lambda", dest="lam", type=float, help="task-vector scale (default 1)")
     ap.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                    help="divide task vectors by the weight sum (default: mergekit's per method; linear always)")
-    ap.add_argument("--t", type=float, default=0.5, help="slerp position, 0 = first model, 1 = second (default 0.5)")
-    ap.add_argument("--eta", type=float, default=0.5,
-                    help="interpolate: weight of the model vs its parent (default 0.5)")
+                    help="divide by the weight sum (default as mergekit: yes for linear, soup, ties; no for "
+                         "task_arithmetic, dare, dare_ties)")
+    ap.add_argument("--t", type=float, help="slerp position, 0 = first model, 1 = second (default 0.5)")
+    ap.add_argument("--eta", type=float, help="interpolate: weight of the model vs its parent (default 0.5)")
     ap.add_argument("--seed", type=int, default=0, help="DARE drop masks; tasks.py sampling seed (default 0)")
     ap.add_argument("--dtype", choices=list(DTYPES), help="output dtype (default: the first model's)")
     ap.add_argument("--max-shard-gb", type=float, default=5.0, help="output shard size in GB (default 5)")
@@ -1000,9 +999,22 @@ def main(argv=None):
     return summary
 
 
+# which methods read which flag: a flag given to a method that ignores it is a mistake worth reporting
+FLAG_METHODS = {"density": ("ties", "dare", "dare_ties"), "lam": ("task_arithmetic", "ties", "dare", "dare_ties"),
+                "normalize": ("linear", "task_arithmetic", "ties", "dare", "dare_ties"), "t": ("slerp",),
+                "eta": ("interpolate",)}
+
+
 def _run(args) -> dict:
-    kw = dict(density=args.density, lam=args.lam, normalize=args.normalize, t=args.t, eta=args.eta,
-              seed=args.seed, dtype=args.dtype, max_shard_bytes=max(1, int(args.max_shard_gb * 2**30)))
+    for flag, users in FLAG_METHODS.items():
+        if getattr(args, flag) is not None and args.method not in users:
+            raise MergeError(f"--{'lambda' if flag == 'lam' else flag} has no effect on --method {args.method} "
+                             f"(it is used by {', '.join(users)})")
+    d = MergeConfig()
+    kw = dict(density=d.density if args.density is None else args.density, lam=d.lam if args.lam is None else args.lam,
+              normalize=args.normalize, t=d.t if args.t is None else args.t,
+              eta=d.eta if args.eta is None else args.eta, seed=args.seed, dtype=args.dtype,
+              max_shard_bytes=max(1, int(args.max_shard_gb * 2**30)))
     progress = not args.no_progress
     analysis = args.method == "topk" or args.search or args.loo
     if (args.search or args.loo) and args.method != "linear":

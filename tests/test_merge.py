@@ -531,6 +531,9 @@ def test_cli_bad_input_exits_2_with_a_message(ckpts, tmp_path, capsys):
     with pytest.raises(SystemExit):
         M.main(["--method", "linear", "--models", ckpts["m0"], "--out", out, "--rank-by", "code"])
     assert "--rank-by is used by" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        M.main(["--method", "linear", "--models", ckpts["m0"], ckpts["m1"], "--density", "0.5", "--out", out])
+    assert "--density has no effect on --method linear" in capsys.readouterr().err
     assert not os.path.exists(out)
 
 
