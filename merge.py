@@ -185,7 +185,7 @@ def magnitude_trim(delta, density):
 
     The threshold (the k-th largest |x|) is found by bisection on the bit pattern, since non-negative floats
     order like their bits as integers: ~31 counting passes over blocks, exact, and no copy of the tensor
-    (kthvalue holds about three: |x|, its values and int64 indices; 40 GB for Command A's embedding).
+    (kthvalue holds |x| plus its own working copies: ~50 GB for Command A's embedding).
     Entries tied with the threshold are all kept."""
     if density >= 1:
         return delta
@@ -583,7 +583,8 @@ def merge_checkpoints(cfg: MergeConfig, models: list[str], base: str | None, out
         shape = meta_out[k][1]
         rows = shape[0] if shape else 1
         step = rows
-        if cfg.method in ELEMENTWISE and len(shape) >= 1:
+        # TIES and DARE without sparsification (density 1) are element-wise too
+        if (cfg.method in ELEMENTWISE or (cfg.method in TASK_VECTOR and cfg.density >= 1)) and len(shape) >= 1:
             step = max(1, cfg.chunk_bytes // max(1, 4 * math.prod(shape[1:])))
         for r0 in range(0, rows, step):
             sl = None if step >= rows else (r0, min(rows, r0 + step))

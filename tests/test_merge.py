@@ -178,7 +178,8 @@ def load_sd(path):
 
 @pytest.mark.parametrize("method,kw", [
     ("linear", {"weights": [1, 3]}), ("soup", {}), ("task_arithmetic", {"base": "p", "lam": 0.7}),
-    ("ties", {"base": "p", "density": 0.4}), ("dare", {"base": "p", "density": 0.5, "seed": 7}),
+    ("ties", {"base": "p", "density": 0.4}), ("ties", {"base": "p", "weights": [2, 1]}),  # density 1: row blocks
+    ("dare", {"base": "p", "density": 0.5, "seed": 7}),
     ("dare_ties", {"base": "p", "density": 0.5}), ("slerp", {"t": 0.3}), ("interpolate", {"base": "p", "eta": 0.4}),
 ])
 def test_streaming_merge_equals_in_memory_merge_loads_runs_and_keeps_tokenizer(ckpts, tmp_path, method, kw):
