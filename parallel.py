@@ -115,14 +115,20 @@ class ParallelConfig:
 # Process group and the named mesh
 
 
-def init_distributed() -> torch.device:
+def init_distributed(device_type: str | None = None) -> torch.device:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment; multi-node
     is torchrun's own --nnodes/--rdzv flags). NCCL on CUDA, gloo on CPU. Returns this process's device."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise RuntimeError("parallel training needs torchrun: torchrun --nproc_per_node N pretrain.py ... "
                            "(RANK / WORLD_SIZE are not set)")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local} has no GPU: this node has {torch.cuda.device_count()}; start "
+                               f"torchrun with --nproc_per_node <= {torch.cuda.device_count()} (or hide the GPUs "
+                               f"with CUDA_VISIBLE_DEVICES= to run on CPU with gloo)")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

@@ -396,8 +396,10 @@ def plot_curves(path, losses, val_log, lrs, plan):
 
 
 def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True,
-          parallel: par.ParallelConfig | None = None) -> dict | None:
-    """Train; returns the summary (None on ranks other than 0 of a parallel run, which log and save nothing)."""
+          parallel: par.ParallelConfig | None = None, fp32: bool = False) -> dict | None:
+    """Train; returns the summary (None on ranks other than 0 of a parallel run, which log and save nothing).
+    fp32=True turns bf16 autocast off: slower, but a parallel run then logs the single-process losses digit for
+    digit (under bf16, each rank rounds its partial gradients to bf16, which moves the last printed digit)."""
     validate(cfg)
     t_start = time.time()
     torch.manual_seed(cfg.seed)
@@ -411,7 +413,7 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
         verbose = verbose and rank == 0
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast_kw = {"device_type": device.type, "dtype": torch.bfloat16}
+    autocast_kw = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": not fp32}
     plan = phases(cfg)
     if parallel is not None:   # fail before the data work if the layout cannot split the batches
         parallel.validate(PRESETS[cfg.preset], torch.distributed.get_world_size())
@@ -464,7 +466,7 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
     crash_at = int(os.environ.get("PRETRAIN_CRASH_AT_STEP", "0"))  # test hook: die like a killed job
     if verbose:
         print(f"model: {cfg.preset} {n_params / 1e6:.2f}M params, vocab {tok.vocab_size}, muP m="
-              f"{mcfg.width_mult:g}, {'fp8' if cfg.fp8 else 'bf16'} compute on {device}; "
+              f"{mcfg.width_mult:g}, {'fp8' if cfg.fp8 else 'fp32' if fp32 else 'bf16'} compute on {device}; "
               f"plan: " + ", ".join(f"{p['name']} [{p['start']},{p['end']})" for p in plan))
         if parallel is not None:
             print("parallel: " + " x ".join(f"{a}={getattr(parallel, a)}" for a in par.AXES) +
@@ -706,6 +708,8 @@ def main(argv=None):
         ap.add_argument("--" + f.replace("_", "-"), type=typ, default=None,
                         help=f"{helptext} (default {default})")
     ap.add_argument("--fp8", action="store_true", help="FP8 linear layers (CUDA speed; emulated numerics on CPU)")
+    ap.add_argument("--fp32", action="store_true", help="fp32 matmuls (no bf16 autocast): slower; parallel runs then "
+                    "match the single-process losses digit for digit")
     ap.add_argument("--context-stages", default=None,
                     help="cooldown context stages as 'mult:share,...' (default 1:0.5,4:0.3,8:0.2)")
     for a, what in (("dp", "data parallel (replicas)"), ("fsdp", "fully sharded data parallel"),
@@ -741,7 +745,7 @@ def main(argv=None):
         pc.validate(PRESETS[cfg.preset], world)
         if cfg.data is not None and not os.path.exists(cfg.data):
             raise FileNotFoundError(f"--data {cfg.data}: no such file or folder")
-        res = train(cfg, args.out, resume=args.resume, parallel=pc if world > 1 else None)
+        res = train(cfg, args.out, resume=args.resume, parallel=pc if world > 1 else None, fp32=args.fp32)
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, (ValueError, FileNotFoundError)) else 1)

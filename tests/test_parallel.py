@@ -245,7 +245,7 @@ def _worker(rank, world, port, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    par.init_distributed()
+    par.init_distributed("cpu")       # gloo on CPU even where a GPU exists: the models here live on the CPU
     try:
         res = _job(world)
     except Exception:
@@ -369,7 +369,7 @@ MICRO = ["--preset", "micro", "--vocab-size", "512", "--corpus-mb", "0.3", "--se
 
 
 def _pretrain(args, nproc=1):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}   # CPU + gloo everywhere
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
            else [sys.executable]) + ["pretrain.py", *MICRO, *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
@@ -391,7 +391,42 @@ def test_pretrain_under_torchrun_matches_one_process_and_resumes_in_another_layo
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(ref["losses"]), rtol=0, atol=2e-3)
 
 
+@pytest.mark.slow
+def test_pretrain_fp32_under_torchrun_logs_the_single_process_losses_exactly(tmp_path):
+    one = _pretrain(["--out", str(tmp_path / "one"), "--fp32", "--max-steps", "3"])
+    two = _pretrain(["--out", str(tmp_path / "two"), "--fp32", "--max-steps", "3", "--sp", "2"], nproc=2)
+    assert two["losses"] == one["losses"] and two["val_loss"] == one["val_loss"]
+
+
 def test_pretrain_layout_errors_are_clear(tmp_path):
     proc = subprocess.run([sys.executable, "pretrain.py", *MICRO, "--out", str(tmp_path), "--tp", "2"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "world size is 1" in proc.stderr and "torchrun" in proc.stderr
+
+
+def _cuda_worker(rank, port, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    device = par.init_distributed("cuda")
+    out = {"backend": dist.get_backend()}
+    torch.manual_seed(0)
+    ref = CommandA(CFG).to(device)
+    model = CommandA(CFG).to(device)
+    model.load_state_dict(ref.state_dict())
+    par.parallelize(model, par.ParallelConfig())             # the sharded forward on a 1-GPU mesh
+    b = {k: v.to(device) for k, v in batches(1)[0].items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out["ref"] = ref(b["input_ids"], targets=b["targets"], doc_ids=b["doc_ids"]).item()
+        out["par"] = model(b["input_ids"], targets=b["targets"], doc_ids=b["doc_ids"]).item()
+    torch.save(out, path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_nccl_world_of_one_runs_the_sharded_forward_in_bf16(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_cuda_worker, args=(port, str(tmp_path / "cuda.pt")), nprocs=1, join=True)
+    out = torch.load(str(tmp_path / "cuda.pt"), weights_only=True)
+    assert out["backend"] == "nccl" and abs(out["ref"] - out["par"]) < 1e-2
