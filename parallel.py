@@ -496,13 +496,16 @@ def load_full_state(model, opt, model_state: dict, opt_state: dict | None):
             opt.load_state_dict(opt_state)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-    set_model_state_dict(model, dict(model_state), options=_options())   # copies: the setters edit in place
+    dev = next(model.parameters()).device                    # checkpoints are read to the CPU; shards live here
+    set_model_state_dict(model, {k: v.to(dev) for k, v in model_state.items()}, options=_options())
     if opt_state is not None:
         names = _param_names(model, opt)
         if len(names) != sum(len(g["params"]) for g in opt_state["param_groups"]):
             raise ValueError("optimizer state does not match this model's parameters")
-        osd = {"state": {names[int(i)]: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-                         for i, s in opt_state["state"].items()},   # clones: the optimizer steps them in place
+        # copies (the optimizer updates its state in place), moments on the params' device, Adam's step stays
+        osd = {"state": {names[int(i)]: {k: (v.clone() if k == "step" else v.to(dev, copy=True))
+                                         if torch.is_tensor(v) else v for k, v in s.items()}
+                         for i, s in opt_state["state"].items()},
                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_state["param_groups"]]}
         set_optimizer_state_dict(model, opt, osd, options=_options())
 
@@ -594,8 +597,8 @@ def candidate_layouts(gpus: int) -> list[ParallelConfig]:
     for tp, sp in ((4, 1), (8, 1), (8, 2), (8, 4)):
         if gpus % (tp * sp) == 0 and gpus >= tp * sp:
             out.append(ParallelConfig(fsdp=gpus // (tp * sp), sp=sp, tp=tp))
-    if gpus % 64 == 0 and gpus > 64:
-        out.append(ParallelConfig(dp=gpus // 64, fsdp=8, tp=8))
+    if gpus % 32 == 0 and gpus > 32:     # HSDP: shard inside a group of 4 nodes, replicate across groups
+        out.append(ParallelConfig(dp=gpus // 32, fsdp=4, tp=8))
     return out
 
 
@@ -649,6 +652,14 @@ def main(argv=None):
           f"{args.micro_batch}, {'full recompute' if args.recompute else 'no recompute'}; fp32 master + grads "
           f"+ Adam = 16 B/param split by tp x fsdp x sp")
     print(table)
+    if chosen is not None:
+        r, G = rows[0], 1e9
+        print(f"\nlayout dp={chosen.dp} fsdp={chosen.fsdp} sp={chosen.sp} tp={chosen.tp}:")
+        print("  memory per GPU: " + ", ".join(f"{k} {v / G:.2f} GB" for k, v in r["memory"].items()))
+        print("  sent per GPU per step: " + ", ".join(f"{k} {v / G:.2f} GB" for k, v in r["comm_bytes_per_step"].items()))
+        print("  collectives parallel.py issues per step: " +
+              (", ".join(f"{k} x{v}" for k, v in r["collectives_per_step"].items()) or "none") +
+              " (+ FSDP's all-gathers / reduce-scatters per block)")
     print(json.dumps({"preset": args.plan, "params": cfg.num_params(), "rows": rows}))
     return rows
 

@@ -20,7 +20,9 @@ What happens, in the report's order:
   6. parallelism (parallel.py): under `torchrun --nproc_per_node N pretrain.py ... --dp --fsdp --sp --tp` the
      same loop runs sharded over a named device mesh; every rank reads the same global batch and keeps its
      rows / tokens / heads, and checkpoints are gathered to the single-process layout, so they resume in any
-     layout. The losses equal the single-process run's.
+     layout. The losses are the single-process run's: digit for digit with --fp32; under bf16 autocast the
+     first step's is identical and later ones may move in the last printed digit (each rank rounds its partial
+     gradients to bf16).
 
 The log line is `step | loss | lr | tok/s | MFU` (FLOPs per token 6N + 12*L*H*T, PaLM appendix B; peak from
 a bf16 matmul measured at start on CPU, a table on GPUs). The last stdout line is a JSON summary.
