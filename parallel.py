@@ -27,13 +27,16 @@ Library and hand-written parts: the mesh (init_device_mesh), the weight layouts 
 (fully_shard, HSDP on a 2-D mesh) and checkpoint gathering (torch.distributed.checkpoint.state_dict) are
 PyTorch's own. The Megatron-SP collectives are written out (_AllGather / _ReduceScatter, autograd-aware: the
 backward of an all-gather is a reduce-scatter and vice versa) because they are the strategy, and because the
-library path issues one collective per projection (5 per layer for q/k/v/gate/up); tests check the written-out
-block against the parallelize_module path (SequenceParallel + Colwise/RowwiseParallel) on the same weights.
+library's module hooks gather the norm output once per branch and reduce-scatter each branch's output (2 + 2
+per layer where the parallel block needs 1 + 1); tests check the written-out block against that
+parallelize_module path (SequenceParallel + PrepareModuleInput + Colwise/RowwiseParallel) on the same weights.
 
 Numerics: every parallel layout computes the same function as one process. The only differences are the order
-of fp32 sums (gradient reductions, row-parallel partial sums), so fp32 runs agree to ~1e-6. Under bf16
-autocast the row-parallel partial sums are formed in fp32 and rounded to bf16 once after the reduction, as one
-device's GEMM rounds its fp32 accumulator once.
+of fp32 sums (gradient reductions, row-parallel partial sums), so fp32 runs agree to ~1e-6 (pretrain.py --fp32:
+the same printed losses). Under bf16 autocast the row-parallel partial sums are formed in fp32 and rounded to
+bf16 once after the reduction, as one device's GEMM rounds its fp32 accumulator once; but autograd still
+rounds each rank's partial WEIGHT gradients to bf16 before they are summed, so after the first optimizer step
+the losses can move in the 5th digit (elements whose gradient is ~0 may flip the sign of Adam's update).
 
 References: Shoeybi et al. 2019 (Megatron-LM TP), Korthikanti et al. 2022 (sequence parallelism, activation
 memory), Rajbhandari et al. 2020 (ZeRO), Zhao et al. 2023 (PyTorch FSDP), torchtitan (composition order).
@@ -45,7 +48,6 @@ import json
 import logging
 import math
 import os
-import sys
 import types
 import warnings
 from collections import Counter

@@ -160,7 +160,7 @@ def _library_block_check():
     layer sharded by parallelize_module with the library's SequenceParallel / Colwise / Rowwise styles and run
     through model.py's own DecoderLayer.forward: same outputs, same input and weight gradients."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+    from torch.distributed.tensor.parallel import (PrepareModuleInput, RowwiseParallel,
                                                    SequenceParallel, parallelize_module)
     from model import rope_cos_sin, attention_allowed
     rank = dist.get_rank()
