@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 import pytest
@@ -260,7 +261,13 @@ def _launch(world, tmp):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     path = str(tmp / f"res{world}")
-    mp.spawn(_worker, args=(world, port, path), nprocs=world, join=True)
+    ctx = mp.spawn(_worker, args=(world, port, path), nprocs=world, join=False)
+    deadline = time.time() + 600                 # a collective that never completes must fail, not hang
+    while not ctx.join(timeout=2):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world}-process job did not finish in 600 s (a mismatched collective?)")
     for r in range(world):
         if os.path.exists(f"{path}.{r}"):
             res = torch.load(f"{path}.{r}", weights_only=False)  # our own test output, written just now
