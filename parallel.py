@@ -636,7 +636,7 @@ def main(argv=None):
     if args.gpus < 1 or args.seq < 1 or args.micro_batch < 1:
         ap.error("--gpus, --seq and --micro-batch must be >= 1")
     cfg = PRESETS[args.plan]
-    layouts = candidate_layouts(args.gpus)
+    layouts, chosen = candidate_layouts(args.gpus), None
     if any(getattr(args, a) is not None for a in AXES):
         given = {a: getattr(args, a) or 1 for a in AXES}
         if args.fsdp is None:                # fsdp takes the GPUs the other axes leave

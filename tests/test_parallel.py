@@ -363,6 +363,10 @@ def test_plan_cli_command_a_table_and_json():
     table = [l for l in proc.stdout.splitlines() if l.startswith("| ")]
     assert len(table) == 1 + len(res["rows"]) and table[1].startswith("| 1 | 8 | 1 | 8 | 65,536 |")
     assert first["collectives_per_step"]["all_gather@tp"] == 2 * L
+    table_only = subprocess.run([sys.executable, "parallel.py", "--plan", "command-a", "--gpus", "64"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+    assert table_only.returncode == 0, table_only.stderr
+    assert len(json.loads(table_only.stdout.strip().splitlines()[-1])["rows"]) == len(res["rows"])
     bad = subprocess.run([sys.executable, "parallel.py", "--plan", "command-a", "--gpus", "64", "--tp", "16"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "num_key_value_heads=8" in bad.stderr
