@@ -24,17 +24,20 @@ answer is checked by a program (a fact, a citation, a unit test, a query result,
 
 Splits: an example belongs to "train" or "test" by a hash of its content, so the two never share an example
 whatever the seeds; a generator draws until it has n examples of its split. `difficulty` (1 = easiest)
-scales numbers, steps, distractors and context lengths, so a 1.8M-parameter model can learn the easy end on a
-CPU and bigger models have headroom.
+scales numbers, steps, distractors and context lengths, so small models can learn the easy end on a CPU and
+bigger models have headroom. Measured here: a random-init `tiny` (2048-token BPE) given 8 CPU-minutes of SFT
+on 1,500 safety train examples scores 1.0 on 64 test ones; the same budget spread over all eight suites
+learns the output format only (0.0-0.09 per suite): the rest needs pretraining and posttrain.py.
 
 The sandbox (model-written code only runs there): a separate Python process with CPU-time, address-space,
 file-size, open-file and process-count limits (setrlimit), an empty environment, a fresh temporary working
 directory, a wall-clock timeout that kills its whole process group, and output read back from size-capped
 files. When we run as root, the child drops to `nobody` after importing a fixed set of modules (root ignores
-RLIMIT_NPROC and may write anywhere). Inside, a PEP 578 audit hook refuses process creation, sockets, ctypes
-and file writes outside the working directory: a second layer, not a kernel boundary (the rlimits are). A
-hostile program can still forge its own test report (tests run in its process): the sandbox protects the
-machine, not the score.
+RLIMIT_NPROC and may write anywhere). Inside, a PEP 578 audit hook refuses process creation, sockets, ctypes,
+file writes outside the working directory and reads outside it and the interpreter's own files (so no
+/proc/<pid>/environ of other processes): a second layer, not a kernel boundary (the rlimits are). POSIX
+only (resource, setsid). A hostile program can still forge its own test report (the tests run in its
+process): the sandbox protects the machine, not the score.
 
     python tasks.py --show rag                         # a few rendered examples with their references
     python tasks.py --ckpt out/tiny --n 32             # table, bar chart PNG, JSON; last line {suite: score}
