@@ -1327,7 +1327,8 @@ def bar_chart(scores: dict, path: str, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(list(scores), list(scores.values()), color="#4c72b0")
+    bars = ax.bar(list(scores), list(scores.values()), color="#4c72b0")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)             # a 0.00 bar is otherwise invisible
     ax.set_ylim(0, 1)
     ax.set_ylabel("mean verifier score")
     ax.set_title(title, fontsize=9)
