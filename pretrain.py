@@ -752,6 +752,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, (ValueError, FileNotFoundError)) else 1)
     if world > 1:
+        # every rank reaches here before any tears down: a rank that destroys gloo while another still
+        # writes the checkpoint or logs can abort ("terminate called without an active exception")
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         if res is None:                      # ranks other than 0 print nothing
             return None
