@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from model import CommandA, ModelConfig, tune_malloc
+from model import CommandA, ModelConfig, shard_files, tune_malloc
 
 METHODS = ("linear", "soup", "interpolate", "task_arithmetic", "ties", "dare", "dare_ties", "slerp")
 NEEDS_BASE = ("interpolate", "task_arithmetic", "ties", "dare", "dare_ties")
@@ -419,17 +419,10 @@ class Checkpoint:
             self.model_config = ModelConfig.from_hf_dict(self.config)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise MergeError(f"{cfg_file}: not a usable Cohere2 config ({e!r})") from None
-        index = os.path.join(self.path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise MergeError(f"{index} is malformed (needs a 'weight_map'): {e!r}") from None
-        elif os.path.isfile(os.path.join(self.path, "model.safetensors")):
-            files = ["model.safetensors"]
-        else:
-            raise MergeError(f"no model.safetensors or model.safetensors.index.json in {self.path}")
+        try:
+            files = shard_files(self.path)
+        except (ValueError, FileNotFoundError) as e:
+            raise MergeError(str(e)) from None
         self.meta, self.where = {}, {}  # name -> (dtype, shape); name -> (shard path, first data byte)
         for fname in files:
             fpath = os.path.join(self.path, fname)

@@ -482,6 +482,21 @@ class KVCache:
 # The model
 
 
+def shard_files(path: str) -> list[str]:
+    """The safetensors shard names of an HF checkpoint folder: the index's weight_map values, or the single
+    model.safetensors. ValueError for a malformed index, FileNotFoundError when there are no weights."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                return sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is malformed (needs a 'weight_map' of tensor -> shard): {e!r}") from None
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
 class CommandA(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -601,17 +616,7 @@ class CommandA(nn.Module):
             cfg = ModelConfig.from_hf_dict(hf, **runtime)
         except KeyError as e:
             raise ValueError(f"{cfg_file} lacks required field {e}") from None
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{index} is malformed (needs a 'weight_map' of tensor -> shard): {e!r}") from None
-        elif os.path.isfile(os.path.join(path, "model.safetensors")):
-            files = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+        files = shard_files(path)
 
         with torch.device("meta"):
             model = cls(cfg)
