@@ -25,9 +25,9 @@ Design notes (traps other engines fell into, SPEC 8):
   - streamed text goes through an incremental UTF-8 decoder, so a character split across tokens is never
     emitted half; every stream ends (`message-end` / `data: [DONE]`), also on errors.
 
-Measured (`python serve.py --bench`, random weights, prompt 128 + 64 new tokens, greedy, fp32, ONE thread of a
-2-core CPU shared with other jobs; methods interleaved, best of 3): at batch 1 the engine (fused decode) gives
-499 tok/s on tiny and 80 on small end to end, 11.6x / 24.4x the naive recompute-everything loop and 4.0x / 1.8x
+Measured (`python serve.py --bench`, random weights, prompt 128 + 64 new tokens, greedy, fp32, one thread of a
+quiet 2-core CPU; methods interleaved, best of 3): at batch 1 the engine (fused decode) gives 1,173 tok/s on
+tiny and 94 on small end to end: 13.2x / 11.7x the naive recompute-everything loop and 2.4x / 1.6x
 transformers' cached generate, all with identical tokens (small is bound by reading 113 MB of fp32 weights
 per token). KV bytes (bf16) for small at 32K tokens: 32.8 MiB allocated = the formula, vs 128 MiB if every
 layer kept everything. README has the full table.
