@@ -588,8 +588,12 @@ class CommandA(nn.Module):
         logits = F.linear(h, self.lm_head_weight).float() * (cfg.logit_scale / cfg.width_mult)
         if targets is None:
             return logits
-        # fp32 log-softmax; -100 marks tokens with no target (padding, document boundaries, prompts)
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        # fp32 log-softmax; -100 marks tokens with no target (padding, document boundaries, prompts). The token
+        # mean is summed in fp64, where a sum of fp32 losses is exact in any order: a batch split over ranks
+        # (parallel.py) adds no rounding of its own to the logged loss.
+        nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                              reduction="none")
+        return (nll.double().sum() / (targets != -100).sum().clamp(min=1)).float()
 
     # --- HF checkpoints -------------------------------------------------------------------------------------
     def expected_shapes(self) -> dict[str, tuple]:

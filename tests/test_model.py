@@ -225,6 +225,22 @@ def test_loss_ignores_minus_100_and_is_fp32():
     assert abs(loss.item() - ref.item()) < 0.02  # bf16 matmuls vs fp32
 
 
+def test_loss_token_mean_is_exact_in_any_order():
+    """The token mean is an fp64 sum of fp32 per-token losses: exact, so reordering the rows (as a split over
+    ranks or micro-batches does) gives the same loss to the last bit; a plain fp32 mean would not."""
+    m = make()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (64, 33), generator=g)
+    tgt = ids[:, 1:].clone()
+    tgt[::3, :4] = -100
+    with torch.no_grad():
+        loss = m(ids[:, :-1], targets=tgt)
+        perm = torch.randperm(64, generator=g)
+        assert m(ids[perm, :-1], targets=tgt[perm]).item() == loss.item()
+        nll = F.cross_entropy(m(ids[:, :-1]).reshape(-1, 97), tgt.reshape(-1), ignore_index=-100, reduction="none")
+    assert loss.item() == (nll.double().sum() / (tgt != -100).sum()).float().item()
+
+
 def test_mup_width_mult_scales_init_and_logits_and_exports_as_plain_cohere2(tmp_path):
     cfg = micro(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, mup_base_hidden_size=16)
     assert cfg.width_mult == 4
