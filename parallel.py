@@ -626,10 +626,11 @@ def plan_table(cfg: ModelConfig, layouts, seq: int, micro_batch: int, recompute:
 #
 # "The same losses" can mean the same bits only where every sum is formed in the same order. A layout splits
 # sums (the batch over dp/fsdp, the sequence over sp, the hidden dim over tp), and fp32 addition is not
-# associative; whether the GEMM library happens to block its sums at the same place decides the last bit. In
-# fp32 it does here (bit-equal losses). Under bf16 autocast any 1-ulp difference is amplified: an fp32 value that
-# moved by one ulp sometimes rounds to the NEIGHBOURING bf16 value (a 2^-8 relative jump), so after one update
-# the losses move in the 5th-6th digit. (Computing weight and input gradients with fp32 outputs -- Megatron's
+# associative: a weight gradient summed as two halves differs from the one-GEMM sum in the last bit for most
+# elements. In fp32 such 1-ulp differences stay 1-ulp, below what the logged token mean resolves (bit-equal
+# losses here). Under bf16 autocast they are amplified: an fp32 weight or activation that moved by one ulp
+# sometimes rounds to the NEIGHBOURING bf16 value (a 2^-8 relative jump), so after one update the losses move in
+# the 5th-6th digit. (Computing weight and input gradients with fp32 outputs -- Megatron's
 # fp32 gradient accumulation -- was tried and leaves the gap at the same size.) The meaningful check is the floor:
 # one process doing the SAME math in another order (half the batch, twice the micro-batches).
 
