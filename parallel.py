@@ -49,6 +49,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import types
 import warnings
 from collections import Counter
@@ -649,8 +651,6 @@ def _layout_flags(spec: str) -> tuple[list[str], int]:
 
 def run_pretrain(args: list[str], nproc: int = 1, timeout: float = 900) -> dict:
     """pretrain.py as a user runs it (torchrun when nproc > 1, CPU + gloo); returns its final JSON summary."""
-    import subprocess
-    import sys
     root = os.path.dirname(os.path.abspath(__file__))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
@@ -762,7 +762,7 @@ def main(argv=None):
 
 
 def _parity_main(ap, args):
-    from pretrain import TINY
+    from pretrain import TINY         # here, not at the top: pretrain.py imports this file
     layouts = [l for l in args.layouts.split(";") if l]
     try:
         for lay in layouts:
