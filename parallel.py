@@ -649,14 +649,14 @@ def _layout_flags(spec: str) -> tuple[list[str], int]:
     return flags, world
 
 
-def run_pretrain(args: list[str], nproc: int = 1, timeout: float = 900) -> dict:
-    """pretrain.py as a user runs it (torchrun when nproc > 1, CPU + gloo); returns its final JSON summary."""
+def run_pretrain(args: list[str], nproc: int = 1, timeout: float = 900, env: dict | None = None) -> dict:
+    """pretrain.py as a user runs it (torchrun when nproc > 1, CPU + gloo); returns its final JSON summary.
+    `env` adds variables (e.g. OMP_NUM_THREADS) to this process's environment."""
     root = os.path.dirname(os.path.abspath(__file__))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(launch + ["pretrain.py", *args], cwd=root, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"pretrain.py {' '.join(args)} (nproc {nproc}) failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

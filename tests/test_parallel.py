@@ -380,12 +380,7 @@ MICRO = ["--preset", "micro", "--vocab-size", "512", "--corpus-mb", "0.3", "--se
 
 
 def _pretrain(args, nproc=1):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}   # CPU + gloo everywhere
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
-           else [sys.executable]) + ["pretrain.py", *MICRO, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return par.run_pretrain([*MICRO, *args], nproc, timeout=240, env={"OMP_NUM_THREADS": "1"})   # CPU + gloo
 
 
 @pytest.mark.slow
