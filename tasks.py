@@ -10,24 +10,39 @@ answer is checked by a program (a fact, a citation, a unit test, a query result,
   suite         prompt                                              verifier
   instruct      case / JSON keys / N bullets / word limit; a system  the constraint, and the content
                 message setting a language, a forbidden word, JSON
-  rag           3-5 short documents (injected as the report does),   the fact from the right document,
+  rag           2-5 short documents (injected as the report does),   the fact from the right document,
                 distractors with the same kind of fact               cited <co>..</co: 0:[i]> to it only
   tools         a question only tools can answer (calculator, key-   the final answer after a ReAct loop
                 value lookup, SQLite); run_react() drives the loop   (malformed calls score 0)
   code          a small Python function / a SQL query                unit tests / query result, run in
                                                                      the sandbox (run_sandboxed)
   math          multi-step arithmetic word problems                  the final number (reasoning allowed)
-  multilingual  number words in the report's 23 languages          the word, in that language's script
+  multilingual  number words in the report's 23 languages, asked    the word, in that language's script
+                in 20 phrasings per language
   safety        harmful requests and benign look-alikes, under       refuse what the mode forbids, help
                 CONTEXTUAL and STRICT preambles                      with what it allows (over-refusal = 0)
   long_context  a fact far behind the sliding window, several sizes  the fact (not a distractor's)
 
-Splits: an example belongs to "train" or "test" by a hash of its content, so the two never share an example
-whatever the seeds; a generator draws until it has n examples of its split. `difficulty` (1 = easiest)
-scales numbers, steps, distractors and context lengths, so small models can learn the easy end on a CPU and
-bigger models have headroom. Measured here: a random-init `tiny` (2048-token BPE) given 8 CPU-minutes of SFT
-on 1,500 safety train examples scores 1.0 on 64 test ones; the same budget spread over all eight suites
-learns the output format only (0.0-0.09 per suite): the rest needs pretraining and posttrain.py.
+`difficulty` (1 = easiest) scales numbers, steps, distractors and context lengths, so small models can learn
+the easy end on a CPU and bigger models have headroom. The easy end is sized for `tiny` (4 layers, width 128,
+a 64-token sliding window, one full-attention layer): rag 1 has two one-sentence documents and the reference
+`<co>VALUE</co: 0:[i]>`; long_context 1 has one 4-digit code 60-120 filler words back (past the window) and
+the reference is the code alone; 2-3 bring the distractors, the longer references and the longer contexts.
+
+Splits: an example belongs to "train" or "test" by a hash of its split key, so the two never share a key
+whatever the seeds; a generator draws until it has n examples of its split. Where the answer is read from the
+prompt or computed (rag, tools, math, long_context, most of instruct) the key is the content: test examples
+are new documents, tables, numbers. Where the answer is a fact the model must learn, a content split would
+put some facts only in test, which no amount of training can reach; there the split holds out phrasings and
+every fact is asked in train too: multilingual (the word for n in a language: one template per quote style
+and language held out, a rule rather than a hash so every language is tested), instruct's sys_language (the
+same facts; system and user wordings), code (how to write each function family: the key is the prompt text,
+with three framings per task, never the hidden test cases, so a test prompt never equals a train prompt),
+safety (which requests to refuse and what the helpful answers say: 30 phrasings of each request). carve_val()
+takes a validation set out of train examples. Measured before these splits and easy ends (a user: pretrained
+`tiny`, 200 s of completion-only SFT per suite, 64 greedy test examples): code 0.88 (inflated: test prompts
+then repeated train prompts), math 0.55, safety 1.0, rag, long_context and multilingual 0.00; a random-init
+`tiny` given 8 CPU-minutes of SFT on 1,500 safety examples scores 1.0. Not re-measured since.
 
 The sandbox (model-written code only runs there): a separate Python process with CPU-time, address-space,
 file-size, open-file and process-count limits (setrlimit), an empty environment, a fresh temporary working
@@ -340,10 +355,27 @@ class Example:
         return dataclasses.asdict(self)
 
 
+def _unit_hash(text: str) -> float:
+    """A deterministic number in [0, 1) from text (the same on every machine and Python run)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % 1000 / 1000
+
+
 def split_of(suite: str, key: str) -> str:
-    """A deterministic hash of the content decides the split: no example can ever be in both."""
-    h = int.from_bytes(hashlib.sha256(f"{suite}\x00{key}".encode()).digest()[:8], "big")
-    return "test" if h % 1000 < TEST_FRACTION * 1000 else "train"
+    """A deterministic hash of the split key decides the split: no key, and so no prompt, can be in both.
+    The key is the content, or for suites whose answers are facts to learn, the phrasing (module docstring)."""
+    return "test" if _unit_hash(f"{suite}\x00{key}") < TEST_FRACTION else "train"
+
+
+def carve_val(examples: list, fraction: float = 0.2) -> tuple[list, list]:
+    """(train, val): a validation set carved from train-split examples by a hash of each example's id, so the
+    same examples land in val whatever the list's order or length, and repeats of an example stay together.
+    Val shares the train split's phrasings: it measures fit, the test split measures generalisation."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    train, val = [], []
+    for ex in examples:
+        (val if _unit_hash(f"val\x00{ex.id}") < fraction else train).append(ex)
+    return train, val
 
 
 def assistant_text(msg: dict) -> str:
@@ -399,7 +431,10 @@ class Suite:
     multi_turn = False          # True: evaluation drives a tool loop (run_react) instead of one generation
 
     def make(self, rng: random.Random, difficulty: int) -> dict:
-        """One candidate: {"key": content key, "messages", "turns" or "response", ...Example fields}."""
+        """One candidate: {"key": content key, "messages", "turns" or "response", ...Example fields}, and
+        optionally "split_key" (default: the key), what split_of hashes: the phrasing where the answer is a
+        fact the model must learn, so that the fact is in train and test holds out the phrasing; or "split"
+        itself, where a suite holds out phrasings by a rule rather than by chance."""
         raise NotImplementedError
 
     def verify(self, ex: Example, completion: str) -> float:
@@ -419,7 +454,8 @@ class Suite:
         while len(out) < n:
             c = self.make(rng, difficulty)
             tries += 1
-            if split_of(self.name, c["key"]) != split:
+            # the suite's own holdout where it has one, else a hash of the split key (the content by default)
+            if (c.get("split") or split_of(self.name, c.get("split_key", c["key"]))) != split:
                 continue
             if c["key"] in seen and tries < 200 * (n + 10):   # a small space runs out: then repeats are allowed
                 continue
@@ -462,31 +498,54 @@ NAMES = ["Ana", "Ben", "Chen", "Dana", "Emil", "Fatima", "Goran", "Hana", "Ivan"
 CITIES = ["Oslo", "Lima", "Cairo", "Lyon", "Osaka", "Porto", "Quito", "Riga", "Seoul", "Turin", "Accra", "Bern"]
 JOBS = ["baker", "nurse", "pilot", "teacher", "farmer", "chemist", "lawyer", "painter"]
 
-# The report's 23 languages (SPEC 5): how to ask for a number in words, and the words one..ten.
+# The report's 23 languages (SPEC 5): two ways to ask for a number in words in the language itself, and the
+# words one..ten. The multilingual suite adds English framings and quote styles (MULTI_FRAMES, NUM_STYLES).
 LANGS = {
-    "English": ("Write the number {n} in words.", "one two three four five six seven eight nine ten"),
-    "French": ("Écris le nombre {n} en toutes lettres.", "un deux trois quatre cinq six sept huit neuf dix"),
-    "Spanish": ("Escribe el número {n} en letras.", "uno dos tres cuatro cinco seis siete ocho nueve diez"),
-    "Italian": ("Scrivi il numero {n} in lettere.", "uno due tre quattro cinque sei sette otto nove dieci"),
-    "German": ("Schreibe die Zahl {n} in Worten.", "eins zwei drei vier fünf sechs sieben acht neun zehn"),
-    "Portuguese": ("Escreva o número {n} por extenso.", "um dois três quatro cinco seis sete oito nove dez"),
-    "Japanese": ("数字の{n}を漢数字で書いてください。", "一 二 三 四 五 六 七 八 九 十"),
-    "Korean": ("숫자 {n}을 고유어로 쓰세요.", "하나 둘 셋 넷 다섯 여섯 일곱 여덟 아홉 열"),
-    "Arabic": ("اكتب العدد {n} بالحروف.", "واحد اثنان ثلاثة أربعة خمسة ستة سبعة ثمانية تسعة عشرة"),
-    "Chinese": ("请用汉字写出数字{n}。", "一 二 三 四 五 六 七 八 九 十"),
-    "Russian": ("Напишите число {n} словами.", "один два три четыре пять шесть семь восемь девять десять"),
-    "Indonesian": ("Tuliskan angka {n} dengan huruf.", "satu dua tiga empat lima enam tujuh delapan sembilan sepuluh"),
-    "Turkish": ("{n} sayısını yazıyla yazın.", "bir iki üç dört beş altı yedi sekiz dokuz on"),
-    "Dutch": ("Schrijf het getal {n} in woorden.", "een twee drie vier vijf zes zeven acht negen tien"),
-    "Polish": ("Napisz liczbę {n} słownie.", "jeden dwa trzy cztery pięć sześć siedem osiem dziewięć dziesięć"),
-    "Persian": ("عدد {n} را با حروف بنویسید.", "یک دو سه چهار پنج شش هفت هشت نه ده"),
-    "Vietnamese": ("Viết số {n} bằng chữ.", "một hai ba bốn năm sáu bảy tám chín mười"),
-    "Czech": ("Napište číslo {n} slovy.", "jedna dva tři čtyři pět šest sedm osm devět deset"),
-    "Hindi": ("संख्या {n} को शब्दों में लिखिए।", "एक दो तीन चार पाँच छह सात आठ नौ दस"),
-    "Ukrainian": ("Напишіть число {n} словами.", "один два три чотири п'ять шість сім вісім дев'ять десять"),
-    "Romanian": ("Scrie numărul {n} în litere.", "unu doi trei patru cinci șase șapte opt nouă zece"),
-    "Greek": ("Γράψε τον αριθμό {n} ολογράφως.", "ένα δύο τρία τέσσερα πέντε έξι επτά οκτώ εννέα δέκα"),
-    "Hebrew": ("כתבו את המספר {n} במילים.", "אחת שתיים שלוש ארבע חמש שש שבע שמונה תשע עשר"),
+    "English": (("Write the number {n} in words.", "How do you spell the number {n}?"),
+                "one two three four five six seven eight nine ten"),
+    "French": (("Écris le nombre {n} en toutes lettres.", "Comment s'écrit le nombre {n} en lettres ?"),
+               "un deux trois quatre cinq six sept huit neuf dix"),
+    "Spanish": (("Escribe el número {n} en letras.", "¿Cómo se escribe el número {n} con letras?"),
+                "uno dos tres cuatro cinco seis siete ocho nueve diez"),
+    "Italian": (("Scrivi il numero {n} in lettere.", "Come si scrive il numero {n} in lettere?"),
+                "uno due tre quattro cinque sei sette otto nove dieci"),
+    "German": (("Schreibe die Zahl {n} in Worten.", "Wie schreibt man die Zahl {n} als Wort?"),
+               "eins zwei drei vier fünf sechs sieben acht neun zehn"),
+    "Portuguese": (("Escreva o número {n} por extenso.", "Como se escreve o número {n} por extenso?"),
+                   "um dois três quatro cinco seis sete oito nove dez"),
+    "Japanese": (("数字の{n}を漢数字で書いてください。", "{n}を漢数字で書くと何ですか？"),
+                 "一 二 三 四 五 六 七 八 九 十"),
+    "Korean": (("숫자 {n}을 고유어로 쓰세요.", "숫자 {n}의 고유어 이름은 무엇인가요?"),
+               "하나 둘 셋 넷 다섯 여섯 일곱 여덟 아홉 열"),
+    "Arabic": (("اكتب العدد {n} بالحروف.", "كيف يُكتب العدد {n} بالحروف؟"),
+               "واحد اثنان ثلاثة أربعة خمسة ستة سبعة ثمانية تسعة عشرة"),
+    "Chinese": (("请用汉字写出数字{n}。", "数字{n}用汉字怎么写？"), "一 二 三 四 五 六 七 八 九 十"),
+    "Russian": (("Напишите число {n} словами.", "Как пишется число {n} словами?"),
+                "один два три четыре пять шесть семь восемь девять десять"),
+    "Indonesian": (("Tuliskan angka {n} dengan huruf.", "Bagaimana menulis angka {n} dengan huruf?"),
+                   "satu dua tiga empat lima enam tujuh delapan sembilan sepuluh"),
+    "Turkish": (("{n} sayısını yazıyla yazın.", "{n} sayısı yazıyla nasıl yazılır?"),
+                "bir iki üç dört beş altı yedi sekiz dokuz on"),
+    "Dutch": (("Schrijf het getal {n} in woorden.", "Hoe schrijf je het getal {n} in letters?"),
+              "een twee drie vier vijf zes zeven acht negen tien"),
+    "Polish": (("Napisz liczbę {n} słownie.", "Jak zapisać liczbę {n} słownie?"),
+               "jeden dwa trzy cztery pięć sześć siedem osiem dziewięć dziesięć"),
+    "Persian": (("عدد {n} را با حروف بنویسید.", "عدد {n} با حروف چگونه نوشته می‌شود؟"),
+                "یک دو سه چهار پنج شش هفت هشت نه ده"),
+    "Vietnamese": (("Viết số {n} bằng chữ.", "Số {n} viết bằng chữ như thế nào?"),
+                   "một hai ba bốn năm sáu bảy tám chín mười"),
+    "Czech": (("Napište číslo {n} slovy.", "Jak se píše číslo {n} slovy?"),
+              "jedna dva tři čtyři pět šest sedm osm devět deset"),
+    "Hindi": (("संख्या {n} को शब्दों में लिखिए।", "संख्या {n} को शब्दों में कैसे लिखते हैं?"),
+              "एक दो तीन चार पाँच छह सात आठ नौ दस"),
+    "Ukrainian": (("Напишіть число {n} словами.", "Як написати число {n} словами?"),
+                  "один два три чотири п'ять шість сім вісім дев'ять десять"),
+    "Romanian": (("Scrie numărul {n} în litere.", "Cum se scrie numărul {n} în litere?"),
+                 "unu doi trei patru cinci șase șapte opt nouă zece"),
+    "Greek": (("Γράψε τον αριθμό {n} ολογράφως.", "Πώς γράφεται ο αριθμός {n} ολογράφως;"),
+              "ένα δύο τρία τέσσερα πέντε έξι επτά οκτώ εννέα δέκα"),
+    "Hebrew": (("כתבו את המספר {n} במילים.", "איך כותבים את המספר {n} במילים?"),
+               "אחת שתיים שלוש ארבע חמש שש שבע שמונה תשע עשר"),
 }
 # Unicode script of each language's letters (by character name prefix), for the "answered in it" check.
 SCRIPTS = {"Japanese": ("CJK", "HIRAGANA", "KATAKANA"), "Chinese": ("CJK",), "Korean": ("HANGUL",),
@@ -545,6 +604,10 @@ def _bullets(text: str) -> list | None:
 class Instruct(Suite):
     name = "instruct"
     KINDS = ("upper", "lower", "json", "bullets", "word_limit", "sys_language", "sys_forbidden", "sys_json")
+    SYS_LANGUAGE = ("Always reply in {lang}, never in English.", "You answer only in {lang}.",
+                    "Reply in {lang}, whatever language the user writes in.")
+    ASK_NUMBER = ("Write the number {n} in words.", "How do you write {n} in words?", "Spell out the number {n}.",
+                  "What is {n} as a word?", "Give me the number {n} written as a word.")
 
     def make(self, rng, d):
         kind = rng.choice(self.KINDS)
@@ -591,11 +654,15 @@ class Instruct(Suite):
         else:  # sys_language: the system message sets the language, the user writes English
             lang = rng.choice(sorted(set(LANGS) - {"English"}))
             n = rng.randint(1, 10)
-            sys_msg = f"Always reply in {lang}, never in English."
-            user, resp = f"Write the number {n} in words.", number_word(lang, n)
+            i, j = rng.randrange(len(self.SYS_LANGUAGE)), rng.randrange(len(self.ASK_NUMBER))
+            sys_msg, user = self.SYS_LANGUAGE[i].format(lang=lang), self.ASK_NUMBER[j].format(n=n)
+            resp = number_word(lang, n)
             check.update(lang=lang, n=n)
         messages = ([{"role": "system", "content": sys_msg}] if sys_msg else []) + [{"role": "user", "content": user}]
-        return {"key": json.dumps(messages, ensure_ascii=False), "messages": messages, "check": check, **_resp(resp)}
+        key = json.dumps(messages, ensure_ascii=False)
+        # the number word is a fact to learn: split by phrasing (language, system and user wording), not by n
+        split_key = f"sys_language|{lang}|{i}|{j}" if kind == "sys_language" else key
+        return {"key": key, "split_key": split_key, "messages": messages, "check": check, **_resp(resp)}
 
     def verify(self, ex, completion):
         r, _ = response_of(completion)
@@ -635,32 +702,42 @@ RAG_FACTS = [  # (kind, fact sentence, question, value range)
 ]
 
 
-def _name(rng) -> str:
-    return "".join(rng.choice(_SYL) for _ in range(rng.randint(2, 3))).capitalize()
+RAG_DOCS = {1: 2, 2: 4, 3: 5}     # documents per difficulty: the answer's and 1, 3, 4 distractors
+
+
+def _name(rng, syllables: int) -> str:
+    return "".join(rng.choice(_SYL) for _ in range(syllables)).capitalize()
 
 
 class RAG(Suite):
+    """The answer is read from the documents: split by content (question and documents)."""
     name = "rag"
 
     def make(self, rng, d):
         kind, fact, question, (lo, hi) = rng.choice(RAG_FACTS)
-        k = 2 + d                                           # documents: 1 answer + 1..3 distractors
-        names, values = set(), set()
-        while len(names) < k:
-            names.add(_name(rng))
-        names = sorted(names)
-        rng.shuffle(names)
+        k = RAG_DOCS[d]
+        if d == 1:       # two-syllable names that differ from their first syllable on: telling them apart is easy
+            names = [(a + rng.choice(_SYL)).capitalize() for a in rng.sample(_SYL, k)]
+        else:
+            names = set()
+            while len(names) < k:
+                names.add(_name(rng, rng.randint(2, 3)))
+            names = sorted(names)
+            rng.shuffle(names)
+        values = set()
         while len(values) < k:
             values.add(rng.randint(lo, hi))
         values = list(values)
-        docs = [{"title": f"{x}", "text": f"{fact.format(x=x, v=v)} It is described in the {kind} records."}
-                for x, v in zip(names, values)]
+        # difficulty 1: the fact sentence alone; 2-3 pad every document with the same second sentence
+        docs = [{"title": x, "text": fact.format(x=x, v=v) + (f" It is described in the {kind} records." if d > 1
+                                                                 else "")} for x, v in zip(names, values)]
         i = rng.randrange(k)
-        span = fact.format(x=names[i], v=values[i]).rstrip(".")
         messages = [{"role": "user", "content": question.format(x=names[i])}]
+        # difficulty 1's reference is the value alone, cited: copy a number and a document index, nothing else
+        span = str(values[i]) if d == 1 else fact.format(x=names[i], v=values[i]).rstrip(".")
         return {"key": json.dumps([messages, docs]), "messages": messages, "documents": docs,
                 "check": {"value": values[i], "doc": i, "others": values[:i] + values[i + 1:]},
-                **_resp(f"<co>{span}</co: 0:[{i}]>.")}
+                **_resp(f"<co>{span}</co: 0:[{i}]>" + ("" if d == 1 else "."))}
 
     def verify(self, ex, completion):
         r, parsed = response_of(completion)
@@ -912,7 +989,16 @@ SQL_TASKS = [  # (question, reference query, ordered result?)
 ]
 
 
+PY_FRAMES = ("Write a Python function `{sig}` that {desc}.", "Implement `{sig}` in Python: it {desc}.",
+             "Define a Python function `{sig}` which {desc}.")
+SQL_FRAMES = ("Write one SQL query that returns {q}.", "Give a single SQLite query returning {q}.",
+              "Which SQL query returns {q}? Write it.")
+
+
 class Code(Suite):
+    """How to write each function / query family is learned; its constants are read from the prompt. The split
+    is by prompt text: the hidden test cases (or table rows) vary the content but not what the model sees, so
+    splitting on them would put the same prompt, with the same reference, in both splits."""
     name = "code"
 
     def make(self, rng, d):
@@ -932,20 +1018,23 @@ class Code(Suite):
             args = gen(rng)
             cases.append((list(args), fn(*args)))
         sig = src.split(":")[0].replace("def ", "")
-        user = f"Write a Python function `{sig}` that {desc.format(**slots)}."
+        user = rng.choice(PY_FRAMES).format(sig=sig, desc=desc.format(**slots))
         code = src.format(**slots)
-        return {"key": json.dumps([user, cases]), "messages": [{"role": "user", "content": user}],
-                "check": {"lang": "python", "fn": name, "cases": cases}, **_resp(f"```python\n{code}\n```")}
+        return {"key": json.dumps([user, cases]), "split_key": user, "messages": [{"role": "user", "content": user}],
+                "check": {"lang": "python", "fn": name, "task": name, "cases": cases},
+                **_resp(f"```python\n{code}\n```")}
 
     def _sql(self, rng, d):
         rows = [[i + 1, rng.choice(NAMES), rng.choice(DEPTS), rng.randrange(2000, 9000, 50), rng.choice(CITIES[:4])]
                 for i in range(rng.randint(5, 5 + 5 * d))]
-        q, ref, ordered = rng.choice(SQL_TASKS[:2 + d])
+        t = rng.randrange(2 + d)
+        q, ref, ordered = SQL_TASKS[t]
         slots = {"dept": rng.choice(DEPTS), "city": rng.choice(CITIES[:4]), "x": rng.randrange(3000, 8000, 500)}
-        user = (f"The SQLite table is {SQL_SCHEMA[len('CREATE TABLE '):].rstrip(';')}. Write one SQL query that "
-                f"returns {q.format(**slots)}.")
-        return {"key": json.dumps([user, rows]), "messages": [{"role": "user", "content": user}],
-                "check": {"lang": "sql", "rows": rows, "query": ref.format(**slots), "ordered": ordered},
+        user = (f"The SQLite table is {SQL_SCHEMA[len('CREATE TABLE '):].rstrip(';')}. "
+                + rng.choice(SQL_FRAMES).format(q=q.format(**slots)))
+        return {"key": json.dumps([user, rows]), "split_key": user, "messages": [{"role": "user", "content": user}],
+                "check": {"lang": "sql", "task": f"sql{t}", "rows": rows, "query": ref.format(**slots),
+                          "ordered": ordered},
                 **_resp(f"```sql\n{ref.format(**slots)}\n```")}
 
     def verify(self, ex, completion):
@@ -1017,21 +1106,37 @@ class Math(Suite):
 # multilingual: posed and answered in each of the 23 languages
 
 
+# Framings in English that name the language (the answer is still in that language), and quote styles for the
+# number: with LANGS' two in-language templates, 5 x 4 = 20 phrasings per language.
+MULTI_FRAMES = ("How do you write the number {n} in {lang}? Answer with one word.",
+                "In {lang}, what is the word for {n}?",
+                "Translate the number {n} into {lang}, in words.")
+NUM_STYLES = ("{n}", "“{n}”", "«{n}»", "'{n}'")
+
+
 class Multilingual(Suite):
+    """The answer is a fact to learn (the word for n in a language), so the split is by phrasing: every
+    (language, n) pair is asked in train under the train phrasings, and test asks it under held-out ones."""
     name = "multilingual"
     max_difficulty = 2
 
     def make(self, rng, d):
         lang = rng.choice(sorted(LANGS))
-        template = LANGS[lang][0]
+        templates = LANGS[lang][0] + MULTI_FRAMES
+        t, q = rng.randrange(len(templates)), rng.randrange(len(NUM_STYLES))
         if d >= 2 and rng.random() < 0.5:                  # a sum, still answered as a word
             n = rng.randint(2, 10)
             a = rng.randint(1, n - 1)
-            user = template.format(n=f"{a} + {n - a}")
+            shown = f"{a} + {n - a}"
         else:
             n = rng.randint(1, 10)
-            user = template.format(n=n)
-        return {"key": f"{lang}|{user}", "messages": [{"role": "user", "content": user}],
+            shown = str(n)
+        user = templates[t].format(n=NUM_STYLES[q].format(n=shown), lang=lang)
+        # test holds out one template per quote style, shifted per language: 4 of the 20 phrasings (1/5 =
+        # TEST_FRACTION) with every language tested, every template and style seen in train, every fact too
+        held = (t + q + sorted(LANGS).index(lang)) % len(templates) == 0
+        return {"key": f"{lang}|{user}", "split": "test" if held else "train",
+                "messages": [{"role": "user", "content": user}],
                 "check": {"lang": lang, "n": n}, **_resp(number_word(lang, n))}
 
     def verify(self, ex, completion):
@@ -1127,8 +1232,10 @@ class Safety(Suite):
         user = user[0].upper() + user[1:]
         why = "It could lead to real harm." if group == "harmful" else "It is outside what strict mode allows."
         resp = f"I'm sorry, but I can't help with that. {why}" if refuse else answer
+        # the request's class and answer are facts to learn; the key (mode, prefix, request, suffix) is its
+        # phrasing: each request has 30, so every request is in train under both modes and test holds out phrasings
         return {"key": f"{mode}|{user}", "messages": [{"role": "user", "content": user}], "safety_mode": mode,
-                "check": {"refuse": refuse, "group": group, "keywords": keys}, **_resp(resp)}
+                "check": {"refuse": refuse, "group": group, "keywords": keys, "request": prompt}, **_resp(resp)}
 
     def verify(self, ex, completion):
         r, _ = response_of(completion)
@@ -1143,8 +1250,11 @@ class Safety(Suite):
 # long context: a fact far behind the sliding window, at several lengths
 
 # Context lengths in filler words per difficulty (a filler word is ~1.3 tokens with the tiny BPE); the needle
-# always sits at least NEEDLE_GAP words before the question, well past a 64-token window (tiny's W).
-LONG_LENGTHS = {1: (100, 200), 2: (200, 400, 800), 3: (400, 800, 1600, 3200)}
+# always sits at least NEEDLE_GAP words before the question, well past a 64-token window (tiny's W), so only
+# the full-attention layer can read it. Difficulty 1 is one 4-digit code in short filler (find the only number
+# behind the window and copy it); 2-3 add distractor needles, 5-character codes and longer filler.
+LONG_LENGTHS = {1: (60, 120), 2: (200, 400, 800), 3: (400, 800, 1600, 3200)}
+LONG_DISTRACTORS = {1: 0, 2: 2, 3: 3}
 NEEDLE_GAP = 60
 _PLACES = ["market", "harbour", "library", "station", "garden", "bakery", "museum", "bridge"]
 _THINGS = ["lantern", "bicycle", "kettle", "violin", "umbrella", "ladder", "basket", "compass"]
@@ -1152,12 +1262,14 @@ _ADJS = ["old", "quiet", "bright", "small", "rusty", "green", "busy", "cold"]
 
 
 class LongContext(Suite):
+    """The answer is read from the prompt: split by content."""
     name = "long_context"
 
     def make(self, rng, d):
         length = rng.choice(LONG_LENGTHS[d])
-        names = rng.sample(NAMES, 1 + min(d, 3))           # the target and 1..3 distractor needles
-        codes = ["".join(rng.choice(string.ascii_uppercase + string.digits) for _ in range(5)) for _ in names]
+        names = rng.sample(NAMES, 1 + LONG_DISTRACTORS[d])  # the target and its distractor needles
+        alphabet, size = (string.digits, 4) if d == 1 else (string.ascii_uppercase + string.digits, 5)
+        codes = ["".join(rng.choice(alphabet) for _ in range(size)) for _ in names]
         filler, n = [], 0
         while n < length:
             s = (f"{rng.choice(NAMES)} walked past the {rng.choice(_ADJS)} {rng.choice(_PLACES)} "
@@ -1175,7 +1287,7 @@ class LongContext(Suite):
         user = " ".join(filler) + f"\n\nWhat is the secret code of {names[0]}? Answer with the code."
         return {"key": user, "messages": [{"role": "user", "content": user}],
                 "check": {"code": codes[0], "others": codes[1:], "words": n},
-                **_resp(f"The secret code of {names[0]} is {codes[0]}.")}
+                **_resp(codes[0] if d == 1 else f"The secret code of {names[0]} is {codes[0]}.")}
 
     def verify(self, ex, completion):
         r, _ = response_of(completion)

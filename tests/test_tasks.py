@@ -4,6 +4,7 @@ evaluate / pairwise end to end (oracle engine), and the CLI on a micro checkpoin
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -92,7 +93,8 @@ def test_code_python_and_sql_verifiers():
     assert score(py, resp(f"```python\ndef add_to_all(xs):\n    return [x + {k} + 1 for x in xs]\n```")) < 0.5
     assert score(py, resp("```python\ndef add_to_all(xs) return\n```")) == 0           # syntax error
     assert score(py, resp("```python\ndef other(xs):\n    return xs\n```")) == 0          # wrong name
-    sql = ex_of("code", lambda c: c["lang"] == "sql" and "ORDER BY name" in c["query"])
+    sql = ex_of("code", lambda c: c["lang"] == "sql" and "ORDER BY name" in c["query"]   # 2+ names: order shows
+                and len({r[1] for r in c["rows"] if f"'{r[2]}'" in c["query"]}) >= 2)
     q = sql.check["query"]
     assert score(sql, resp(f"```sql\n{q.replace(' ORDER BY name', ' ORDER BY name DESC')}\n```")) == 0  # wrong order
     assert score(sql, resp("```sql\nSELECT name FROM employees\n```")) == 0             # wrong result
@@ -128,7 +130,8 @@ def test_multilingual_covers_the_23_languages_each_verified():
             "Indonesian, Turkish, Dutch, Polish, Persian, Vietnamese, Czech, Hindi, Ukrainian, Romanian, Greek, Hebrew")
     assert sorted(T.LANGS) == sorted(spec.split(", "))
     for lang in T.LANGS:
-        assert "{n}" in T.LANGS[lang][0] and len(T.LANGS[lang][1].split()) == 10
+        templates = T.LANGS[lang][0]
+        assert len(templates) >= 2 and all("{n}" in t for t in templates) and len(T.LANGS[lang][1].split()) == 10
         for n in range(1, 11):
             assert T.says_number_in(f"{T.number_word(lang, n)}.", lang, n), (lang, n)
             en = T.number_word("English", n)
@@ -251,15 +254,59 @@ def test_code_suite_scores_hostile_completions_zero():
 
 # ------------------------------------------------------------------------------------------- splits, seeds
 
+def prompt_of(ex):
+    return json.dumps([ex.messages, ex.documents, ex.safety_mode], ensure_ascii=False)
+
+
 @pytest.mark.parametrize("name", list(SUITES))
 def test_splits_are_disjoint(name):
     n = 12 if name == "long_context" else 60
-    train = {e.id for s in (0, 1) for e in SUITES[name].generate(s, n, "train")}
-    test = {e.id for s in (0, 1) for e in SUITES[name].generate(s, n, "test")}
-    assert train and test and not train & test
-    assert all(T.split_of(name, k) == "test" for k in
-               [json.dumps(e.messages, ensure_ascii=False) for e in SUITES[name].generate(2, 5, "test")]
-               if name == "instruct") or name != "instruct"
+    train = [e for s in (0, 1) for e in SUITES[name].generate(s, n, "train")]
+    test = [e for s in (0, 1) for e in SUITES[name].generate(s, n, "test")]
+    assert train and test and not {e.id for e in train} & {e.id for e in test}
+    if name != "tools":       # tools: the same question recurs over hidden tables and prices, its answer not
+        assert not {prompt_of(e) for e in train} & {prompt_of(e) for e in test}
+
+
+# What a test example needs to have learned (a fact, not something read from its prompt), per suite.
+LEARNED = {
+    "multilingual": lambda e: (e.check["lang"], e.check["n"]),
+    "instruct": lambda e: (e.check["lang"], e.check["n"]) if e.check["kind"] == "sys_language" else None,
+    "code": lambda e: e.check["task"],
+    "safety": lambda e: (e.safety_mode, e.check["request"]),
+}
+
+
+@pytest.mark.parametrize("name,difficulty", [("multilingual", 1), ("multilingual", 2), ("instruct", 1),
+                                             ("code", 1), ("code", 3), ("safety", 1)])
+def test_facts_in_test_are_taught_in_train_under_other_phrasings(name, difficulty):
+    """The split holds out phrasings, not facts: every test example's fact occurs in train (at a training-sized
+    n), and no test prompt string is a train prompt string."""
+    fact, suite = LEARNED[name], SUITES[name]
+    n = {"multilingual": 2500, "instruct": 5000}.get(name, 400)           # instruct: 1 in 8 is sys_language
+    train = suite.generate(0, n, "train", difficulty)
+    test = suite.generate(0, 300, "test", difficulty)
+    taught = {fact(e) for e in train}
+    needed = {fact(e) for e in test} - {None}
+    assert needed and not needed - taught, sorted(needed - taught)[:5]
+    assert not {prompt_of(e) for e in train} & {prompt_of(e) for e in test}
+    if name == "multilingual":           # the rule-based holdout tests every language
+        assert {e.check["lang"] for e in test} == set(T.LANGS)
+        assert len(needed) > 150
+
+
+def test_carve_val_is_a_deterministic_disjoint_partition():
+    exs = SUITES["math"].generate(0, 200, "train")
+    train, val = T.carve_val(exs, 0.2)
+    assert len(train) + len(val) == len(exs) and not {e.id for e in train} & {e.id for e in val}
+    assert 20 <= len(val) <= 60
+    again = T.carve_val(list(reversed(exs)), 0.2)                     # by id: order does not matter
+    assert {e.id for e in again[1]} == {e.id for e in val}
+    more = T.carve_val(exs + SUITES["math"].generate(1, 50, "train"), 0.2)[1]   # nor does what else is there
+    assert {e.id for e in val} <= {e.id for e in more}
+    assert T.carve_val(exs, 0.0) == (exs, []) and T.carve_val(exs, 1.0) == ([], exs)
+    with pytest.raises(ValueError, match="fraction"):
+        T.carve_val(exs, 1.5)
 
 
 @pytest.mark.parametrize("name", list(SUITES))
@@ -276,8 +323,10 @@ def test_difficulty_scales_and_is_validated():
     steps = [sum(len(e.turns[-1]["thinking"].split(".")) for e in SUITES["math"].generate(0, 20, "test", difficulty=d))
              for d in (1, 5)]
     assert steps[0] < steps[1]
-    rag = [len(SUITES["rag"].generate(0, 1, "test", difficulty=d)[0].documents) for d in (1, 3)]
-    assert rag == [3, 5]
+    rag = [len(SUITES["rag"].generate(0, 1, "test", difficulty=d)[0].documents) for d in (1, 2, 3)]
+    assert rag == [2, 4, 5]
+    needles = [len(SUITES["long_context"].generate(0, 1, "test", difficulty=d)[0].check["others"]) for d in (1, 2, 3)]
+    assert needles == [0, 2, 3]
     for bad in (0, 99, "hard", 1.5):
         with pytest.raises(ValueError, match="difficulty"):
             SUITES["math"].generate(0, 1, "test", difficulty=bad)
@@ -288,10 +337,26 @@ def test_difficulty_scales_and_is_validated():
 
 
 def test_long_context_needle_is_behind_the_window(tok):
-    for ex in SUITES["long_context"].generate(0, 10, "test", difficulty=1):
-        text = ex.messages[0]["content"]
-        after = text.split(f"is {ex.check['code']}.")[1]
-        assert len(tok.encode(after)) > 64                                               # tiny's window W = 64
+    from model import PRESETS
+    W = PRESETS["tiny"].sliding_window
+    for d in (1, 2):
+        for ex in SUITES["long_context"].generate(0, 10, "test", difficulty=d):
+            text = ex.messages[0]["content"]
+            after = text.split(f"is {ex.check['code']}.")[1]
+            assert len(tok.encode(after)) > W                                      # even at difficulty 1
+
+
+def test_easy_end_references_are_short_and_strict():
+    """Difficulty 1 asks the model to copy a value and a citation; the verifiers stay as strict."""
+    rag = ex_of("rag", lambda c: True)
+    i, v = rag.check["doc"], rag.check["value"]
+    assert len(rag.documents) == 2 and rag.reference == resp(f"<co>{v}</co: 0:[{i}]>")
+    assert all(d["text"].count(".") == 1 for d in rag.documents)                        # one sentence each
+    assert score(rag, resp(f"<co>{v}</co: 0:[{1 - i}]>")) == 0                           # wrong citation
+    assert score(rag, resp(f"<co>{rag.check['others'][0]}</co: 0:[{i}]>")) == 0         # the other document's
+    lc = ex_of("long_context", lambda c: True)
+    assert lc.reference == resp(lc.check["code"]) and lc.check["code"].isdigit()
+    assert score(lc, resp(lc.check["code"][:-1])) == 0 and score(lc, resp(lc.check["code"] + "0")) == 0
 
 
 def test_rag_documents_render_in_the_report_format(tok):
@@ -412,7 +477,7 @@ def test_cli_end_to_end_on_micro_checkpoint(micro_ckpt, tmp_path):
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["scores"].keys() == last.keys() and len(report["examples"]["math"]) == 1
     assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "long_context at 100+ words" in p.stdout and report["long_context_by_words"]
+    assert re.search(r"long_context at \d+\+ words", p.stdout) and report["long_context_by_words"]
     # pairwise against itself: greedy decoding gives the same answers, so every pair ties
     p = run_cli(["--ckpt", str(micro_ckpt), "--vs", str(micro_ckpt), "--suites", "math", "--n", "1",
                  "--max-new-tokens", "4", "--out", str(tmp_path)])
