@@ -875,6 +875,8 @@ class PackedData:
     ids: np.ndarray                     # [N, T+1] int32 tokens (pad_id after the stream ends)
     doc_ids: np.ndarray                 # [N, T+1] int32 index of the source document; -1 = padding
     pad_id: int = 0
+    loss_mask: np.ndarray | None = None  # [N, T+1] uint8, 1 = this token is a target (post-training: what the
+                                         # assistant wrote); None = every token is (pretraining)
 
     @property
     def seq_len(self) -> int:
@@ -889,6 +891,8 @@ class PackedData:
         ids, doc = self.ids[rows].astype(np.int64), self.doc_ids[rows].astype(np.int64)
         x, y, dx = ids[:, :-1], ids[:, 1:].copy(), doc[:, :-1]
         y[(doc[:, 1:] != dx) | (doc[:, 1:] < 0)] = -100     # never predict across a document boundary
+        if self.loss_mask is not None:                       # completion-only: prompts carry no loss
+            y[self.loss_mask[rows][:, 1:] == 0] = -100
         T = dx.shape[1]
         t = np.arange(T)[None, :]
         start = np.ones_like(dx, dtype=bool)
@@ -898,11 +902,14 @@ class PackedData:
                     doc_ids=torch.from_numpy(dx.copy()), position_ids=torch.from_numpy(pos))
 
 
-def pack(token_docs: list[list[int]], seq_len: int, pad_id: int = 0) -> PackedData:
-    """Concatenate documents into one stream and cut rows of seq_len+1 tokens (see PackedData)."""
-    token_docs = [d for d in token_docs if len(d)]
-    if not token_docs:
+def pack(token_docs: list[list[int]], seq_len: int, pad_id: int = 0,
+         loss_masks: list[list[int]] | None = None) -> PackedData:
+    """Concatenate documents into one stream and cut rows of seq_len+1 tokens (see PackedData).
+    loss_masks (one 0/1 list per document) mark which tokens are targets; the mask travels with its tokens."""
+    keep = [i for i, d in enumerate(token_docs) if len(d)]
+    if not keep:
         raise ValueError('pack: no tokens to pack')
+    token_docs = [token_docs[i] for i in keep]
     T = seq_len
     stream = np.concatenate([np.asarray(d, dtype=np.int32) for d in token_docs])
     doc = np.repeat(np.arange(len(token_docs), dtype=np.int32), [len(d) for d in token_docs])
@@ -911,7 +918,50 @@ def pack(token_docs: list[list[int]], seq_len: int, pad_id: int = 0) -> PackedDa
     stream = np.concatenate([stream, np.full(total - len(stream), pad_id, np.int32)])
     doc = np.concatenate([doc, np.full(total - len(doc), -1, np.int32)])
     idx = np.arange(N)[:, None] * T + np.arange(T + 1)[None, :]   # (N, T+1)
-    return PackedData(stream[idx], doc[idx], pad_id)
+    mask = None
+    if loss_masks is not None:
+        mask = np.concatenate([_mask_of(loss_masks[i], token_docs[j]) for j, i in enumerate(keep)])
+        mask = np.concatenate([mask, np.zeros(total - len(mask), np.uint8)])[idx]
+    return PackedData(stream[idx], doc[idx], pad_id, mask)
+
+
+def _mask_of(mask, doc) -> np.ndarray:
+    if len(mask) != len(doc):
+        raise ValueError(f'a loss mask has {len(mask)} entries for a document of {len(doc)} tokens')
+    return np.asarray(mask, dtype=np.uint8)
+
+
+def pack_whole(token_docs: list[list[int]], seq_len: int, pad_id: int = 0,
+               loss_masks: list[list[int]] | None = None) -> PackedData:
+    """Pack documents into rows WITHOUT cutting any (first-fit, longest first): a chat example split across rows
+    would lose its prompt, so post-training packs whole conversations and pads the rest of each row. A
+    document longer than seq_len+1 tokens is an error (the caller decides to truncate or drop). doc_ids keep
+    each document's index in token_docs, so per-sequence sums (log-probs of a completion) can be gathered."""
+    T1 = seq_len + 1
+    lens = [len(d) for d in token_docs]
+    if not token_docs or min(lens) == 0:
+        raise ValueError('pack_whole: need at least one document and no empty ones')
+    if max(lens) > T1:
+        raise ValueError(f'pack_whole: a document of {max(lens)} tokens does not fit a row of {T1}')
+    rows, free = [], []                       # rows[r] = document indices; free[r] = slots left
+    for i in sorted(range(len(token_docs)), key=lambda i: -lens[i]):
+        r = next((r for r, f in enumerate(free) if f >= lens[i]), None)
+        if r is None:
+            rows.append([]), free.append(T1)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= lens[i]
+    ids = np.full((len(rows), T1), pad_id, np.int32)
+    doc = np.full((len(rows), T1), -1, np.int32)
+    mask = np.zeros((len(rows), T1), np.uint8) if loss_masks is not None else None
+    for r, members in enumerate(rows):
+        t = 0
+        for i in sorted(members):
+            ids[r, t:t + lens[i]], doc[r, t:t + lens[i]] = token_docs[i], i
+            if mask is not None:
+                mask[r, t:t + lens[i]] = _mask_of(loss_masks[i], token_docs[i])
+            t += lens[i]
+    return PackedData(ids, doc, pad_id, mask)
 
 
 def pack_documents(docs: list[Document], encode: Callable[[str], list[int]], bos_id: int | None,

@@ -555,12 +555,15 @@ class CommandA(nn.Module):
                                         self.config.sliding_window if kind == "sliding" else None)
                 for kind in LAYER_KINDS}
 
-    def forward(self, input_ids, targets=None, position_ids=None, doc_ids=None, cache=None, logits_index=None):
+    def forward(self, input_ids, targets=None, position_ids=None, doc_ids=None, cache=None, logits_index=None,
+                return_hidden=False):
         """input_ids (B, T). Packed rows: pass doc_ids (B, T) and/or position_ids restarting per document.
         With a cache: position_ids are the absolute positions of the new tokens (default: continue).
         Returns logits (B, T, V) in fp32, or the mean next-token loss over targets != -100 if targets given.
         logits_index (B,): only that position's logits per row, (B, 1, V) -- a prefill needs just the last
-        prompt token, and B x T x V fp32 logits would dominate its memory at V = 256K."""
+        prompt token, and B x T x V fp32 logits would dominate its memory at V = 256K.
+        return_hidden: the final-norm hidden states (B, T, H) instead; lm_logits() maps any subset of them to
+        logits (post-training scores completion tokens only, a few percent of a chat row)."""
         cfg = self.config
         B, T = input_ids.shape
         device = input_ids.device
@@ -584,8 +587,9 @@ class CommandA(nn.Module):
         if logits_index is not None:
             h = h[torch.arange(B, device=device), logits_index][:, None]   # (B, 1, H)
         h = self.model.norm(h)
-        # tied output embedding; muP's output multiplier 1/m rides on the logit scale
-        logits = F.linear(h, self.lm_head_weight).float() * (cfg.logit_scale / cfg.width_mult)
+        if return_hidden:
+            return h
+        logits = self.lm_logits(h)
         if targets is None:
             return logits
         # fp32 log-softmax; -100 marks tokens with no target (padding, document boundaries, prompts). The token
@@ -594,6 +598,11 @@ class CommandA(nn.Module):
         nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                               reduction="none")
         return (nll.double().sum() / (targets != -100).sum().clamp(min=1)).float()
+
+    def lm_logits(self, h):
+        """Final-norm hidden states (..., H) -> fp32 logits (..., V): the tied output embedding, with muP's
+        output multiplier 1/m riding on the logit scale."""
+        return F.linear(h, self.lm_head_weight).float() * (self.config.logit_scale / self.config.width_mult)
 
     # --- HF checkpoints -------------------------------------------------------------------------------------
     def expected_shapes(self) -> dict[str, tuple]:
@@ -740,6 +749,29 @@ def tune_malloc():
         libc.mallopt(M_TOP_PAD, 256 * 2**20)
     except (OSError, AttributeError):
         pass
+
+
+_BF16_FAST: dict = {}
+
+
+def bf16_is_fast(device) -> bool:
+    """Whether bf16 autocast pays on this device. GPUs: yes. CPUs: only those with native bf16 dot products
+    (AVX512-BF16 / AMX); on an AVX2-only CPU oneDNN emulates bf16 and a matmul measured ~50x SLOWER than fp32,
+    so the training loops fall back to fp32 there. Measured once per process (~0.1 s)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return True
+    if "cpu" not in _BF16_FAST:
+        t = {}
+        for dt in (torch.float32, torch.bfloat16):
+            a = torch.randn(256, 256, dtype=dt)
+            a @ a
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ a
+            t[dt] = time.perf_counter() - t0
+        _BF16_FAST["cpu"] = t[torch.bfloat16] < 2 * t[torch.float32]
+    return _BF16_FAST["cpu"]
 
 
 def measure_matmul_peak(dtype=torch.bfloat16, sizes=(1024, 2048), seconds=0.5) -> float:

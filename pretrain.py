@@ -45,7 +45,8 @@ from tqdm import tqdm
 
 import data as D
 import parallel as par
-from model import CommandA, KVCache, ModelConfig, PRESETS, flops_per_token, measure_matmul_peak, tune_malloc
+from model import (CommandA, KVCache, ModelConfig, PRESETS, bf16_is_fast, flops_per_token, measure_matmul_peak,
+                   tune_malloc)
 from tokenizer import Tokenizer
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense FLOP/s
@@ -416,6 +417,10 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
         verbose = verbose and rank == 0
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not fp32 and not bf16_is_fast(device):
+        fp32 = True
+        if verbose:
+            print("this CPU has no native bf16 matmul (bf16 is slower than fp32 here): training in fp32")
     autocast_kw = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": not fp32}
     plan = phases(cfg)
     if parallel is not None:   # fail before the data work if the layout cannot split the batches
@@ -461,7 +466,7 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
             print(f"resumed from {out}/checkpoint at step {step}")
 
     peak = (next((v for k, v in GPU_PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
-            if device.type == "cuda" else measure_matmul_peak())
+            if device.type == "cuda" else measure_matmul_peak(torch.float32 if fp32 else torch.bfloat16))
     if peak and parallel is not None:
         peak *= parallel.world              # MFU of the whole job (on one CPU the processes share its cores)
     n_params = mcfg.num_params()

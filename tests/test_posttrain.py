@@ -1,0 +1,446 @@
+"""posttrain.py: every loss at SPEC 6's check values and against TRL's definitions, masking and packing of
+completion log-probs, the reward model, CoPG = RLOO, the bandit, each trainer moving its metric on a micro
+model, exact resume after a kill, and bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data as D
+import posttrain as P
+import tasks as T
+from model import CommandA, ModelConfig
+from tokenizer import Tokenizer, chat_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FP32 = {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": False}
+
+
+def t(*xs):
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------- the losses
+
+
+def test_dpo_check_values():
+    assert P.dpo_loss(t(0.0), t(0.0), 0.1).item() == pytest.approx(math.log(2), abs=1e-4)      # 0.6931
+    assert P.dpo_loss(t(2.0), t(-1.0), 0.1).item() == pytest.approx(0.5544, abs=1e-4)
+
+
+def test_ipo_check_values_and_minimum():
+    assert P.ipo_loss(t(0.0), t(0.0), 0.1).item() == pytest.approx(25.0)
+    assert P.ipo_loss(t(2.0), t(-1.0), 0.1, t(4.0), t(2.0)).item() == pytest.approx(16.0)   # 0.5+0.5 = 1 -> (1-5)^2
+    assert P.ipo_loss(t(2.0), t(-1.0), 0.1).item() == pytest.approx(4.0)                    # (3-5)^2
+    hw = torch.tensor([5.0], dtype=torch.float64, requires_grad=True)                       # Delta = 1/(2 beta)
+    loss = P.ipo_loss(hw, t(0.0), 0.1)
+    loss.backward()
+    assert loss.item() == 0 and hw.grad.item() == 0
+    with pytest.raises(ValueError):
+        P.ipo_loss(t(1.0), t(0.0), 0.1, len_w=t(2.0))
+
+
+def test_hinge_check_value_and_zero_gradient_past_the_margin():
+    assert P.hinge_loss(t(3.0), t(0.0), 0.1).item() == pytest.approx(0.7)
+    hw = torch.tensor([12.0], dtype=torch.float64, requires_grad=True)
+    loss = P.hinge_loss(hw, t(1.0), 0.1)                                                     # beta*Delta = 1.1
+    loss.backward()
+    assert loss.item() == 0 and hw.grad.item() == 0
+
+
+def test_slic_srpo_bt_copg_check_values():
+    # max(0, 1 - (-2) + (-4)) - 0.5 * (-3) = 0 + 1.5; and 1 - (-4) + (-2) = 3 -> 3 + 1.5
+    assert P.slic_loss(t(-2.0), t(-4.0), t(-3.0), 1.0, 0.5).item() == pytest.approx(1.5)
+    assert P.slic_loss(t(-4.0), t(-2.0), t(-3.0), 1.0, 0.5).item() == pytest.approx(4.5)
+    z = t(0.0)
+    assert P.srpo_loss(z, z, z, z, z, z, beta=0.1, a=0.8).item() == pytest.approx(0.6)
+    assert P.bt_loss(t(1.0), t(0.0)).item() == pytest.approx(0.3133, abs=1e-4)
+    assert P.bt_loss(t(1.0), t(0.0), margin=0.5).item() == pytest.approx(0.4741, abs=1e-4)
+    assert P.bt_loss(t(1.0), t(0.0), center=0.01).item() == pytest.approx(0.3133 + 0.01, abs=1e-4)
+    # k = 3: pairs (0,1): 1 - 0.5*(1-0) = 0.5; (0,2): 2 - 0 = 2; (1,2): 1 - 0.5*(0-1) = 1.5 -> mean of squares
+    R, h = torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([[1.0, 0.0, 1.0]])
+    assert P.copg_loss(R, h, 0.5).item() == pytest.approx((0.25 + 4 + 2.25) / 3)
+    # the optimum: h = R / beta + const makes every pair's term zero
+    assert P.copg_loss(R, R / 0.5 + 7, 0.5).item() == pytest.approx(0.0, abs=1e-9)
+
+
+# TRL's DPOTrainer.dpo_loss, as its public source defines the three losses we share (written here from the
+# formulas, not copied): logits = (pi_c - pi_r) - (ref_c - ref_r); sigmoid: -logsigmoid(beta logits);
+# ipo: (logits - 1/(2 beta))^2 on LENGTH-AVERAGED log-probs; hinge: relu(1 - beta logits).
+def trl_losses(pi_c, pi_r, ref_c, ref_r, len_c, len_r, beta):
+    logits = (pi_c - pi_r) - (ref_c - ref_r)
+    ipo_logits = (pi_c / len_c - pi_r / len_r) - (ref_c / len_c - ref_r / len_r)
+    return {"sigmoid": -F.logsigmoid(beta * logits), "ipo": (ipo_logits - 1 / (2 * beta)) ** 2,
+            "hinge": torch.relu(1 - beta * logits)}
+
+
+def test_losses_equal_trl_definitions():
+    g = torch.Generator().manual_seed(0)
+    pi_c, pi_r, ref_c, ref_r = (-30 * torch.rand(64, generator=g, dtype=torch.float64) for _ in range(4))
+    len_c, len_r = (torch.randint(1, 40, (64,), generator=g).double() for _ in range(2))
+    for beta in (0.05, 0.1, 0.5):
+        ref = trl_losses(pi_c, pi_r, ref_c, ref_r, len_c, len_r, beta)
+        hw, hl = pi_c - ref_c, pi_r - ref_r
+        torch.testing.assert_close(P.dpo_loss(hw, hl, beta), ref["sigmoid"])
+        torch.testing.assert_close(P.ipo_loss(hw, hl, beta, len_c, len_r), ref["ipo"])
+        torch.testing.assert_close(P.hinge_loss(hw, hl, beta), ref["hinge"])
+
+
+def test_copg_gradient_is_rloo_k2():
+    """On any two samples of a prompt, grad (CoPG loss) = -4 beta grad (RLOO surrogate with the KL-shaped
+    reward R - beta h held fixed): the same direction, so on-policy CoPG is RLOO with k = 2."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, requires_grad=True)                 # 5 prompts, a 7-way softmax policy
+    ref = torch.log_softmax(torch.randn(5, 7), -1)
+    y = torch.multinomial(torch.softmax(logits.detach(), -1), 2, replacement=True)   # on-policy samples
+    R, beta = torch.randn(5, 2), 0.3
+    logp = torch.log_softmax(logits, -1).gather(1, y)
+    h = logp - ref.gather(1, y)
+    g_copg, = torch.autograd.grad(P.copg_loss(R, h, beta).sum(), logits, retain_graph=True)
+    shaped = (R - beta * h).detach()
+    adv = shaped - shaped.flip(1)                                 # leave-one-out baseline with k = 2
+    g_rloo, = torch.autograd.grad((0.5 * adv * logp).sum(), logits)
+    torch.testing.assert_close(g_copg, -4 * beta * g_rloo)
+
+
+def test_bandit_reaches_pi_star_from_both_behaviour_policies_and_dpo_does_not():
+    copg, pi_star = P.bandit(iters=800, batch=128)
+    assert pi_star == pytest.approx([0.7054, 0.2595, 0.0351], abs=1e-4)
+    for name in P.BANDIT_MU:
+        assert copg[name]["kl_to_pi_star"] < 1e-3, name
+    dpo, _ = P.bandit(iters=300, batch=64, method="dpo")
+    assert all(dpo[name]["kl_to_pi_star"] > 0.1 for name in P.BANDIT_MU)
+    assert all(dpo[name]["pi"][0] > pi_star[0] + 0.1 for name in P.BANDIT_MU)   # it slides to the best arm
+
+
+# ---------------------------------------------------------------------------------------------- micro setup
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [chat_text(ex.sft_messages(), ex.documents, ex.tools, ex.safety_mode, False)
+             for s in ("math", "safety", "multilingual", "code") for ex in T.SUITES[s].generate(0, 30, "train")]
+    return Tokenizer.train(texts, vocab_size=1024)
+
+
+def micro_model(tok, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=192,
+                                num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, sliding_window=16,
+                                max_position_embeddings=2048), **kw})
+    return CommandA(cfg)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return T.SUITES["math"].generate(0, 24, "train")
+
+
+def test_sft_targets_are_the_completion_only(tok, examples):
+    """The trained tokens are exactly the assistant's completion (EOT included); the loss equals a hand-written
+    NLL over exactly those positions, and a different prompt leaves the set of labels unchanged."""
+    model = micro_model(tok)
+    seqs = [P.render(tok, ex) for ex in examples[:4]]
+    for ex, (ids, m) in zip(examples, seqs):
+        assert [i for i, k in zip(ids, m) if k] == P.completion_ids(tok, ex)
+        assert ids[-1] == tok.eot_id and m[-1] == 1
+    b = P.packed_batch(seqs, 2047, tok.pad_id)
+    assert int((b["targets"] != -100).sum()) == sum(sum(m) for _, m in seqs)   # BOS is never trained
+    with torch.no_grad():
+        logits = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
+        hand = [-torch.log_softmax(logits[r, i], -1)[b["targets"][r, i]]
+                for r, i in (b["targets"] != -100).nonzero().tolist()]
+        assert P.completion_nll(model, b).item() == pytest.approx(torch.stack(hand).mean().item(), rel=1e-5)
+    # another user prompt (another preamble too): the labels that carry loss are the same tokens
+    ex = examples[0]
+    other = P.with_preamble(T.Example(ex.suite, ex.id, [{"role": "user", "content": "something else entirely"}],
+                                      ex.reference, ex.turns), "Be brief.")
+    ids2, m2 = P.render(tok, other)
+    assert [i for i, k in zip(ids2, m2) if k] == [i for i, k in zip(*seqs[0]) if k]
+
+
+def test_packed_equals_unpacked_and_left_equals_right_padding(tok, examples):
+    model = micro_model(tok)
+    seqs = [P.render(tok, ex) for ex in examples[:5]]
+    with torch.no_grad():
+        packed, plen = P.sequence_logps(model, P.packed_batch(seqs, 2047, tok.pad_id), 5)
+        alone = torch.cat([P.sequence_logps(model, P.padded_batch([s], tok.pad_id), 1)[0] for s in seqs])
+        right, _ = P.sequence_logps(model, P.padded_batch(seqs, tok.pad_id, "right"), 5)
+        left, llen = P.sequence_logps(model, P.padded_batch(seqs, tok.pad_id, "left"), 5)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(left, right, rtol=1e-5, atol=1e-4)
+    assert plen.tolist() == llen.tolist() == [sum(m) for _, m in seqs]
+    rm = P.RewardModel(micro_model(tok).config)
+    torch.nn.init.normal_(rm.score.weight)
+    with torch.no_grad():
+        rl = rm.rewards(P.padded_batch(seqs, tok.pad_id, "left"), 5)
+        rr = rm.rewards(P.padded_batch(seqs, tok.pad_id, "right"), 5)
+        rp = rm.rewards(P.packed_batch(seqs, 2047, tok.pad_id), 5)
+    torch.testing.assert_close(rl, rr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rp, rr, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_carries_the_loss_mask():
+    docs, masks = [[1, 2, 3, 4], [5, 6, 7]], [[0, 0, 1, 1], [0, 1, 1]]
+    for pk in (D.pack(docs, 8, 0, masks), D.pack_whole(docs, 8, 0, masks)):
+        b = pk.batch(list(range(len(pk))))
+        got = sorted(int(x) for x in b["targets"][b["targets"] != -100])
+        assert got == [4, 6, 7] or got == [3, 4, 6, 7]
+        assert got == [3, 4, 6, 7]          # targets: tokens whose mask is 1, never across documents
+    with pytest.raises(ValueError):
+        D.pack_whole([[1] * 20], 8)
+
+
+# ---------------------------------------------------------------------------------------------- trainers
+
+
+def cfg(**kw):
+    return P.StageConfig(**{**dict(steps=12, batch_size=4, lr=3e-3, warmup_frac=0.0, eval_every=12,
+                                   ckpt_every=100, fp32=True), **kw})
+
+
+def test_sft_lowers_held_out_completion_nll(tok, tmp_path):
+    exs = T.SUITES["safety"].generate(0, 48, "train")
+    train, val = exs[:40], exs[40:]
+    model = micro_model(tok)
+    seqs, _ = P.sft_sequences(tok, train, 1023)
+    packed = D.pack_whole([s for s, _ in seqs], 1023, tok.pad_id, [m for _, m in seqs])
+    vb = P.packed_batch(P.sft_sequences(tok, val, 1023)[0], 1023, tok.pad_id)
+    ev = lambda: {"score": -P.completion_nll(model, vb).item()}   # noqa: E731
+    with torch.no_grad():
+        before = P.completion_nll(model, vb).item()
+    P.train_loop(model, P.sft_objective(model, FP32), {"main": D.Loader(packed, 4)}, cfg(steps=15, lr=3e-2),
+                 str(tmp_path), ev, verbose=False)
+    with torch.no_grad():
+        after = P.completion_nll(model, vb).item()
+    assert after < before - 1.0, (before, after)
+
+
+def test_sft_drift_controls(tok, tmp_path):
+    model = micro_model(tok)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    seqs, _ = P.sft_sequences(tok, T.SUITES["math"].generate(0, 8, "train"), 2047, augment=1)
+    assert len(seqs) == 16
+    packed = D.pack_whole([s for s, _ in seqs], 2047, tok.pad_id, [m for _, m in seqs])
+    pre = D.Loader(P.pretrain_rows(tok, 64, n_docs=20), 2)
+    obj = P.sft_objective(model, FP32, l2_init=1.0, pretrain_loader=pre, pretrain_weight=0.3)
+    log = P.train_loop(model, obj, {"main": D.Loader(packed, 2), "pretrain": pre}, cfg(steps=3), str(tmp_path),
+                       verbose=False)
+    assert {"nll", "pretrain_nll", "drift"} <= set(log["metrics"][-1]) and log["metrics"][0]["drift"] == 0
+    assert pre.position > 0 or pre.epoch > 0
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), w0))
+
+
+def separable_pairs(tok, n, seed=0):
+    """Chosen: the reference answer; rejected: a non-answer. Separable by content alone."""
+    out = []
+    for ex in T.SUITES["math"].generate(seed, n, "train"):
+        bad = P.completion_ids(tok, ex, {"role": "assistant", "content": "I do not know, sorry."})
+        out.append({"prompt": ex.prompt_ids(tok), "chosen": P.completion_ids(tok, ex), "rejected": bad})
+    return out
+
+
+def test_reference_pairs_are_verified(tok):
+    exs = T.SUITES["math"].generate(0, 12, "train")
+    pairs = P.reference_pairs(tok, exs)
+    assert len(pairs) >= 10
+    for p in pairs:
+        ex = next(e for e in exs if e.prompt_ids(tok) == p["prompt"])
+        assert T.SUITES["math"].score(ex, tok.decode(p["chosen"])) > T.SUITES["math"].score(ex, tok.decode(p["rejected"]))
+
+
+def test_reward_model_beats_chance_and_saves_and_loads(tok, tmp_path):
+    pairs = separable_pairs(tok, 48)
+    train, val = pairs[:36], pairs[36:]
+    rm = P.RewardModel(micro_model(tok).config)
+    rm.load_state_dict(micro_model(tok).state_dict(), strict=False)
+    P.train_loop(rm, P.rm_objective(rm, tok, train, 2047, FP32), {"main": D.Loader(P.Indices(len(train)), 4)},
+                 cfg(steps=30), str(tmp_path / "run"), verbose=False)
+    acc = P.rm_accuracy(rm, tok, val, 2047, FP32)
+    assert acc >= 0.75, acc
+    rm.save(str(tmp_path / "rm"), tok)
+    back = P.RewardModel.load(str(tmp_path / "rm"), tok)
+    assert torch.equal(back.score.weight, rm.score.weight)
+    convs = [(p_ex.sft_messages(), None, None, "CONTEXTUAL") for p_ex in T.SUITES["math"].generate(0, 3, "train")]
+    assert len(back.score_conversations(tok, convs)) == 3
+    with pytest.raises(ValueError, match="unexpected tensor"):
+        CommandA.from_pretrained(str(tmp_path / "rm"))
+
+
+def test_dpo_raises_the_margin_with_cached_reference(tok, tmp_path):
+    pairs = separable_pairs(tok, 24)
+    model = micro_model(tok)
+    ref = micro_model(tok)
+    refl = P.reference_logps(ref, tok, pairs, lambda p: P.pair_sequences(tok, p, "dpo"), 2047, FP32)
+    assert refl.shape == (len(pairs), 2)
+    log = P.train_loop(model, P.pref_objective(model, tok, pairs, refl, "dpo", 0.1, 2047, FP32),
+                       {"main": D.Loader(P.Indices(len(pairs)), 4)}, cfg(steps=12, lr=1e-2), str(tmp_path),
+                       verbose=False)
+    assert log["metrics"][0]["margin"] == pytest.approx(0.0, abs=1e-3)       # policy = reference at the start
+    assert sum(m["margin"] for m in log["metrics"][-3:]) / 3 > 1.0
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "slic", "srpo", "ipo_sft"])
+def test_every_preference_loss_trains(tok, tmp_path, loss):
+    pairs = separable_pairs(tok, 8)
+    model, ref = micro_model(tok), micro_model(tok)
+    refl = P.reference_logps(ref, tok, pairs, lambda p: P.pair_sequences(tok, p, loss), 2047, FP32)
+    assert refl.shape[1] == (6 if loss == "srpo" else 2)
+    log = P.train_loop(model, P.pref_objective(model, tok, pairs, refl, loss, 0.1, 2047, FP32),
+                       {"main": D.Loader(P.Indices(len(pairs)), 4)}, cfg(steps=6), str(tmp_path), verbose=False)
+    if loss == "srpo":
+        assert log["loss"][0] == pytest.approx(0.6, abs=1e-3)
+    assert log["loss"][-1] < log["loss"][0]
+
+
+def lower_half(tok):
+    def reward_fn(exs, comps):
+        return [[sum(x < tok.vocab_size // 2 for x in c) / max(1, len(c)) for c in cs] for cs in comps]
+    return reward_fn
+
+
+class _Ex:
+    """A bare prompt for sampling tests: prompt_ids is all the samplers need."""
+    def __init__(self, ids):
+        self.ids = ids
+
+    def prompt_ids(self, tok):
+        return self.ids
+
+
+def test_online_copg_raises_a_verifier_reward_and_engine_follows_the_weights(tok, tmp_path):
+    """Verifier: the share of sampled tokens in a set S of 64 tokens (~18% of the initial policy's mass; logit
+    scale 4 makes the random micro policy peaked enough to learn from in seconds). The policy is sampled by
+    serve.Engine, whose fused decode weights must follow every optimizer step (else it would be off-policy)."""
+    model, ref = micro_model(tok, seed=1, logit_scale=4.0), micro_model(tok, seed=1, logit_scale=4.0)
+    prompts = [_Ex([tok.bos_id] + tok.encode(f"count {i}:")) for i in range(8)]
+    with torch.no_grad():
+        p = torch.stack([torch.softmax(model(torch.tensor([e.ids]))[0, -1], -1) for e in prompts]).mean(0)
+    S = set(p.topk(64).indices.tolist())
+
+    def reward_fn(exs, comps):
+        return [[sum(x in S for x in c) / max(1, len(c)) for c in cs] for cs in comps]
+    timing = {"sample": 0.0, "update_forward": 0.0, "samples": 0}
+    obj = P.copg_online_objective(model, ref, tok, prompts, 0.05, 512, FP32, reward_fn, max_new=6, seed=0,
+                                  timing=timing)
+    log = P.train_loop(model, obj, {"main": D.Loader(P.Indices(8), 8)}, cfg(steps=30, lr=3e-2), str(tmp_path),
+                       verbose=False)
+    r = [m["reward"] for m in log["metrics"]]
+    assert sum(r[-5:]) / 5 > sum(r[:5]) / 5 + 0.4, r
+    assert timing["samples"] == 30 * 16 and timing["sample"] > 0
+    # the engine built before training now decodes with the trained weights: same greedy tokens as a new one
+    eng_old = P.make_engine(model, tok)
+    P.sample(eng_old, tok, prompts[:1], 1, 0.0, 4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fresh = P.make_engine(model, tok)
+    assert P.sample(eng_old, tok, prompts, 1, 0.0, 8) == P.sample(fresh, tok, prompts, 1, 0.0, 8)
+
+
+def test_offline_copg_and_best_of_n(tok, tmp_path):
+    model, ref = micro_model(tok, seed=2), micro_model(tok, seed=2)
+    exs = T.SUITES["math"].generate(0, 6, "train")
+    engine = P.make_engine(model, tok)
+    fake = lower_half(tok)
+    sft, pairs, stats = P.best_of_n(engine, tok, exs, 3, fake, max_new=6, min_best=0.5)
+    assert stats["pairs"] >= 4 and stats["best_mean"] >= stats["mean_score"]
+    assert stats["pairs"] == len(pairs) and all(p["chosen"] != p["rejected"] for p in pairs)
+    comps = P.sample(engine, tok, exs, 3, 1.0, 6, seed=1)
+    groups = [{"prompt": e.prompt_ids(tok), "completions": c, "rewards": r}
+              for e, c, r in zip(exs, comps, fake(exs, comps))]
+    refl = P.reference_logps(ref, tok, groups, lambda g: [P.seq(g["prompt"], c) for c in g["completions"]],
+                             2047, FP32)
+    log = P.train_loop(model, P.copg_offline_objective(model, tok, groups, refl, 0.5, 2047, FP32),
+                       {"main": D.Loader(P.Indices(len(groups)), 3)}, cfg(steps=8), str(tmp_path), verbose=False)
+    assert log["loss"][-1] < log["loss"][0]
+
+
+# ---------------------------------------------------------------------------------------------- resume, errors
+
+
+@pytest.fixture(scope="module")
+def init_dir(tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("init")
+    micro_model(tok).save_pretrained(str(d))
+    tok.save(str(d))
+    return str(d)
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "posttrain.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600)
+
+
+SFT_ARGS = ["sft", "--suites", "safety", "--n-train", "24", "--n-eval", "2", "--n-val", "2", "--max-new", "4",
+            "--steps", "6", "--batch-size", "2", "--ckpt-every", "2", "--eval-every", "100", "--lr", "3e-3",
+            "--preamble-aug", "0"]
+
+
+def test_cli_resume_after_a_kill_reproduces_the_losses(init_dir, tmp_path):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    r = cli(*SFT_ARGS, "--init", init_dir, "--out", full)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["stage"] == "sft" and set(summary["after"]) == {"safety"}
+    r = cli(*SFT_ARGS, "--init", init_dir, "--out", killed, env={"POSTTRAIN_CRASH_AT_STEP": "5"})
+    assert r.returncode == 17
+    assert not os.path.exists(os.path.join(killed, "result.json"))
+    r = cli(*SFT_ARGS, "--init", init_dir, "--out", killed)
+    assert r.returncode == 2 and "--resume" in r.stderr          # an unfinished stage is not silently redone
+    r = cli(*SFT_ARGS, "--init", init_dir, "--out", killed, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = json.load(open(os.path.join(full, "checkpoint", "..", "result.json")))
+    la = torch.load(os.path.join(full, "checkpoint", "train_state.pt"), weights_only=True)
+    lb = torch.load(os.path.join(killed, "checkpoint", "train_state.pt"), weights_only=True)
+    assert json.loads(la["meta"])["log"]["loss"] == json.loads(lb["meta"])["log"]["loss"]   # bit for bit
+    assert a["steps"] == 6
+    m = CommandA.from_pretrained(killed)
+    assert Tokenizer.load(killed).vocab_size == m.config.vocab_size or m.config.vocab_size >= 1
+
+
+def test_cli_bad_input(init_dir, tmp_path, tok):
+    r = cli("sft", "--init", str(tmp_path / "nope" / "tiny"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "pretrain.py --tiny" in r.stderr
+    r = cli("sft", "--init", init_dir, "--out", str(tmp_path / "o"), "--suites", "cooking")
+    assert r.returncode == 2 and "unknown suite" in r.stderr
+    r = cli("pref", "--init", init_dir, "--out", str(tmp_path / "o"), "--beta", "0")
+    assert r.returncode == 2
+    # a reward model from another tokenizer
+    other = Tokenizer.train(["completely different text " * 50, "more words here " * 40], vocab_size=280)
+    rm_dir = str(tmp_path / "rm")
+    P.RewardModel(micro_model(other).config).save(rm_dir, other)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        P.RewardModel.load(rm_dir, tok)
+    with pytest.raises(ValueError, match="another architecture"):
+        P.check_same_architecture(micro_model(tok).config, micro_model(tok, num_hidden_layers=2).config, "reference")
+    assert not os.path.exists(str(tmp_path / "o"))                 # nothing written by the refused runs
+
+
+def test_bad_data_and_nan_losses(tok, tmp_path):
+    with pytest.raises(ValueError, match="no preference pairs"):
+        P.check_pairs([])
+    with pytest.raises(ValueError, match="identical"):
+        P.check_pairs([{"prompt": [1], "chosen": [2, 3], "rejected": [2, 3]}])
+    model = micro_model(tok)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def nan_objective(batch):
+        return torch.tensor(float("nan"), requires_grad=True), {}
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        P.train_loop(model, nan_objective, {"main": D.Loader(P.Indices(4), 2)}, cfg(steps=3), str(tmp_path),
+                     verbose=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())   # no update was applied
+
+
+def test_bandit_cli(tmp_path):
+    r = cli("bandit", "--iters", "600", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-1000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(s) >= {"mu1", "mu2", "pi_star"} and s["mu1"]["kl_to_pi_star"] < 1e-3
+    assert os.path.getsize(tmp_path / "bandit.png") > 10_000
