@@ -935,19 +935,21 @@ def pack_whole(token_docs: list[list[int]], seq_len: int, pad_id: int = 0,
                loss_masks: list[list[int]] | None = None) -> PackedData:
     """Pack documents into rows WITHOUT cutting any (first-fit, longest first): a chat example split across rows
     would lose its prompt, so post-training packs whole conversations and pads the rest of each row. A
-    document longer than seq_len+1 tokens is an error (the caller decides to truncate or drop). doc_ids keep
+    document longer than seq_len tokens is an error (the caller decides to truncate or drop). doc_ids keep
     each document's index in token_docs, so per-sequence sums (log-probs of a completion) can be gathered."""
     T1 = seq_len + 1
     lens = [len(d) for d in token_docs]
     if not token_docs or min(lens) == 0:
         raise ValueError('pack_whole: need at least one document and no empty ones')
-    if max(lens) > T1:
-        raise ValueError(f'pack_whole: a document of {max(lens)} tokens does not fit a row of {T1}')
+    if max(lens) > seq_len:
+        raise ValueError(f'pack_whole: a document of {max(lens)} tokens does not fit a row of {seq_len}')
+    # each row holds at most seq_len tokens of documents: the (T+1)-th slot is a target only, never an input, and
+    # a reward model reads its score AT a sequence's last token, which must therefore be an input
     rows, free = [], []                       # rows[r] = document indices; free[r] = slots left
     for i in sorted(range(len(token_docs)), key=lambda i: -lens[i]):
         r = next((r for r, f in enumerate(free) if f >= lens[i]), None)
         if r is None:
-            rows.append([]), free.append(T1)
+            rows.append([]), free.append(seq_len)
             r = len(rows) - 1
         rows[r].append(i)
         free[r] -= lens[i]

@@ -1,33 +1,30 @@
 """
-Post-training Command A (report section 3, Figure 3): the methods, each a function beside its equation, and
-one training loop that runs them all.
+Post-training Command A (report section 3, Figure 3): the pipeline that turns the pretrained model into the
+polished one, and every method of alignment.py runnable on its own.
 
+    python posttrain.py --tiny                      # the whole pipeline from out/tiny (~30 min on 2 CPU cores)
     python posttrain.py sft  --init out/tiny --suites math --out out/math_sft        # completion-only SFT
     python posttrain.py rm   --init out/tiny --suites math,code --out out/rm          # Bradley-Terry reward model
     python posttrain.py pref --loss ipo --init out/tiny --suites safety --out out/safety_ipo
     python posttrain.py copg --online --init out/math_sft --suites math --out out/math_copg
     python posttrain.py bon  --init out/math_sft --suites math --out out/math_bon    # best-of-N -> SFT
     python posttrain.py bandit                                                        # CoPG's 3-armed bandit
+    python posttrain.py bench                                                         # SFT vs pretraining tok/s
 
-What is here, in the report's order (SPEC 6 has every formula with its check values):
-  SFT            token-mean NLL on what the assistant wrote (prompt and tool-result tokens carry no loss),
-                 whole conversations packed into rows with document masks, preamble augmentation (the same
-                 example under varied system preambles and safety modes), drift control (an L2 pull toward
-                 the initial weights and/or rows of pretraining data mixed in).
-  reward model   the CommandA trunk + a scalar head read at the last non-pad token; Bradley-Terry with an
-                 optional margin and centering; two stages (lower-quality pairs, then higher-quality ones).
-  offline pref.  DPO, IPO (length-normalized or not), SLiC-HF (and its hinge-norm form), SRPO (one network as
-                 generator and self-refiner), IPO + SFT (the safety expert); reference log-probs computed once.
-  CoPG           (Flet-Berliac et al. 2024) offline from k scored samples per prompt, and online with 2
-                 generations per prompt sampled by serve.Engine from the current policy (= RLOO with k = 2).
-  best-of-N      sample N, score by a verifier or the RM, keep the best (SFT data) and best-vs-worst (pairs).
-
-Notation: logp(y|x) is summed over completion tokens only; h(y) = logp_theta(y|x) - logp_ref(y|x);
-Delta = h(y_w) - h(y_l). Every loss takes per-example tensors and returns per-example losses.
-
-Precision as pretrain.py: fp32 master weights and Adam state, bf16 matmuls under autocast, log-softmax in fp32.
-Checkpoints: `OUT/checkpoint` is swapped in atomically (weights, Adam, step, data position, RNG, logs) and
-`--resume` continues bit for bit; the finished stage is an HF Cohere2 checkpoint + tokenizer in OUT.
+The pipeline, in the report's order (each stage a directory of OUT: HF checkpoint + tokenizer + result.json;
+a rerun skips finished stages and resumes a killed one):
+  1. Instruct: SFT on every suite's train split, then preference tuning;
+  2. six SFT experts from Instruct (code: top-k merge of seed runs; multilingual: a seed soup; long context:
+     short and long sequences at 3:1), each on its domain plus a share of the others;
+  3. the SFT soup: merge.py's linear merge, expert weights searched on a validation set carved from the train
+     split, with a per-domain floor;
+  4. six RL experts from the soup (math: preference pairs from its own samples in the reward-based refinement
+     loop; code: offline CoPG + SFT rehearsal + an SFT term + interpolation to the parent; safety: IPO + SFT;
+     multilingual: best-of-N over every expert's answers judged by the reward model, then SFT + preference;
+     RAG/agents: offline CoPG on answers and ReAct episodes; long context: SFT + preference);
+  5. the RL soup; 6. polishing: best-of-N SFT, then offline SRPO and online CoPG in alternation while the
+     validation score rises. Then the pairwise evaluation of polished vs RL soup (verifiers and reward model).
+Scores are always on the test split, which no stage trains on.
 """
 from __future__ import annotations
 
@@ -41,879 +38,24 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data as D
 import tasks as T
-from model import CommandA, ModelConfig, bf16_is_fast
-from tokenizer import Tokenizer
-
-# ----------------------------------------------------------------------------------------------------------
-# The losses (SPEC 6). Inputs: per-example tensors [N]; outputs: per-example losses [N].
-
-
-def dpo_loss(h_w, h_l, beta):
-    """DPO (Rafailov et al. 2023, Eq. 7): -log sigmoid(beta * Delta). 0.6931 at init; beta=0.1, h_w=2, h_l=-1:
-    0.5544. logsigmoid is the stable form of log(sigmoid) for large |Delta|."""
-    return -F.logsigmoid(beta * (h_w - h_l))
-
-
-def ipo_loss(h_w, h_l, beta, len_w=None, len_l=None):
-    """IPO (Azar et al. 2023, Eq. 17): (Delta - 1/(2 beta))^2, minimal (0) at Delta = 1/(2 beta), so the policy
-    cannot run away from the reference as DPO's can. With lengths, each log-ratio is first divided by its
-    completion length (TRL's reading); without, the paper's. beta=0.1: init 25; h_w=2 over 4 tokens, h_l=-1
-    over 2: normalized 16, unnormalized 4."""
-    if (len_w is None) != (len_l is None):
-        raise ValueError("ipo_loss: give both len_w and len_l, or neither")
-    if len_w is not None:
-        h_w, h_l = h_w / len_w, h_l / len_l
-    return (h_w - h_l - 1 / (2 * beta)) ** 2
-
-
-def hinge_loss(h_w, h_l, beta):
-    """SLiC's hinge on the log-ratio margin (the "hinge-norm" form; TRL's loss_type="hinge"): relu(1 - beta *
-    Delta). beta=0.1, Delta=3: 0.7; zero loss and zero gradient once beta * Delta >= 1."""
-    return F.relu(1 - beta * (h_w - h_l))
-
-
-def slic_loss(logp_w, logp_l, logp_ref_answer, delta, lam):
-    """SLiC-HF (Zhao et al. 2023, Eq. 2): max(0, delta - logp(y_w) + logp(y_l)) - lam * logp(y_ref). A rank
-    calibration on the policy's own log-probs plus a regularizer toward a reference ANSWER (the SFT target):
-    no reference model is needed."""
-    return F.relu(delta - logp_w + logp_l) - lam * logp_ref_answer
-
-
-def srpo_loss(h_w_given_l, h_l_given_l, h_w_given_w, h_l_given_w, h_w, h_l, beta=0.1, a=0.8):
-    """SRPO (Choi et al. 2024, arXiv 2406.01660), SPEC 6's reading of its offline loss. One network is both
-    the generator pi(y|x) and the self-refiner pi(y|x, draft) (the revision prompt holds the draft); h(a|b) is
-    the log-ratio of answer a revising draft b:
-      L_self = (1/2 - beta[h(y_w|y_l) - h(y_l|y_l)])^2 + (1/2 - beta[h(y_w|y_w) - h(y_l|y_w)])^2
-      L_gen  = (beta[h(y_w|y_l) + h(y_w) - h(y_l|y_w) - h(y_l)] - 1)^2
-      L = (1 - a) L_gen + a L_self.    At init (every h = 0): 0.2 * 1 + 0.8 * 0.5 = 0.6."""
-    l_self = (0.5 - beta * (h_w_given_l - h_l_given_l)) ** 2 + (0.5 - beta * (h_w_given_w - h_l_given_w)) ** 2
-    l_gen = (beta * (h_w_given_l + h_w - h_l_given_w - h_l) - 1) ** 2
-    return (1 - a) * l_gen + a * l_self
-
-
-def ipo_sft_loss(h_w, h_l, beta, nll_w, len_w=None, len_l=None):
-    """The safety expert's objective (report 3.3.3): IPO + SFT on the chosen answer, equal weight. nll_w is the
-    chosen completion's token-mean negative log-likelihood."""
-    return ipo_loss(h_w, h_l, beta, len_w, len_l) + nll_w
-
-
-def bt_loss(r_w, r_l, margin=0.0, center=0.0):
-    """Bradley-Terry reward-model loss: -log sigmoid(r_w - r_l - margin) + center * (r_w + r_l)^2. The
-    centering term (eta ~ 0.01) pins the reward's free offset near 0. r_w=1, r_l=0: 0.3133; margin 0.5: 0.4741."""
-    return -F.logsigmoid(r_w - r_l - margin) + center * (r_w + r_l) ** 2
-
-
-def copg_loss(rewards, h, beta):
-    """CoPG (Flet-Berliac et al. 2024, arXiv 2406.19185). rewards and h are [prompts, k]: k completions per
-    prompt. For every pair (y, y') of a prompt: (R(y) - R(y') - beta (h(y) - h(y')))^2, averaged over the
-    k(k-1)/2 pairs -> [prompts]. Zero for every pair exactly when pi ~ pi_ref exp(R / beta), whatever policy
-    sampled the pair: so it learns offline, and on-policy its gradient is RLOO's (k = 2) on the KL-shaped
-    reward R - beta h (tests check both)."""
-    if rewards.shape != h.shape or rewards.ndim != 2 or rewards.shape[1] < 2:
-        raise ValueError(f"copg_loss: rewards and h must both be [prompts, k >= 2], got "
-                         f"{tuple(rewards.shape)} and {tuple(h.shape)}")
-    i, j = torch.triu_indices(h.shape[1], h.shape[1], offset=1, device=h.device)
-    d = (rewards[:, i] - rewards[:, j]) - beta * (h[:, i] - h[:, j])     # [prompts, pairs]
-    return (d ** 2).mean(dim=1)
-
-
-PREF_LOSSES = ("dpo", "ipo", "hinge", "slic", "srpo", "ipo_sft")
-
-# ----------------------------------------------------------------------------------------------------------
-# Log-probabilities of completions: one forward, the LM head only where a completion token is predicted
-
-
-def sequence_logps(model: CommandA, batch: dict, n_seqs: int | None = None):
-    """Summed completion log-probs and completion lengths per sequence, for a packed or padded batch.
-
-    batch: input_ids, targets (-100 where no loss: prompts, padding, document boundaries), position_ids and
-    doc_ids [B, T]; doc_ids number the sequences (packed: several per row, data.pack_whole; padded: one per
-    row, pads -1). Returns (logp [n_seqs], length [n_seqs]) in fp32, differentiable through logp.
-    The hidden states of every token are computed (attention needs them), but the vocabulary projection and
-    log-softmax only at the completion tokens: a chat row is mostly preamble and prompt."""
-    h = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
-              return_hidden=True)
-    sel = batch["targets"] != -100
-    logits = model.lm_logits(h[sel])                                  # [M, V] fp32
-    lp = -F.cross_entropy(logits, batch["targets"][sel], reduction="none")
-    seq = batch["doc_ids"][sel].long()
-    n = int(n_seqs if n_seqs is not None else (int(seq.max()) + 1 if seq.numel() else 0))
-    logp = torch.zeros(n, device=lp.device, dtype=lp.dtype).index_add(0, seq, lp)
-    length = torch.zeros(n, device=lp.device).index_add(0, seq, torch.ones_like(lp))
-    return logp, length
-
-
-def policy_and_ref_logps(policy, ref, batch, n_seqs, autocast_kw):
-    """One forward with gradients for the policy, one without for the reference (SPEC 6's h = logp - logp_ref)."""
-    with torch.autocast(**autocast_kw):
-        logp, length = sequence_logps(policy, batch, n_seqs)
-        with torch.no_grad():
-            ref_logp, _ = sequence_logps(ref, batch, n_seqs)
-    return logp, ref_logp, length
-
-
-def packed_batch(seqs: list, seq_len: int, pad_id: int, device="cpu") -> dict:
-    """Sequences [(ids, loss_mask)] packed whole into rows (data.pack_whole); doc_ids = sequence index."""
-    p = D.pack_whole([s[0] for s in seqs], seq_len, pad_id, [s[1] for s in seqs])
-    return {k: v.to(device) for k, v in p.batch(list(range(len(p)))).items()}
-
-
-def padded_batch(seqs: list, pad_id: int, side: str = "right", device="cpu") -> dict:
-    """One sequence per row, padded left or right; pads get doc_id -1 (nobody attends to them, they attend only
-    to each other) and positions that start at 0 on the first real token, so both sides give the same result."""
-    Tm = max(len(s[0]) for s in seqs)
-    B = len(seqs)
-    ids = torch.full((B, Tm), pad_id, dtype=torch.long)
-    doc = torch.full((B, Tm), -1, dtype=torch.long)
-    pos = torch.zeros((B, Tm), dtype=torch.long)
-    tgt = torch.full((B, Tm), -100, dtype=torch.long)
-    for r, (s, m) in enumerate(seqs):
-        L = len(s)
-        o = Tm - L if side == "left" else 0
-        ids[r, o:o + L], doc[r, o:o + L], pos[r, o:o + L] = torch.tensor(s), r, torch.arange(L)
-        t = torch.tensor(s[1:] + [0])
-        t[torch.tensor(m[1:] + [0]) == 0] = -100      # the target of token i is token i+1, if it is trained
-        tgt[r, o:o + L] = t
-    return {k: v.to(device) for k, v in dict(input_ids=ids, targets=tgt, position_ids=pos, doc_ids=doc).items()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data: tasks.py examples rendered in the chat format, completions as token lists
-
-
-PREAMBLES = [None, "You are a helpful assistant.", "Be concise and accurate.",
-             "You are Command, an assistant for enterprise users. Follow the user's instructions exactly.",
-             "Answer the user's question directly."]
-REVISE = "Improve your previous answer."         # SRPO's self-refinement turn (the draft is in the history)
-
-
-def with_preamble(ex: T.Example, preamble: str | None, safety_mode: str | None = None) -> T.Example:
-    """The same example under another developer preamble (a system message) and/or safety mode. A preamble is
-    only added where the example has no system message of its own (those carry the task's constraint)."""
-    msgs = ex.messages
-    if preamble and msgs[0]["role"] != "system":
-        msgs = [{"role": "system", "content": preamble}] + msgs
-    return T.Example(ex.suite, ex.id, msgs, ex.reference, ex.turns, ex.documents, ex.tools,
-                     safety_mode or ex.safety_mode, ex.difficulty, ex.check)
-
-
-def render(tok: Tokenizer, ex: T.Example, turns=None) -> tuple[list, list]:
-    """(ids, loss_mask) of the whole conversation: mask 1 on every token an assistant turn wrote (EOT included:
-    the model must learn to stop), 0 on the preamble, prompts, documents and tool results."""
-    return tok.render_chat(ex.messages + (ex.turns if turns is None else turns), ex.documents, ex.tools,
-                           ex.safety_mode, add_generation_prompt=False, return_mask=True)
-
-
-def completion_ids(tok: Tokenizer, ex: T.Example, turn: dict | None = None) -> list:
-    """The tokens the model writes for an assistant message (the reference's by default), EOT included."""
-    turn = turn if turn is not None else ex.turns[-1]
-    prompt = ex.prompt_ids(tok)
-    ids, _ = tok.render_chat(ex.messages + [turn], ex.documents, ex.tools, ex.safety_mode,
-                             add_generation_prompt=False, return_mask=True)
-    assert ids[:len(prompt)] == prompt, "the generation prompt must be a prefix of the rendered conversation"
-    return ids[len(prompt):]
-
-
-def revision_prompt(tok: Tokenizer, prompt: list, draft: list) -> list:
-    """SRPO's self-refinement prompt: the original prompt, the draft as the assistant's turn, then a user turn
-    asking for a better answer (special tokens by id; the instruction is plain text)."""
-    s = tok.special_ids
-    draft = draft if draft and draft[-1] == tok.eot_id else draft + [tok.eot_id]
-    return (prompt + draft + [s["<|START_OF_TURN_TOKEN|>"], s["<|USER_TOKEN|>"]] + tok.encode(REVISE) +
-            [tok.eot_id, s["<|START_OF_TURN_TOKEN|>"], s["<|CHATBOT_TOKEN|>"]])
-
-
-def seq(prompt: list, completion: list) -> tuple[list, list]:
-    return prompt + completion, [0] * len(prompt) + [1] * len(completion)
-
-
-def sft_sequences(tok, examples, max_len, augment=0, seed=0) -> tuple[list, int]:
-    """Rendered SFT sequences; with augment=k, k extra copies of each example under a random developer preamble
-    and (outside the safety suite, whose answer depends on the mode) a random safety mode. Sequences longer
-    than max_len + 1 tokens are dropped and counted."""
-    rng = random.Random(seed)
-    out, dropped = [], 0
-    for ex in examples:
-        variants = [ex]
-        for _ in range(augment):
-            mode = None if ex.suite == "safety" else rng.choice(["CONTEXTUAL", "STRICT"])
-            variants.append(with_preamble(ex, rng.choice(PREAMBLES[1:]), mode))
-        for v in variants:
-            s = render(tok, v)
-            if len(s[0]) > max_len + 1:
-                dropped += 1
-            else:
-                out.append(s)
-    return out, dropped
-
-
-def pretrain_rows(tok, seq_len, n_docs=400, seed=0) -> D.PackedData:
-    """Drift control's pretraining data: data.py's synthetic documents (the educational part of the pretraining
-    mix), packed as pretraining packs them (every token a target)."""
-    docs = D.synthetic_prose(n_docs, seed) + D.synthetic_math(n_docs, seed) + D.synthetic_code(n_docs, seed)
-    return D.pack_documents(docs, tok.encode, tok.bos_id, seq_len, tok.pad_id)
-
-
-def split_train_val(examples, val_fraction):
-    """A validation set carved from the train split by a hash of each example's id (never trained on)."""
-    def u(ex):
-        return int(hashlib.sha256(f"val|{ex.id}".encode()).hexdigest()[:8], 16) / 16 ** 8
-    return [e for e in examples if u(e) >= val_fraction], [e for e in examples if u(e) < val_fraction]
-
-
-def load_examples(suites, n, split, seed=0, difficulty=1) -> list:
-    """n examples of each suite's split (train or test), interleaved so every batch mixes the suites."""
-    per = [T.SUITES[s].generate(seed, n, split, difficulty=min(difficulty, T.SUITES[s].max_difficulty))
-           for s in T.check_suites(suites)]
-    return [ex for group in zip(*per) for ex in group] if per else []
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sampling and scoring: serve.Engine from the current weights, tasks.py's verifiers (or the reward model)
-
-
-def make_engine(model, tok, max_len=None):
-    return T.make_engine(model, tok, max_batch=32, max_len=max_len or model.config.max_position_embeddings)
-
-
-def sample(engine, tok, examples, n, temperature=1.0, max_new=96, seed=0, top_k=None):
-    """n completions per example: [[completion token ids (EOT appended when the model stopped)]]. The Engine's
-    fused decode weights follow the policy's parameters (refreshed when a parameter's version changes)."""
-    prompts = [ex.prompt_ids(tok) for ex in examples for _ in range(n)]
-    for i, p in enumerate(prompts):
-        if len(p) + max_new > engine.max_len:
-            raise ValueError(f"example {examples[i // n].id}: prompt of {len(p)} tokens + {max_new} new tokens "
-                             f"exceeds the context ({engine.max_len})")
-    outs = engine.generate(prompts, max_new, temperature=temperature, top_k=top_k, seed=seed)
-    outs = [o + [tok.eot_id] if len(o) < max_new else o for o in outs]
-    return [outs[i * n:(i + 1) * n] for i in range(len(examples))]
-
-
-def verifier_rewards(tok, examples, completions) -> list:
-    """tasks.py's verifier score in [0, 1] of every completion: [[float]]."""
-    return [[T.SUITES[ex.suite].score(ex, tok.decode(c)) for c in cs] for ex, cs in zip(examples, completions)]
-
-
-def score_suites(model, tok, examples, max_new=96) -> dict:
-    """Mean verifier score per suite (greedy), on the given examples (tasks.complete drives ReAct for tools)."""
-    engine = make_engine(model, tok)
-    by = {}
-    for ex in examples:
-        by.setdefault(ex.suite, []).append(ex)
-    out = {}
-    for name, exs in by.items():
-        recs = T.complete(engine, tok, exs, max_new)
-        out[name] = sum(0.0 if r["error"] else T.SUITES[name].score(e, r["completion"])
-                        for e, r in zip(exs, recs)) / len(exs)
-    model.train()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The reward model: the CommandA trunk + a scalar head on the last token (report 3.2, "Reward Models")
-
-
-class RewardModel(CommandA):
-    """CommandA whose output is one scalar per sequence: `score` (H -> 1, HF's Cohere2ForSequenceClassification
-    name) applied to the final-norm hidden state of the sequence's LAST token (the assistant's end of turn).
-    Saved like any checkpoint (config.json + safetensors, the head one extra tensor), so from_pretrained
-    loads it; CommandA.from_pretrained refuses it (an unexpected tensor), as it should."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__(config)
-        self.score = nn.Linear(config.hidden_size, 1, bias=False)
-        if not self.score.weight.is_meta:
-            nn.init.zeros_(self.score.weight)       # every sequence starts at reward 0
-
-    @classmethod
-    def from_lm(cls, path: str) -> "RewardModel":
-        """A reward model initialized from a language-model checkpoint (the head starts at zero)."""
-        lm = CommandA.from_pretrained(path)
-        rm = cls(lm.config)
-        missing, unexpected = rm.load_state_dict(lm.state_dict(), strict=False)
-        assert missing == ["score.weight"] and not unexpected
-        return rm
-
-    def rewards(self, batch: dict, n_seqs: int | None = None) -> torch.Tensor:
-        """[n_seqs] rewards of the sequences of a packed or padded batch (doc_ids number them, pads are -1)."""
-        h = self(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
-                 return_hidden=True)
-        doc = batch["doc_ids"].reshape(-1)
-        n = int(n_seqs if n_seqs is not None else int(doc.max()) + 1)
-        flat = torch.arange(doc.numel(), device=doc.device)
-        real = doc >= 0
-        last = torch.full((n,), -1, dtype=torch.long, device=doc.device).scatter_reduce(
-            0, doc[real], flat[real], reduce="amax")               # each sequence's last token
-        if (last < 0).any():
-            raise ValueError("rewards: a sequence has no tokens in this batch")
-        return self.score(h.reshape(-1, h.shape[-1])[last]).float().squeeze(-1)
-
-    @torch.no_grad()
-    def score_conversations(self, tok: Tokenizer, conversations: list, batch_size: int = 16) -> list:
-        """Rewards of whole conversations [(messages, documents, tools, safety_mode) or messages], batched."""
-        out, device = [], next(self.parameters()).device
-        was = self.training
-        self.eval()
-        for i in range(0, len(conversations), batch_size):
-            seqs = []
-            for c in conversations[i:i + batch_size]:
-                msgs, docs, tools, mode = (c, None, None, "CONTEXTUAL") if isinstance(c, list) else c
-                ids = tok.render_chat(msgs, docs, tools, mode, add_generation_prompt=False)
-                seqs.append((ids, [0] * len(ids)))
-            out += self.rewards(padded_batch(seqs, tok.pad_id, device=device), len(seqs)).tolist()
-        self.train(was)
-        return out
-
-    def save(self, path: str, tok: Tokenizer):
-        self.save_pretrained(path, extra_config={"architectures": ["Cohere2ForSequenceClassification"],
-                                                 "num_labels": 1, "pad_token_id": tok.pad_id})
-        tok.save(path)
-
-    @classmethod
-    def load(cls, path: str, tok: Tokenizer | None = None) -> "RewardModel":
-        """A saved reward model; with `tok`, refuses one trained with another tokenizer."""
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"no reward model in {path} (config.json missing): train one with "
-                                    f"`python posttrain.py rm --out {path}`")
-        if tok is not None:
-            check_same_tokenizer(tok, path, "reward model")
-        try:
-            return cls.from_pretrained(path)
-        except ValueError as e:
-            raise ValueError(f"{path} is not a reward model of this architecture: {e}") from None
-
-
-def tokenizer_fingerprint(tok: Tokenizer) -> str:
-    h = hashlib.sha256()
-    for r in tok.ranks:
-        h.update(bytes(r) + b"\x00")
-    h.update(json.dumps(sorted(tok.special_ids.items())).encode())
-    return h.hexdigest()[:16]
-
-
-def check_same_tokenizer(tok: Tokenizer, path: str, what: str):
-    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        raise ValueError(f"the {what} in {path} has no tokenizer.json: cannot check it shares the policy's "
-                         f"tokenizer")
-    other = Tokenizer.load(path)
-    if tokenizer_fingerprint(other) != tokenizer_fingerprint(tok):
-        raise ValueError(f"the {what} in {path} was trained with another tokenizer (vocabulary "
-                         f"{other.vocab_size} vs {tok.vocab_size}, or different merges): its token ids mean "
-                         f"other things")
-
-
-def check_same_architecture(a: ModelConfig, b: ModelConfig, what: str):
-    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
-    diff = [f"{f} {getattr(b, f)} vs {getattr(a, f)}" for f in fields if getattr(a, f) != getattr(b, f)]
-    if diff:
-        raise ValueError(f"the {what} has another architecture than the policy: " + ", ".join(diff))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One training loop for every objective
-
-
-@dataclass
-class StageConfig:
-    steps: int = 100                  # optimizer steps
-    batch_size: int = 8               # rows (SFT) / pairs (RM, preference) / prompts (CoPG) per micro-batch
-    grad_accum: int = 1               # micro-batches per optimizer step
-    lr: float = 1e-4                  # AdamW peak LR (fp32 master weights); warmup, then linear decay to 10%
-    warmup_frac: float = 0.1
-    weight_decay: float = 0.0         # post-training starts from a trained model: no decay toward zero
-    clip: float = 1.0                 # global gradient-norm clip
-    eval_every: int = 50              # steps between validation evaluations (and at the end)
-    ckpt_every: int = 50              # steps between checkpoints (and at the end)
-    early_stop: int = 0               # stop after this many evaluations without a better validation score
-    seed: int = 0
-    fp32: bool = False                # bf16 autocast off
-
-
-def validate_stage(cfg: StageConfig):
-    for name in ("steps", "batch_size", "grad_accum", "eval_every", "ckpt_every"):
-        if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(cfg, name)!r}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)) or not (cfg.clip > 0 and math.isfinite(cfg.clip)):
-        raise ValueError("--lr and --clip must be positive numbers")
-    if not 0 <= cfg.warmup_frac < 1:
-        raise ValueError("--warmup-frac must be in [0, 1)")
-
-
-def lr_at(step: int, cfg: StageConfig) -> float:
-    warm = max(1, round(cfg.warmup_frac * cfg.steps))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * (1 - 0.9 * (step - warm) / max(1, cfg.steps - warm))
-
-
-class Indices:
-    """A 'dataset' of item indices, so data.Loader's exactly resumable shuffling serves pairs and prompts too."""
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def batch(self, rows):
-        return list(rows)
-
-
-def save_state(out, model, opt, step, loaders, log, cfg, fingerprint):
-    """OUT/checkpoint, swapped in whole: a kill leaves the previous one or this one, never a mix."""
-    ckpt, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                "meta": json.dumps({"config": asdict(cfg), "fingerprint": fingerprint, "log": log,
-                                    "loaders": {k: l.state_dict() for k, l in loaders.items()},
-                                    "python_rng": _jsonable(random.getstate()),
-                                    "numpy_rng": _jsonable(np.random.get_state())})},
-               os.path.join(tmp, "train_state.pt"))
-    if os.path.exists(ckpt):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(ckpt, old)
-    os.replace(tmp, ckpt)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _jsonable(state):
-    return [x.tolist() if isinstance(x, np.ndarray) else list(x) if isinstance(x, tuple) else x for x in state]
-
-
-def load_state(out, model, opt, loaders, cfg, fingerprint):
-    ckpt = os.path.join(out, "checkpoint")
-    if not os.path.isdir(ckpt) and os.path.isdir(ckpt + ".old"):
-        ckpt += ".old"                               # killed between the two renames
-    state = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=True)   # tensors and JSON only
-    meta = json.loads(state["meta"])
-    if meta["fingerprint"] != fingerprint:
-        raise ValueError(f"{out}/checkpoint was made by another stage configuration or data; start over "
-                         f"without --resume (or another --out)")
-    saved = {k: v for k, v in meta["config"].items() if k not in ("eval_every", "ckpt_every", "early_stop")}
-    now = {k: v for k, v in asdict(cfg).items() if k in saved}
-    if saved != now:
-        raise ValueError(f"--resume: {out}/checkpoint was trained with other settings: " +
-                         ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in saved if saved[k] != now[k]))
-    loaded = type(model).from_pretrained(ckpt)
-    with torch.no_grad():
-        for p, q in zip(model.parameters(), loaded.parameters()):
-            p.copy_(q)
-    opt.load_state_dict(state["optimizer"])
-    for k, l in loaders.items():
-        l.load_state_dict(meta["loaders"][k])
-    torch.set_rng_state(state["torch_rng"])
-    py = meta["python_rng"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npr = meta["numpy_rng"]
-    np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), *npr[2:]))
-    return state["step"], meta["log"]
-
-
-def has_state(out) -> bool:
-    return any(os.path.isfile(os.path.join(out, d, "train_state.pt")) for d in ("checkpoint", "checkpoint.old"))
-
-
-def train_loop(model, objective, loaders: dict, cfg: StageConfig, out: str, evaluate=None, resume=False,
-               fingerprint="", desc="train", verbose=True) -> dict:
-    """AdamW on fp32 master weights, bf16 autocast, gradient accumulation and clipping, a progress bar with the
-    objective's metrics, validation every eval_every steps (and early stopping on it, if asked), atomic
-    checkpoints with exact resume. objective(batch) -> (loss, {metric: float}); loaders["main"] feeds it
-    (other loaders, e.g. pretraining rows, are saved and resumed alongside). Returns the log."""
-    validate_stage(cfg)
-    os.makedirs(out, exist_ok=True)
-    torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
-    step, log = 0, {"loss": [], "metrics": [], "val": [], "seconds": 0.0}
-    if resume and has_state(out):
-        step, log = load_state(out, model, opt, loaders, cfg, fingerprint)
-        if verbose:
-            print(f"{desc}: resumed from {out}/checkpoint at step {step}")
-    crash_at = int(os.environ.get("POSTTRAIN_CRASH_AT_STEP", "0"))     # test hook: die like a killed job
-    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not verbose, dynamic_ncols=True)
-    model.train()
-    t0 = time.time() - log["seconds"]
-    best, since_best = max([v["score"] for v in log["val"]], default=-math.inf), 0
-    while step < cfg.steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        loss_sum, msum = 0.0, {}
-        for _ in range(cfg.grad_accum):
-            loss, metrics = objective(next(loaders["main"]))
-            if not torch.isfinite(loss):
-                bar.close()
-                raise FloatingPointError(f"{desc}: non-finite loss ({loss.item()}) at step {step + 1}; the last "
-                                         f"good checkpoint is in {out}/checkpoint. Lower --lr (now {cfg.lr}).")
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
-            for k, v in metrics.items():
-                msum[k] = msum.get(k, 0.0) + v / cfg.grad_accum
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        if not torch.isfinite(gnorm):
-            bar.close()
-            raise FloatingPointError(f"{desc}: non-finite gradient norm at step {step + 1}, before the update; "
-                                     f"the last good checkpoint is in {out}/checkpoint. Lower --lr.")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        log["loss"].append(loss_sum)
-        log["metrics"].append({k: round(v, 5) for k, v in msum.items()})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", **{k: f"{v:.3g}" for k, v in msum.items()})
-        if step == crash_at:
-            os._exit(17)
-        stop_early = False
-        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            v = evaluate()
-            log["val"].append({"step": step, **v})
-            bar.write(f"{desc} step {step}: validation " + ", ".join(f"{k} {x:.4f}" for k, x in v.items()))
-            if v["score"] > best:
-                best, since_best = v["score"], 0
-            else:
-                since_best += 1
-                stop_early = cfg.early_stop > 0 and since_best >= cfg.early_stop
-            model.train()
-        log["seconds"] = time.time() - t0
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_early:
-            save_state(out, model, opt, step, loaders, log, cfg, fingerprint)
-        if stop_early:
-            bar.write(f"{desc}: validation score has not improved for {cfg.early_stop} evaluations: stopping")
-            break
-    bar.close()
-    log["steps_done"] = step
-    return log
-
-
-def autocast_kw(device, fp32=False) -> dict:
-    """bf16 autocast where bf16 matmuls are fast (GPUs, CPUs with AVX512-BF16/AMX); fp32 elsewhere."""
-    device = torch.device(device)
-    return {"device_type": device.type, "dtype": torch.bfloat16, "enabled": not fp32 and bf16_is_fast(device)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The objectives: batch -> (loss, metrics)
-
-
-def completion_nll(model, batch):
-    """Token-mean NLL over the target tokens (completion-only for chat rows, every token for pretraining rows)."""
-    h = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"], return_hidden=True)
-    sel = batch["targets"] != -100
-    if not sel.any():
-        raise ValueError("a batch with no completion tokens: every example's answer was cut or empty")
-    return F.cross_entropy(model.lm_logits(h[sel]), batch["targets"][sel])
-
-
-def sft_objective(model, ac, l2_init=0.0, pretrain_loader=None, pretrain_weight=0.0):
-    """SFT with drift control: + l2_init/2 ||theta - theta_0||^2 (a pull toward the starting weights) and/or
-    (1 - w) NLL_sft + w NLL_pretrain on rows of pretraining data (w = pretrain_weight)."""
-    init = [p.detach().clone() for p in model.parameters()] if l2_init > 0 else None
-
-    def objective(batch):
-        with torch.autocast(**ac):
-            loss = completion_nll(model, batch)
-            m = {"nll": loss.item()}
-            if pretrain_loader is not None and pretrain_weight > 0:
-                pre = completion_nll(model, next(pretrain_loader))
-                loss = (1 - pretrain_weight) * loss + pretrain_weight * pre
-                m["pretrain_nll"] = pre.item()
-        if init is not None:
-            drift = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), init))
-            loss = loss + 0.5 * l2_init * drift
-            m["drift"] = drift.item()
-        return loss, m
-    return objective
-
-
-def pair_sequences(tok, pair: dict, loss: str) -> list:
-    """The sequences a preference loss reads, in a fixed role order: (y_w, y_l) and, for SRPO, the four
-    revisions (y_w|y_l, y_l|y_l, y_w|y_w, y_l|y_w): answer given the draft in the revision prompt."""
-    p, w, l = pair["prompt"], pair["chosen"], pair["rejected"]
-    out = [seq(p, w), seq(p, l)]
-    if loss == "srpo":
-        out += [seq(revision_prompt(tok, p, l), w), seq(revision_prompt(tok, p, l), l),
-                seq(revision_prompt(tok, p, w), w), seq(revision_prompt(tok, p, w), l)]
-    return out
-
-
-def check_pairs(pairs: list):
-    if not pairs:
-        raise ValueError("no preference pairs: the data set is empty (every candidate scored the same?)")
-    same = sum(p["chosen"] == p["rejected"] for p in pairs)
-    if same:
-        raise ValueError(f"{same} of {len(pairs)} preference pairs have identical chosen and rejected "
-                         f"completions: they carry no preference")
-
-
-@torch.no_grad()
-def reference_logps(ref, tok, items: list, seqs_of, seq_len, ac, batch_size=16) -> torch.Tensor:
-    """Reference log-probs of every item's sequences, computed once before training: [items, roles]."""
-    ref.eval()
-    device = next(ref.parameters()).device
-    rows = []
-    for i in tqdm(range(0, len(items), batch_size), desc="reference log-probs", leave=False):
-        seqs = [s for it in items[i:i + batch_size] for s in seqs_of(it)]
-        with torch.autocast(**ac):
-            lp, _ = sequence_logps(ref, packed_batch(seqs, seq_len, tok.pad_id, device), len(seqs))
-        rows.append(lp.float().view(min(batch_size, len(items) - i), -1))
-    return torch.cat(rows)
-
-
-def pref_objective(model, tok, pairs, ref_logps, loss, beta, seq_len, ac, normalize=True, delta=1.0, lam=0.1):
-    """Offline preference optimization on (prompt, chosen, rejected) with cached reference log-probs."""
-    if loss not in PREF_LOSSES:
-        raise ValueError(f"unknown preference loss {loss!r}: choose from {', '.join(PREF_LOSSES)}")
-    device = next(model.parameters()).device
-
-    def objective(idx):
-        seqs = [s for i in idx for s in pair_sequences(tok, pairs[i], loss)]
-        with torch.autocast(**ac):
-            lp, length = sequence_logps(model, packed_batch(seqs, seq_len, tok.pad_id, device), len(seqs))
-        lp, length = lp.view(len(idx), -1), length.view(len(idx), -1)
-        h = lp - ref_logps[idx].to(device)
-        hw, hl, lw, ll = h[:, 0], h[:, 1], length[:, 0], length[:, 1]
-        if loss == "dpo":
-            per = dpo_loss(hw, hl, beta)
-        elif loss == "ipo":
-            per = ipo_loss(hw, hl, beta, lw, ll) if normalize else ipo_loss(hw, hl, beta)
-        elif loss == "hinge":
-            per = hinge_loss(hw, hl, beta)
-        elif loss == "slic":      # y_ref: the chosen answer (the SFT target), its log-prob normalized per token
-            per = slic_loss(lp[:, 0] / lw, lp[:, 1] / ll, lp[:, 0] / lw, delta, lam)
-        elif loss == "srpo":
-            per = srpo_loss(h[:, 2], h[:, 3], h[:, 4], h[:, 5], hw, hl, beta)
-        else:                     # ipo_sft: the safety expert
-            per = ipo_sft_loss(hw, hl, beta, -lp[:, 0] / lw, *((lw, ll) if normalize else (None, None)))
-        return per.mean(), {"margin": (hw - hl).mean().item(), "acc": (hw > hl).float().mean().item(),
-                            "h": h[:, :2].mean().item()}
-    return objective
-
-
-def rm_objective(rm, tok, pairs, seq_len, ac, margin=0.0, center=0.01):
-    device = next(rm.parameters()).device
-
-    def objective(idx):
-        seqs = [s for i in idx for s in pair_sequences(tok, pairs[i], "rm")]
-        with torch.autocast(**ac):
-            r = rm.rewards(packed_batch(seqs, seq_len, tok.pad_id, device), len(seqs)).view(len(idx), 2)
-        m = torch.tensor([pairs[i].get("margin", margin) for i in idx], device=device)
-        return bt_loss(r[:, 0], r[:, 1], m, center).mean(), {"acc": (r[:, 0] > r[:, 1]).float().mean().item(),
-                                                              "r": r.mean().item()}
-    return objective
-
-
-@torch.no_grad()
-def rm_accuracy(rm, tok, pairs, seq_len, ac, batch_size=16) -> float:
-    rm.eval()
-    device, right = next(rm.parameters()).device, 0
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        seqs = [s for p in chunk for s in pair_sequences(tok, p, "rm")]
-        with torch.autocast(**ac):
-            r = rm.rewards(packed_batch(seqs, seq_len, tok.pad_id, device), len(seqs)).view(len(chunk), 2)
-        right += int((r[:, 0] > r[:, 1]).sum())
-    rm.train()
-    return right / max(1, len(pairs))
-
-
-def copg_offline_objective(model, tok, groups, ref_logps, beta, seq_len, ac):
-    """groups: [{"prompt", "completions": [k], "rewards": [k]}]; ref_logps [groups, k] cached."""
-    device = next(model.parameters()).device
-
-    def objective(idx):
-        seqs = [seq(groups[i]["prompt"], c) for i in idx for c in groups[i]["completions"]]
-        with torch.autocast(**ac):
-            lp, _ = sequence_logps(model, packed_batch(seqs, seq_len, tok.pad_id, device), len(seqs))
-        h = lp.view(len(idx), -1) - ref_logps[idx].to(device)
-        R = torch.tensor([groups[i]["rewards"] for i in idx], device=device, dtype=h.dtype)
-        return copg_loss(R, h, beta).mean(), {"reward": R.mean().item(), "h": h.mean().item()}
-    return objective
-
-
-def copg_online_objective(model, ref, tok, examples, beta, seq_len, ac, reward_fn, max_new=64, k=2,
-                          temperature=1.0, seed=0, timing=None):
-    """Online CoPG (report 3.3.4, polishing): k = 2 generations per prompt sampled by serve.Engine from the
-    CURRENT policy, scored, then the CoPG step. On-policy this is RLOO with k = 2 on R - beta h; the mean of
-    h over the samples estimates KL(pi || pi_ref). timing accumulates sampling vs update seconds."""
-    engine = make_engine(model, tok)
-    device = next(model.parameters()).device
-    calls = [0]
-
-    def objective(idx):
-        t0 = time.time()
-        exs = [examples[i] for i in idx]
-        comps = sample(engine, tok, exs, k, temperature, max_new, seed=seed * 1_000_003 + calls[0] * 997)
-        calls[0] += 1
-        R = torch.tensor(reward_fn(exs, comps), dtype=torch.float32, device=device)
-        model.train()                               # the Engine put it in eval mode
-        t1 = time.time()
-        seqs = [seq(ex.prompt_ids(tok), c) for ex, cs in zip(exs, comps) for c in cs]
-        lp, ref_lp, _ = policy_and_ref_logps(model, ref, packed_batch(seqs, seq_len, tok.pad_id, device),
-                                             len(seqs), ac)
-        h = (lp - ref_lp).view(len(idx), k)
-        loss = copg_loss(R, h, beta).mean()
-        if timing is not None:
-            timing["sample"] += t1 - t0
-            timing["update_forward"] += time.time() - t1
-            timing["samples"] += len(seqs)
-        return loss, {"reward": R.mean().item(), "kl": h.mean().item()}
-    return objective
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Building preference data: best-of-N from the model's own samples, scored by a verifier or the reward model
-
-
-def best_of_n(engine, tok, examples, n, reward_fn, temperature=1.0, max_new=64, seed=0, min_best=0.5):
-    """Sample n per prompt, score them, keep the best as SFT data (if it scores >= min_best) and best-vs-worst
-    as a preference pair (if they differ in score and in tokens). Returns (sft [(ids, mask)], pairs, stats)."""
-    comps = sample(engine, tok, examples, n, temperature, max_new, seed)
-    scores = reward_fn(examples, comps)
-    sft, pairs = [], []
-    for ex, cs, sc in zip(examples, comps, scores):
-        order = sorted(range(len(cs)), key=lambda i: -sc[i])
-        b, w = order[0], order[-1]
-        prompt = ex.prompt_ids(tok)
-        if sc[b] >= min_best:
-            sft.append(seq(prompt, cs[b]))
-        if sc[b] > sc[w] and cs[b] != cs[w]:
-            pairs.append({"prompt": prompt, "chosen": cs[b], "rejected": cs[w], "suite": ex.suite,
-                          "gap": sc[b] - sc[w]})
-    flat = [s for sc in scores for s in sc]
-    return sft, pairs, {"mean_score": sum(flat) / max(1, len(flat)), "best_mean": sum(max(s) for s in scores) /
-                        max(1, len(scores)), "sft": len(sft), "pairs": len(pairs)}
-
-
-def reference_pairs(tok, examples, seed=0) -> list:
-    """Pairs without sampling: the reference answer against the reference of ANOTHER example of the same suite
-    (a fluent, on-format, wrong answer), kept only where the verifier scores it lower. Cheap and clean, but
-    off-policy: the reward model's lower-quality first stage, and a fallback for preference tuning."""
-    rng = random.Random(seed)
-    by = {}
-    for ex in examples:
-        by.setdefault(ex.suite, []).append(ex)
-    pairs = []
-    for ex in examples:
-        others = [o for o in by[ex.suite] if o.id != ex.id]
-        rng.shuffle(others)
-        for o in others[:4]:
-            suite = T.SUITES[ex.suite]
-            if suite.score(ex, o.reference) < suite.score(ex, ex.reference):
-                chosen, rejected = completion_ids(tok, ex), completion_ids(tok, ex, o.turns[-1])
-                if chosen != rejected:
-                    pairs.append({"prompt": ex.prompt_ids(tok), "chosen": chosen, "rejected": rejected,
-                                  "suite": ex.suite})
-                    break
-    return pairs
-
-
-def rm_reward_fn(rm, tok):
-    """Rewards of sampled completions by the reward model (policy and RM share the tokenizer: checked)."""
-    def fn(examples, comps):
-        seqs = [seq(ex.prompt_ids(tok), c) for ex, cs in zip(examples, comps) for c in cs]
-        device = next(rm.parameters()).device
-        with torch.no_grad():
-            r = rm.rewards(padded_batch(seqs, tok.pad_id, device=device), len(seqs)).tolist()
-        k = len(comps[0])
-        return [r[i * k:(i + 1) * k] for i in range(len(examples))]
-    return fn
-
-
-def verifier_reward_fn(tok):
-    return lambda examples, comps: verifier_rewards(tok, examples, comps)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CoPG's bandit (Flet-Berliac et al. 2024, section 5.1): offline CoPG finds pi* from any behaviour policy
-
-
-BANDIT_R = (2.5, 2.0, 1.0)
-BANDIT_MU = {"mu1": (0.1, 0.2, 0.7), "mu2": (0.05, 0.05, 0.9)}
-
-
-def kl(p, q) -> float:
-    return float((p * (p / q).log()).sum())
-
-
-def bandit(iters=3000, beta=0.5, batch=256, lr=0.05, seed=0, method="copg"):
-    """3 arms with rewards R, a uniform pi_ref, a softmax policy. Each iteration draws `batch` pairs of arms from
-    a fixed behaviour policy mu (offline: pi never samples) and takes an Adam step on
-      copg: (R(y) - R(y') - beta (h(y) - h(y')))^2        -> pi* = pi_ref exp(R / beta) / Z, from any mu
-      dpo:  -log sigmoid(beta (h(y_w) - h(y_l))), the higher-reward arm labelled the winner (ties dropped):
-            the loss only falls as the margins grow, so pi keeps sliding toward the best arm, away from pi*.
-    Returns {mu_name: {"pi": final pi, "trace": pi every 10 iterations, "kl_to_pi_star": KL(pi* || pi)}}."""
-    R = torch.tensor(BANDIT_R, dtype=torch.float64)
-    log_ref = torch.full((3,), -math.log(3), dtype=torch.float64)
-    pi_star = torch.softmax(log_ref + R / beta, 0)
-    out = {}
-    for name, mu in BANDIT_MU.items():
-        g = torch.Generator().manual_seed(seed)
-        logits = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.Adam([logits], lr=lr)
-        trace = []
-        for it in range(iters):
-            arms = torch.multinomial(torch.tensor(mu, dtype=torch.float64), 2 * batch, True, generator=g)
-            arms = arms.view(batch, 2)
-            h = (torch.log_softmax(logits, 0) - log_ref)[arms]             # [batch, 2]
-            if method == "copg":
-                loss = copg_loss(R[arms], h, beta).mean()
-            else:
-                keep = R[arms[:, 0]] != R[arms[:, 1]]
-                first_wins = R[arms[:, 0]] > R[arms[:, 1]]
-                hw = torch.where(first_wins, h[:, 0], h[:, 1])[keep]
-                hl = torch.where(first_wins, h[:, 1], h[:, 0])[keep]
-                loss = dpo_loss(hw, hl, beta).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if it % 10 == 0 or it == iters - 1:
-                trace.append(torch.softmax(logits.detach(), 0).tolist())
-        pi = torch.softmax(logits.detach(), 0)
-        out[name] = {"pi": [round(x, 6) for x in pi.tolist()], "trace": trace, "kl_to_pi_star": kl(pi_star, pi)}
-    return out, pi_star.tolist()
-
-
-def plot_bandit(path, copg, dpo, pi_star, beta):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    colors = ["tab:green", "tab:blue", "tab:red"]
-    for ax, name in zip(axes, BANDIT_MU):
-        for res, ls, label in ((copg, "-", "CoPG"), (dpo, ":", "DPO")):
-            tr = np.array(res[name]["trace"])
-            x = np.arange(len(tr)) * 10
-            for a in range(3):
-                ax.plot(x, tr[:, a], ls, color=colors[a], label=f"{label} pi(arm {a + 1})")
-        for a in range(3):
-            ax.axhline(pi_star[a], color=colors[a], lw=0.6, alpha=0.5)
-        ax.set_title(f"behaviour {name} = {BANDIT_MU[name]}; thin lines: pi*")
-        ax.set_xlabel("iteration")
-    axes[0].set_ylabel("probability")
-    axes[0].legend(fontsize=7, loc="center right")
-    fig.suptitle(f"3-armed bandit, R = {BANDIT_R}, beta = {beta}, uniform pi_ref: offline CoPG reaches "
-                 f"pi* = pi_ref exp(R/beta)/Z; DPO on the same rewards does not", fontsize=9)
-    fig.tight_layout()
-    _save_fig(fig, path)
-
-
-def _save_fig(fig, path):
-    import matplotlib.pyplot as plt
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
+from alignment import (  # noqa: F401  (the losses are part of posttrain's public interface, SPEC 9)
+    BANDIT_MU, PREF_LOSSES, Indices, RewardModel, StageConfig, autocast_kw, bandit, best_of_n, bt_loss, check_pairs,
+    check_same_architecture, check_same_tokenizer, completion_nll, copg_loss, copg_offline_objective,
+    copg_online_objective, dpo_loss, has_state, hinge_loss, ipo_loss, ipo_sft_loss, load_examples, make_engine,
+    packed_batch, pair_sequences, plot_bandit, pref_objective, pretrain_rows, reference_logps, reference_pairs,
+    render, rm_accuracy, rm_objective, rm_reward_fn, sample, save_fig, score_suites, seq, sequence_logps,
+    sft_objective, sft_sequences, slic_loss, split_train_val, srpo_loss, tokenizer_fingerprint, train_loop,
+    validate_stage, verifier_reward_fn, verifier_rewards)
+from model import CommandA
+from tokenizer import Tokenizer, parse_completion
 
 # ----------------------------------------------------------------------------------------------------------
 # One stage from a checkpoint: data from tasks.py's train split (a validation set carved from it), scores on
@@ -980,7 +122,7 @@ def plot_curves(path, log, title):
     ax.set_xlabel("step")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_fig(fig, path)
 
 
 def fingerprint_of(*parts) -> str:
@@ -1007,7 +149,8 @@ def run_stage(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     ac = autocast_kw(device, args.fp32)
-    max_len = model.config.max_position_embeddings
+    # rows and KV caches of at most 4K tokens: the context of a real checkpoint (128K) would not fit memory
+    max_len = args.seq_len or min(model.config.max_position_embeddings, 4096)
     cfg = StageConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                       warmup_frac=args.warmup_frac, clip=args.clip, eval_every=args.eval_every,
                       ckpt_every=args.ckpt_every, early_stop=args.early_stop, seed=args.seed, fp32=args.fp32)
@@ -1015,14 +158,19 @@ def run_stage(args) -> dict:
     if os.path.isfile(os.path.join(args.out, "result.json")) and not args.force:
         raise FileExistsError(f"{args.out} already holds a finished stage (result.json); use --force to "
                               f"overwrite or another --out")
-    if has_state(args.out) and not args.resume and not args.force:
+    unfinished = [d for d in (args.out, os.path.join(args.out, "stage1"), os.path.join(args.out, "stage2"))
+                  if has_state(d)]
+    if unfinished and not args.resume and not args.force:
         raise FileExistsError(f"{args.out} holds an unfinished stage: --resume to continue it, --force to "
                               f"start over")
-    if args.force and not args.resume:
-        for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+    if args.force and not args.resume:       # start over: no old state, no old "finished" marker
+        for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "stage1", "stage2"):
             shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+        if os.path.exists(os.path.join(args.out, "result.json")):
+            os.remove(os.path.join(args.out, "result.json"))
     train, val, test = stage_data(args, tok, max_len)
-    fp = fingerprint_of(vars(args).get("stage"), args.suites, args.n_train, args.seed, args.difficulty,
+    fp = fingerprint_of(vars(args).get("stage"), os.path.abspath(args.init), args.seq_len, args.suites,
+                        args.n_train, args.seed, args.difficulty,
                         tokenizer_fingerprint(tok), {k: v for k, v in vars(args).items() if k in STAGE_KEYS})
     before = score_suites(model, tok, test, args.max_new) if args.stage != "rm" else None
     rng_batches = dict(seed=args.seed)
@@ -1033,7 +181,7 @@ def run_stage(args) -> dict:
         seqs, dropped = sft_sequences(tok, train, max_len, args.preamble_aug, args.seed)
         if not seqs:
             raise ValueError(f"every SFT example is longer than the context ({max_len} tokens)")
-        packed = D.pack_whole([s[0] for s in seqs], args.seq_len or max_len, tok.pad_id, [s[1] for s in seqs])
+        packed = D.pack_whole([s[0] for s in seqs], max_len, tok.pad_id, [s[1] for s in seqs])
         loaders = {"main": D.Loader(packed, args.batch_size, **rng_batches)}
         pre = None
         if args.pretrain_mix > 0:
@@ -1041,7 +189,7 @@ def run_stage(args) -> dict:
                                                  seed=args.seed + 1)
         objective = sft_objective(model, ac, args.l2_init, pre, args.pretrain_mix)
         val_seqs = sft_sequences(tok, val, max_len)[0]
-        val_batch = packed_batch(val_seqs, args.seq_len or max_len, tok.pad_id, device) if val_seqs else None
+        val_batch = packed_batch(val_seqs, max_len, tok.pad_id, device) if val_seqs else None
 
         def evaluate():
             out = {"score": sum(score_suites(model, tok, val, args.max_new).values()) / max(1, len(set(
@@ -1055,7 +203,7 @@ def run_stage(args) -> dict:
     elif args.stage == "rm":
         rm = RewardModel.from_lm(args.init).to(device)
         low = reference_pairs(tok, train, args.seed)                        # stage 1: off-policy, easy
-        engine = make_engine(model, tok)
+        engine = make_engine(model, tok, max_len)
         _, high, _ = best_of_n(engine, tok, train, args.n_samples, verifier_reward_fn(tok),
                                max_new=args.max_new, seed=args.seed)           # stage 2: on-policy, verified
         val_pairs = reference_pairs(tok, val, args.seed) + best_of_n(
@@ -1099,12 +247,13 @@ def run_stage(args) -> dict:
             check_same_tokenizer(tok, args.ref, "reference model")
             ref = CommandA.from_pretrained(args.ref).to(device).eval()
             check_same_architecture(model.config, ref.config, "reference model")
-        engine = make_engine(model, tok)
+        engine = make_engine(model, tok, max_len)
         val_score = lambda: {"score": sum(score_suites(model, tok, val, args.max_new).values()) /  # noqa: E731
                              max(1, len(set(e.suite for e in val)))} if val else {"score": 0.0}
         if args.stage in ("pref", "bon"):
-            sft_data, pairs, stats = best_of_n(engine, tok, train, args.n_samples, reward_fn,
-                                               max_new=args.max_new, seed=args.seed)
+            sft_data, pairs, stats = best_of_n(engine, tok, train, args.n_samples, reward_fn, args.temperature,
+                                               max_new=args.max_new, seed=args.seed,
+                                               min_best=None if args.rm else 0.5)
             if args.stage == "pref" and len(pairs) < len(train) // 2:    # too few on-policy pairs: add clean ones
                 pairs += reference_pairs(tok, train, args.seed)
             result.update(bon=stats)
@@ -1112,7 +261,7 @@ def run_stage(args) -> dict:
             check_pairs(pairs)
             refl = reference_logps(ref, tok, pairs, lambda p: pair_sequences(tok, p, args.loss), max_len, ac)
             objective = pref_objective(model, tok, pairs, refl, args.loss, args.beta, max_len, ac,
-                                       not args.no_length_norm)
+                                       not args.no_length_norm, sft_weight=args.sft_weight)
             loaders = {"main": D.Loader(Indices(len(pairs)), args.batch_size, **rng_batches)}
             result.update(pairs=len(pairs), loss=args.loss, beta=args.beta)
         elif args.stage == "bon":
@@ -1126,18 +275,17 @@ def run_stage(args) -> dict:
             if args.online:
                 timing = {"sample": 0.0, "update_forward": 0.0, "samples": 0}
                 objective = copg_online_objective(model, ref, tok, train, args.beta, max_len, ac, reward_fn,
-                                                  args.max_new, 2, seed=args.seed, timing=timing)
+                                                  args.max_new, 2, args.temperature, timing=timing)
                 loaders = {"main": D.Loader(Indices(len(train)), args.batch_size, **rng_batches)}
             else:
-                comps = sample(engine, tok, train, args.k, 1.0, args.max_new, args.seed)
+                comps = sample(engine, tok, train, args.k, args.temperature, args.max_new, args.seed)
                 rewards = reward_fn(train, comps)
-                groups = [{"prompt": ex.prompt_ids(tok), "completions": c, "rewards": r}
+                groups = [{"seqs": [seq(ex.prompt_ids(tok), x) for x in c], "rewards": r}
                           for ex, c, r in zip(train, comps, rewards) if max(r) > min(r)]
                 if not groups:
                     raise ValueError("offline CoPG: every prompt's samples scored the same: no signal")
-                refl = reference_logps(ref, tok, groups, lambda g: [seq(g["prompt"], c) for c in g["completions"]],
-                                       max_len, ac)
-                objective = copg_offline_objective(model, tok, groups, refl, args.beta, max_len, ac)
+                refl = reference_logps(ref, tok, groups, lambda g: g["seqs"], max_len, ac)
+                objective = copg_offline_objective(model, tok, groups, refl, args.beta, max_len, ac, args.sft_weight)
                 loaders = {"main": D.Loader(Indices(len(groups)), args.batch_size, **rng_batches)}
                 result.update(groups=len(groups), k=args.k)
             result.update(online=args.online, beta=args.beta)
@@ -1159,7 +307,7 @@ def run_stage(args) -> dict:
     return result
 
 
-STAGE_KEYS = ("steps", "batch_size", "grad_accum", "lr", "loss", "beta", "online", "k", "n_samples", "l2_init",
+STAGE_KEYS = ("temperature", "sft_weight", "steps", "batch_size", "grad_accum", "lr", "loss", "beta", "online", "k", "n_samples", "l2_init",
               "pretrain_mix", "preamble_aug", "margin", "center", "stage1_steps", "rm", "ref", "no_length_norm",
               "max_new", "val_fraction", "n_val")
 
@@ -1170,6 +318,497 @@ def print_table(result):
     for k in sorted(set(b) | set(a)):
         fmt = lambda x: f"{x:10.3f}" if isinstance(x, (int, float)) else f"{'-':>10s}"  # noqa: E731
         print(f"{k:24s}{fmt(b.get(k))}{fmt(a.get(k))}")
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline (report Figure 3): base -> Instruct -> six SFT experts -> SFT soup -> six RL experts -> RL soup
+# -> polishing. Every stage is a directory OUT/<stage> (an HF checkpoint + tokenizer + result.json, written
+# last); a rerun skips finished stages and resumes a killed one from its checkpoint.
+
+
+DOMAINS = ("code", "safety", "rag", "math", "multilingual", "long_context")
+EVAL_SUITES = ("instruct",) + DOMAINS + ("tools",)
+EXPERT_SUITES = {"code": ["code"], "safety": ["safety"], "rag": ["rag", "tools"], "math": ["math"],
+                 "multilingual": ["multilingual"], "long_context": ["long_context"]}
+
+
+@dataclass
+class PipelineConfig:
+    n_train: int = 384                # train-split examples per suite (a validation set is carved from them)
+    n_val: int = 24                   # validation examples per suite (soup weight search, polishing's stop)
+    n_eval: int = 64                  # test examples per suite (the reported table)
+    max_new: int = 48                 # tokens per evaluated / sampled completion
+    seq_len: int = 2048               # packed row length
+    batch_size: int = 4               # rows (SFT) / pairs / prompts per step
+    lr_sft: float = 2e-3
+    lr_rl: float = 1e-4
+    instruct_steps: int = 200
+    instruct_pref_steps: int = 30
+    expert_steps: int = 80            # per SFT expert (per seed for code and multilingual)
+    cross_domain: float = 0.2         # share of other domains' data in an expert's SFT mix
+    code_seeds: int = 3               # top-k seed merge: keep the best k of these
+    code_topk: int = 2
+    multilingual_seeds: int = 2       # uniform seed soup
+    rl_steps: int = 40
+    rm_steps: int = 40                # per reward-model stage
+    n_samples: int = 4                # best-of-N / pairs
+    search_evals: int = 12            # merges evaluated by each soup's weight search
+    floor: float = 0.8                # per-domain floor: the soup keeps >= floor x the expert's validation score
+    polish_rounds: int = 3            # at most; stops when the validation score stops rising
+    refine_rounds: int = 2            # the reward-based refinement loop (math)
+    seed: int = 0
+
+
+TINY_PIPELINE = PipelineConfig()
+MICRO_PIPELINE = PipelineConfig(n_train=12, n_val=3, n_eval=2, max_new=8, seq_len=2048, batch_size=2,
+                                instruct_steps=2, instruct_pref_steps=1, expert_steps=1, code_seeds=2, code_topk=1,
+                                multilingual_seeds=2, rl_steps=1, rm_steps=1, n_samples=2, search_evals=3,
+                                polish_rounds=2, refine_rounds=2)
+
+
+class Pipeline:
+    """The state of one pipeline run: the tokenizer, the data splits, the stage directories and results."""
+
+    def __init__(self, init: str, out: str, cfg: PipelineConfig, verbose=True):
+        self.cfg, self.out, self.verbose = cfg, out, verbose
+        self.base, self.tok = load_init(init)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.ac = autocast_kw(self.device)
+        self.max_len = min(cfg.seq_len, self.base.config.max_position_embeddings)
+        os.makedirs(out, exist_ok=True)
+        train = {s: T.SUITES[s].generate(cfg.seed, cfg.n_train, "train") for s in EVAL_SUITES}
+        self.train, self.val = {}, {}
+        for s, exs in train.items():
+            tr, va = split_train_val(exs, 0.15)
+            if not va and len(tr) > 1:            # a tiny split: hold out one example all the same
+                va = [tr.pop()]
+            self.train[s], self.val[s] = tr, va[:cfg.n_val]
+            if not tr or not va:
+                raise ValueError(f"suite {s}: no train or validation examples (--n-train {cfg.n_train} too small)")
+        self.test = {s: T.SUITES[s].generate(cfg.seed, cfg.n_eval, "test") for s in EVAL_SUITES}
+        leak = {e.id for v in self.train.values() for e in v} & {e.id for v in self.test.values() for e in v}
+        if leak:
+            raise RuntimeError(f"{len(leak)} test examples appear in the training data")
+        self.results, self.seconds = {}, {}
+
+    # --- bookkeeping --------------------------------------------------------------------------------------
+    def dir(self, stage):
+        return os.path.join(self.out, stage.replace(" ", "_"))
+
+    def log(self, msg):
+        if self.verbose:
+            tqdm.write(msg)
+
+    def done(self, stage) -> bool:
+        return os.path.isfile(os.path.join(self.dir(stage), "result.json"))
+
+    def load(self, stage) -> CommandA:
+        return CommandA.from_pretrained(self.dir(stage)).to(self.device)
+
+    def finish(self, stage, model, extra=None, seconds=0.0):
+        """Score the stage's model on every suite's test split, write it (checkpoint, tokenizer, result.json)."""
+        scores = score_suites(model, self.tok, [e for s in EVAL_SUITES for e in self.test[s]], self.cfg.max_new)
+        result = {"stage": stage, "scores": scores, "seconds": round(seconds, 1), **(extra or {})}
+        write_outputs(self.dir(stage), model, self.tok, result, None, stage)
+        for d in ("checkpoint", "checkpoint.old"):              # a finished stage keeps only its final weights
+            shutil.rmtree(os.path.join(self.dir(stage), d), ignore_errors=True)
+        self.log(f"{stage}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f"  ({seconds:.0f} s)")
+        return result
+
+    def run(self, stage, fn):
+        """Skip a finished stage (its result is read back); otherwise run fn() -> (model, extra) and finish."""
+        if self.done(stage):
+            with open(os.path.join(self.dir(stage), "result.json")) as f:
+                r = json.load(f)
+            self.log(f"{stage}: done earlier, skipped")
+        else:
+            t0 = time.time()
+            model, extra = fn()
+            r = self.finish(stage, model, extra, time.time() - t0)
+        self.results[stage], self.seconds[stage] = r["scores"], r["seconds"]
+        return r
+
+    def val_score(self, model, domains=DOMAINS) -> dict:
+        return score_suites(model, self.tok, [e for d in domains for s in EXPERT_SUITES.get(d, [d])
+                                              for e in self.val[s]], self.cfg.max_new)
+
+    def stage_cfg(self, steps, lr, seed=0) -> StageConfig:
+        return StageConfig(steps=max(1, steps), batch_size=self.cfg.batch_size, lr=lr, eval_every=10 ** 9,
+                           ckpt_every=max(1, steps // 4), seed=self.cfg.seed + seed)
+
+    # --- the methods, as the pipeline uses them ------------------------------------------------------------
+    def sft(self, model, examples, steps, out, seed=0, lr=None, extra_seqs=()):
+        seqs, _ = sft_sequences(self.tok, examples, self.max_len, augment=1, seed=self.cfg.seed + seed)
+        seqs += list(extra_seqs)
+        if not seqs:
+            raise ValueError(f"{out}: no SFT data (empty domain?)")
+        packed = D.pack_whole([s[0] for s in seqs], self.max_len, self.tok.pad_id, [s[1] for s in seqs])
+        train_loop(model, sft_objective(model, self.ac), {"main": D.Loader(packed, self.cfg.batch_size,
+                                                                            seed=self.cfg.seed + seed)},
+                   self.stage_cfg(steps, lr or self.cfg.lr_sft, seed), out, resume=True,
+                   fingerprint=fingerprint_of("sft", len(seqs), steps, seed), desc=os.path.basename(out),
+                   verbose=self.verbose)
+        return model
+
+    def pref(self, model, pairs, loss, steps, out, beta=0.1, sft_weight=1.0):
+        check_pairs(pairs)
+        ref = copy.deepcopy(model).eval()
+        refl = reference_logps(ref, self.tok, pairs, lambda p: pair_sequences(self.tok, p, loss), self.max_len,
+                               self.ac)
+        del ref
+        obj = pref_objective(model, self.tok, pairs, refl, loss, beta, self.max_len, self.ac, sft_weight=sft_weight)
+        train_loop(model, obj, {"main": D.Loader(Indices(len(pairs)), self.cfg.batch_size, seed=self.cfg.seed)},
+                   self.stage_cfg(steps, self.cfg.lr_rl), out, resume=True,
+                   fingerprint=fingerprint_of(loss, len(pairs), steps), desc=os.path.basename(out),
+                   verbose=self.verbose)
+        return model
+
+    def pairs(self, model, examples, reward_fn=None, seed=0):
+        """On-policy pairs (best vs worst of n samples, scored by the verifiers or `reward_fn`), plus clean
+        off-policy ones (the reference vs another example's reference) where sampling found too few."""
+        engine = make_engine(model, self.tok, self.max_len)
+        sft, pairs, stats = best_of_n(engine, self.tok, examples, self.cfg.n_samples,
+                                      reward_fn or verifier_reward_fn(self.tok), 0.7, self.cfg.max_new,
+                                      self.cfg.seed + seed)
+        model.train()
+        if len(pairs) < len(examples) // 2:
+            pairs += reference_pairs(self.tok, examples, self.cfg.seed + seed)
+        return sft, pairs, stats
+
+    def copg_offline(self, model, groups, steps, out, beta=0.1, sft_weight=0.0, rehearsal=None):
+        ref = copy.deepcopy(model).eval()
+        refl = reference_logps(ref, self.tok, groups, lambda g: g["seqs"], self.max_len, self.ac)
+        del ref
+        obj = copg_offline_objective(model, self.tok, groups, refl, beta, self.max_len, self.ac, sft_weight)
+        loaders = {"main": D.Loader(Indices(len(groups)), self.cfg.batch_size, seed=self.cfg.seed)}
+        if rehearsal is not None:       # SFT rehearsal: one batch of reference SFT rows with every RL batch
+            loaders["sft"] = rehearse = D.Loader(rehearsal, max(1, self.cfg.batch_size // 2), seed=self.cfg.seed)
+
+            def with_rehearsal(idx, base=obj):
+                loss, m = base(idx)
+                with torch.autocast(**self.ac):
+                    nll = completion_nll(model, next(rehearse))
+                return loss + nll, {**m, "rehearsal_nll": nll.item()}
+            obj = with_rehearsal
+        train_loop(model, obj, loaders, self.stage_cfg(steps, self.cfg.lr_rl), out, resume=True,
+                   fingerprint=fingerprint_of("copg", len(groups), steps), desc=os.path.basename(out),
+                   verbose=self.verbose)
+        return model
+
+    def groups(self, model, examples, k, seed=0) -> list:
+        """k scored samples per prompt as whole sequences (ReAct episodes for multi-turn suites), kept where the
+        rewards differ: CoPG's offline data."""
+        engine = make_engine(model, self.tok, self.max_len)
+        out = []
+        multi = [e for e in examples if T.SUITES[e.suite].multi_turn]
+        single = [e for e in examples if not T.SUITES[e.suite].multi_turn]
+        if single:
+            comps = sample(engine, self.tok, single, k, 0.7, self.cfg.max_new, self.cfg.seed + seed)
+            for ex, cs, rs in zip(single, comps, verifier_rewards(self.tok, single, comps)):
+                if max(rs) > min(rs):
+                    p = ex.prompt_ids(self.tok)
+                    out.append({"seqs": [seq(p, c) for c in cs], "rewards": rs})
+        for j in range(k if multi else 0):          # ReAct episodes: k independent rollouts per prompt
+            eps = T.run_react(engine, self.tok, multi, max_new_tokens=self.cfg.max_new, temperature=0.7,
+                              seed=self.cfg.seed + seed + 7919 * j)
+            for i, e in enumerate(eps):
+                turns = e.messages[len(e.example.messages):]
+                final = parse_final(e.final)
+                if final is not None:
+                    turns = turns + [final]
+                s = render(self.tok, e.example, turns) if any(t["role"] == "assistant" for t in turns) else None
+                r = T.SUITES[e.example.suite].score(e.example, e.final) if not e.error else 0.0
+                if j == 0:
+                    out.append({"seqs": [s], "rewards": [r], "_multi": i})
+                else:
+                    g = next(x for x in out if x.get("_multi") == i)
+                    g["seqs"].append(s), g["rewards"].append(r)
+        model.train()
+        keep = []
+        for g in out:
+            if all(s is not None and len(s[0]) <= self.max_len for s in g["seqs"]) and max(g["rewards"]) > \
+                    min(g["rewards"]):
+                keep.append({"seqs": g["seqs"], "rewards": g["rewards"]})
+        return keep
+
+    def soup(self, name, experts: dict) -> tuple:
+        """merge.py's linear merge, weights by its search on validation scores with a per-domain floor (floor x
+        each expert's own validation score in its domain)."""
+        import merge as M
+        names = list(experts)
+        models = [self.load(experts[n]) for n in names]
+        own = {n: self.val_score(m, [n])[EXPERT_SUITES[n][0]] for n, m in zip(names, models)}
+        floor = {EXPERT_SUITES[n][0]: self.cfg.floor * own[n] for n in names}
+        score = lambda m: {k: v for k, v in self.val_score(m.to(self.device)).items()  # noqa: E731
+                           if k in floor}
+        res = M.search_weights(models, score, floor, method="greedy", max_evals=self.cfg.search_evals,
+                               progress=self.verbose)
+        w = res["best"].weights
+        merged = M.merge("linear", models, w)
+        self.log(f"{name}: weights " + ", ".join(f"{n} {x:.2f}" for n, x in zip(names, w)) +
+                 f" (val mean {res['best'].mean:.3f}, floor {'met' if res['best'].feasible else 'NOT met'})")
+        return merged, {"weights": dict(zip(names, w)), "evaluations": res["evaluations"],
+                        "floor_met": res["best"].feasible}
+
+
+def parse_final(text: str):
+    """A ReAct episode's final turn as an assistant message (None if the episode produced none)."""
+    if not text:
+        return None
+    p = parse_completion(text)
+    msg = {"role": "assistant", "content": p["response"]}
+    if p.get("thinking"):
+        msg["thinking"] = p["thinking"]
+    return msg
+
+
+def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict:
+    P_ = Pipeline(init, out, cfg, verbose)
+    c, tok = cfg, P_.tok
+    t_all = time.time()
+    bar = tqdm(total=16, desc="pipeline", disable=not verbose)
+
+    def step(stage, fn):
+        r = P_.run(stage, fn)
+        bar.update(1)
+        return r
+
+    def mix(domain, n_other):
+        """An expert's SFT data: its domain's train split plus a share of every other suite's."""
+        own = [e for s in EXPERT_SUITES[domain] for e in P_.train[s]]
+        rng = random.Random(f"{c.seed}|{domain}")
+        others = [e for s in EVAL_SUITES if s not in EXPERT_SUITES[domain] for e in P_.train[s]]
+        return own + rng.sample(others, min(len(others), n_other))
+
+    # 1. Instruct: SFT on every suite's train split, then preference tuning
+    def instruct():
+        m = copy.deepcopy(P_.base)
+        every = [e for s in EVAL_SUITES for e in P_.train[s]]
+        P_.sft(m, every, c.instruct_steps, os.path.join(P_.dir("instruct"), "sft"))
+        _, pairs, stats = P_.pairs(m, [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn
+                                       for e in P_.train[s][:max(2, c.n_train // 8)]])
+        P_.pref(m, pairs, "dpo", c.instruct_pref_steps, os.path.join(P_.dir("instruct"), "pref"))
+        return m, {"pairs": len(pairs), "bon": stats}
+    step("instruct", instruct)
+
+    # 2. Six SFT experts from Instruct
+    n_other = lambda d: int(c.cross_domain / (1 - c.cross_domain) * sum(len(P_.train[s]) for s in  # noqa: E731
+                                                                         EXPERT_SUITES[d]))
+
+    def sft_expert(domain):
+        def fn():
+            data = mix(domain, n_other(domain))
+            d = P_.dir(f"sft expert {domain}")
+            if domain == "code":                          # top-k linear merge of seed runs
+                import merge as M
+                runs = [P_.sft(P_.load("instruct"), data, c.expert_steps, os.path.join(d, f"seed{i}"), seed=i)
+                        for i in range(c.code_seeds)]
+                score = lambda m: P_.val_score(m, ["code"])          # noqa: E731
+                merged, ranking = M.topk_merge(runs, score, c.code_topk, names=[f"seed{i}" for i in range(len(runs))])
+                return merged, {"seed_ranking": [(n, s) for n, s, _ in ranking], "k": c.code_topk}
+            if domain == "multilingual":                  # a uniform seed soup
+                import merge as M
+                runs = [P_.sft(P_.load("instruct"), data, c.expert_steps, os.path.join(d, f"seed{i}"), seed=i)
+                        for i in range(c.multilingual_seeds)]
+                return M.merge("soup", runs), {"seeds": c.multilingual_seeds}
+            if domain == "long_context":                  # short : long at 3 : 1 (the report's 16K : 256K)
+                long = T.SUITES["long_context"].generate(c.seed, max(1, len(P_.train["long_context"]) // 3),
+                                                         "train", difficulty=2)
+                long = [e for e in long if e.id not in {v.id for v in P_.val["long_context"]}]
+                return P_.sft(P_.load("instruct"), data + long, c.expert_steps, d), {"long": len(long)}
+            return P_.sft(P_.load("instruct"), data, c.expert_steps, d), {}
+        return fn
+    for domain in DOMAINS:
+        step(f"sft expert {domain}", sft_expert(domain))
+
+    # 3. SFT soup: linear merge, expert weights searched on validation data with a per-domain floor
+    step("sft soup", lambda: P_.soup("sft soup", {d: f"sft expert {d}" for d in DOMAINS}))
+
+    # the reward model: two Bradley-Terry stages on verifier-labelled pairs (clean off-policy, then on-policy)
+    rm_dir = os.path.join(out, "reward_model")
+    if not os.path.isfile(os.path.join(rm_dir, "result.json")):
+        soup = P_.load("sft soup")
+        single = [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn for e in P_.train[s][:max(2, c.n_train // 6)]]
+        low = reference_pairs(tok, single, c.seed)
+        _, high, _ = P_.pairs(soup, single, seed=1)
+        rm = RewardModel.from_lm(P_.dir("sft soup")).to(P_.device)
+        for i, (pairs, lr) in enumerate(((low, 3e-4), (high, 1e-4))):
+            check_pairs(pairs)
+            train_loop(rm, rm_objective(rm, tok, pairs, P_.max_len, P_.ac),
+                       {"main": D.Loader(Indices(len(pairs)), c.batch_size, seed=c.seed)},
+                       P_.stage_cfg(c.rm_steps, lr), os.path.join(rm_dir, f"stage{i + 1}"), resume=True,
+                       fingerprint=fingerprint_of("rm", i, len(pairs)), desc=f"reward model {i + 1}", verbose=verbose)
+        val_pairs = reference_pairs(tok, [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn
+                                          for e in P_.val[s]], c.seed)
+        acc = rm_accuracy(rm, tok, val_pairs, P_.max_len, P_.ac)
+        write_outputs(rm_dir, rm, tok, {"stage": "reward model", "val_accuracy": acc, "pairs": [len(low), len(high)]},
+                      None, "reward model")
+        P_.log(f"reward model: validation pairwise accuracy {acc:.2f}")
+    rm = RewardModel.load(rm_dir, tok).to(P_.device)
+
+    # 4. Six RL experts from the soup, each with its domain's method
+    refine_log = []
+
+    def rl_expert(domain):
+        def fn():
+            m, d = P_.load("sft soup"), P_.dir(f"rl expert {domain}")
+            exs = [e for s in EXPERT_SUITES[domain] for e in P_.train[s]]
+            if domain == "math":       # preference pairs from own samples, in the reward-based refinement loop
+                for r in range(c.refine_rounds):
+                    _, pairs, stats = P_.pairs(m, exs, seed=10 + r)
+                    P_.pref(m, pairs, "dpo", c.rl_steps, os.path.join(d, f"round{r + 1}"))
+                    refine_log.append({"round": r + 1, "pairs": len(pairs), "sample_score": stats["mean_score"],
+                                       "val": P_.val_score(m, ["math"])["math"]})
+                    P_.log(f"refinement round {r + 1} (math): samples scored {stats['mean_score']:.3f}, "
+                           f"validation {refine_log[-1]['val']:.3f}")
+                return m, {"refinement": refine_log}
+            if domain == "code":       # offline CoPG + SFT rehearsal + SFT term + interpolation to the parent
+                import merge as M
+                groups = P_.groups(m, exs, k=c.n_samples, seed=20)
+                seqs, _ = sft_sequences(tok, exs, P_.max_len)
+                rehearsal = D.pack_whole([s[0] for s in seqs], P_.max_len, tok.pad_id, [s[1] for s in seqs])
+                if groups:
+                    P_.copg_offline(m, groups, c.rl_steps, d, sft_weight=0.5, rehearsal=rehearsal)
+                parent = P_.load("sft soup")
+                return M.merge("interpolate", [m], base=parent, eta=0.5), {"groups": len(groups), "eta": 0.5}
+            if domain == "safety":     # IPO + SFT, equal weight
+                _, pairs, _ = P_.pairs(m, exs, seed=30)
+                return P_.pref(m, pairs, "ipo_sft", c.rl_steps, d, sft_weight=0.0), {"pairs": len(pairs)}
+            if domain == "multilingual":   # best-of-N over every SFT expert's answers, judged by the RM
+                engines = [(P_.load(f"sft expert {x}"), x) for x in DOMAINS]
+                cands = [sample(make_engine(em, tok, P_.max_len), tok, exs, 1, 0.7, c.max_new, c.seed + 40)
+                         for em, _ in engines]
+                comps = [[cs[i][0] for cs in cands] for i in range(len(exs))]
+                rewards = rm_reward_fn(rm, tok)(exs, comps)
+                sft_data, pairs = [], []
+                for ex, cs, rs in zip(exs, comps, rewards):
+                    order = sorted(range(len(cs)), key=lambda i: -rs[i])
+                    b, w = cs[order[0]], cs[order[-1]]
+                    if b[-1:] == [tok.eot_id]:
+                        sft_data.append(seq(ex.prompt_ids(tok), b))
+                        if b != w:
+                            pairs.append({"prompt": ex.prompt_ids(tok), "chosen": b, "rejected": w})
+                P_.sft(m, exs, c.rl_steps, os.path.join(d, "sft"), lr=c.lr_rl * 10, extra_seqs=sft_data)
+                if pairs:
+                    P_.pref(m, pairs, "dpo", c.rl_steps, os.path.join(d, "pref"))
+                return m, {"bon_sft": len(sft_data), "pairs": len(pairs)}
+            if domain == "rag":        # offline CoPG on RAG answers and ReAct episodes
+                groups = P_.groups(m, exs, k=c.n_samples, seed=50)
+                if groups:
+                    P_.copg_offline(m, groups, c.rl_steps, d, sft_weight=0.5)
+                return m, {"groups": len(groups)}
+            # long context: SFT + preference
+            P_.sft(m, exs, c.rl_steps, os.path.join(d, "sft"), lr=c.lr_rl * 10)
+            _, pairs, _ = P_.pairs(m, exs, seed=60)
+            P_.pref(m, pairs, "dpo", c.rl_steps, os.path.join(d, "pref"))
+            return m, {"pairs": len(pairs)}
+        return fn
+    for domain in DOMAINS:
+        step(f"rl expert {domain}", rl_expert(domain))
+
+    # 5. RL soup
+    step("rl soup", lambda: P_.soup("rl soup", {d: f"rl expert {d}" for d in DOMAINS}))
+
+    # 6. Polishing: best-of-N SFT on a high-quality subset, then offline SRPO and online CoPG in alternation
+    #    for as long as the validation score keeps rising
+    def polish():
+        m = P_.load("rl soup")
+        d = P_.dir("polished")
+        every = [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn for e in P_.train[s][:max(2, c.n_train // 6)]]
+        sft_data, _, stats = P_.pairs(m, every, seed=70)
+        hq = [s for s in sft_data]                     # best-of-N answers that the verifiers scored >= 0.5
+        if hq:
+            P_.sft(m, [], c.rl_steps, os.path.join(d, "bon_sft"), lr=c.lr_rl * 10, extra_seqs=hq)
+        best_val = sum(P_.val_score(m).values())
+        best_state, rounds = copy.deepcopy(m.state_dict()), []
+        for r in range(c.polish_rounds):
+            _, pairs, _ = P_.pairs(m, every, seed=80 + r)
+            P_.pref(m, pairs, "srpo", c.rl_steps, os.path.join(d, f"srpo{r + 1}"), sft_weight=0.0)
+            ref = copy.deepcopy(m).eval()
+            obj = copg_online_objective(m, ref, tok, every, 0.1, P_.max_len, P_.ac, verifier_reward_fn(tok),
+                                        c.max_new, 2, 0.7)
+            train_loop(m, obj, {"main": D.Loader(Indices(len(every)), c.batch_size, seed=c.seed + r)},
+                       P_.stage_cfg(c.rl_steps, c.lr_rl), os.path.join(d, f"copg{r + 1}"), resume=True,
+                       fingerprint=fingerprint_of("online", r), desc=f"polish copg {r + 1}", verbose=verbose)
+            v = sum(P_.val_score(m).values())
+            rounds.append({"round": r + 1, "val_sum": v})
+            P_.log(f"polishing round {r + 1}: validation sum {v:.3f} (best {best_val:.3f})")
+            if v <= best_val:
+                m.load_state_dict(best_state)          # keep the best round: the score stopped rising
+                break
+            best_val, best_state = v, copy.deepcopy(m.state_dict())
+        return m, {"bon": stats, "rounds": rounds}
+    step("polished", polish)
+    bar.close()
+
+    # the report's pairwise evaluation: polished vs RL soup, judged by the verifiers and by the reward model
+    polished, rl_soup = P_.load("polished"), P_.load("rl soup")
+    suites = [s for s in EVAL_SUITES if not T.SUITES[s].multi_turn]
+
+    def rm_judge(ex, a, b):
+        ra, rb = rm.score_conversations(tok, [(ex.messages + [parse_final(x) or {"role": "assistant", "content": ""}],
+                                               ex.documents, ex.tools, ex.safety_mode) for x in (a, b)])
+        return ra - rb
+    pw = {"verifiers": T.pairwise(polished, rl_soup, tok, suites, n=c.n_eval, max_new_tokens=c.max_new),
+          "reward_model": T.pairwise(polished, rl_soup, tok, suites, n=c.n_eval, max_new_tokens=c.max_new,
+                                     judge=rm_judge)}
+    summary = {"stages": P_.results, "seconds": P_.seconds, "pairwise": {k: {"win": v["win"], "tie": v["tie"],
+               "loss": v["loss"], "win_rate": v["win_rate"]} for k, v in pw.items()},
+               "refinement": refine_log, "total_seconds": round(time.time() - t_all, 1)}
+    report(summary, out)
+    return summary
+
+
+def retention(stages: dict) -> dict:
+    """Each expert's in-domain score kept by the soups: soup score / expert score (domain = its first suite)."""
+    out = {}
+    for kind in ("sft", "rl"):
+        soup = stages.get(f"{kind} soup", {})
+        for d in DOMAINS:
+            e = stages.get(f"{kind} expert {d}", {}).get(EXPERT_SUITES[d][0])
+            s = soup.get(EXPERT_SUITES[d][0])
+            out.setdefault(kind, {})[d] = None if not e else round(s / e, 3)
+    return out
+
+
+def report(summary, out):
+    stages, suites = summary["stages"], list(next(iter(summary["stages"].values())))
+    lines = ["| stage | " + " | ".join(suites) + " | seconds |", "|---|" + "---:|" * (len(suites) + 1)]
+    for st, sc in stages.items():
+        lines.append(f"| {st} | " + " | ".join(f"{sc[s]:.2f}" for s in suites) + f" | {summary['seconds'][st]:.0f} |")
+    ret = retention(stages)
+    summary["retention"] = ret
+    lines += ["", "| retention (soup / expert, in-domain) | " + " | ".join(DOMAINS) + " |", "|---|" + "---:|" * len(DOMAINS)]
+    for k, v in ret.items():
+        lines.append(f"| {k} soup | " + " | ".join("-" if v[d] is None else f"{v[d]:.2f}" for d in DOMAINS) + " |")
+    lines += ["", "| polished vs RL soup | win | tie | loss | win rate |", "|---|---:|---:|---:|---:|"]
+    for k, v in summary["pairwise"].items():
+        lines.append(f"| judged by {k} | {v['win']:.2f} | {v['tie']:.2f} | {v['loss']:.2f} | {v['win_rate']:.2f} |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    with open(os.path.join(out, "pipeline.md.tmp"), "w") as f:
+        f.write(text + "\n")
+    os.replace(os.path.join(out, "pipeline.md.tmp"), os.path.join(out, "pipeline.md"))
+    heatmap(stages, os.path.join(out, "pipeline.png"))
+
+
+def heatmap(stages, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names, suites = list(stages), list(next(iter(stages.values())))
+    m = np.array([[stages[n][s] for s in suites] for n in names])
+    fig, ax = plt.subplots(figsize=(1.1 * len(suites) + 3, 0.42 * len(names) + 1.5))
+    im = ax.imshow(m, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(suites)), suites, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(suites)):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if m[i, j] < 0.5 else "black")
+    fig.colorbar(im, ax=ax, label="test score (verifiers)")
+    ax.set_title("post-training pipeline: every stage on every domain (test split)")
+    fig.tight_layout()
+    save_fig(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1218,8 +857,7 @@ def bench(init: str, seq_len=1024, batch=4, rounds=3, steps=3, copg_steps=3, sui
     out["sft_vs_pretrain"] = round(out["sft_tok_s"] / out["pretrain_tok_s"], 2)
     ref = copy.deepcopy(model).eval()
     timing = {"sample": 0.0, "update_forward": 0.0, "samples": 0}
-    obj = copg_online_objective(model, ref, tok, exs, 0.1, 2048, ac, verifier_reward_fn(tok), 64, 2, seed=seed,
-                                timing=timing)
+    obj = copg_online_objective(model, ref, tok, exs, 0.1, 2048, ac, verifier_reward_fn(tok), 64, 2, timing=timing)
     t0 = time.perf_counter()
     for i in tqdm(range(copg_steps), desc="online CoPG"):
         loss, _ = obj(list(range(i * 8, i * 8 + 8)))
@@ -1231,16 +869,21 @@ def bench(init: str, seq_len=1024, batch=4, rounds=3, steps=3, copg_steps=3, sui
                copg_update_frac=round(1 - timing["sample"] / total, 3), copg_prompts_per_step=8)
     return out
 
-
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description="Command A post-training: one stage (sft, rm, pref, copg, bon) from "
-                                 "a checkpoint on tasks.py suites, or the CoPG bandit.",
+    ap = argparse.ArgumentParser(description="Command A post-training: the whole pipeline (--tiny / --micro), or "
+                                 "one stage (sft, rm, pref, copg, bon) from a checkpoint on tasks.py suites, the "
+                                 "CoPG bandit, or the throughput bench.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = ap.add_subparsers(dest="stage", required=True)
+    ap.add_argument("--tiny", action="store_true", help="the whole pipeline at tiny scale (~30 min on 2 CPU cores)")
+    ap.add_argument("--micro", action="store_true", help="the whole pipeline at micro scale (the tests' setting)")
+    ap.add_argument("--init", dest="pipeline_init", default="out/tiny", help="pipeline: the pretrained checkpoint")
+    ap.add_argument("--out", dest="pipeline_out", default=None, help="pipeline: output directory (default "
+                    "out/posttrain, or out/posttrain_micro with --micro)")
+    sub = ap.add_subparsers(dest="stage")
     common = argparse.ArgumentParser(add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = common.add_argument_group("data and run")
     g.add_argument("--init", default="out/tiny", help="starting checkpoint (HF Cohere2 + tokenizer)")
@@ -1284,6 +927,9 @@ def build_parser():
         p.add_argument("--n-samples", type=int, default=4, help="samples per prompt (best-of-N / pairs)")
         p.add_argument("--rm", default=None, help="score samples with this reward model instead of the verifiers")
         p.add_argument("--ref", default=None, help="reference model (default: the --init checkpoint)")
+        p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1 = the policy itself)")
+        p.add_argument("--sft-weight", type=float, default=0.0, help="add this much SFT loss on the chosen / best "
+                       "answer (pref, offline copg)")
         if name == "pref":
             p.add_argument("--loss", default="dpo", choices=PREF_LOSSES)
             p.add_argument("--no-length-norm", action="store_true", help="IPO without per-token normalization")
@@ -1306,6 +952,19 @@ def build_parser():
 def main(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.stage is None:
+        if args.tiny == args.micro:
+            ap.error("give a stage (sft, rm, pref, copg, bon, bench, bandit) or exactly one of --tiny / --micro")
+        cfg = MICRO_PIPELINE if args.micro else TINY_PIPELINE
+        out = args.pipeline_out or ("out/posttrain_micro" if args.micro else "out/posttrain")
+        try:
+            summary = run_pipeline(args.pipeline_init, out, cfg)
+        except (FileNotFoundError, ValueError, FloatingPointError) as e:
+            print(f"posttrain.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"wrote {out}/pipeline.md, {out}/pipeline.png and a checkpoint per stage")
+        print(json.dumps({k: summary[k] for k in ("stages", "seconds", "pairwise")}))
+        return summary
     if args.stage == "bench":
         try:
             res = bench(args.init, args.seq_len, args.batch_size, args.rounds)
@@ -1347,10 +1006,16 @@ def main(argv=None):
         ap.error("--val-fraction must be in [0, 1)")
     if getattr(args, "beta", 1.0) <= 0:
         ap.error("--beta must be > 0")
+    if getattr(args, "n_samples", 2) < 1 or getattr(args, "stage1_steps", 1) < 1:
+        ap.error("--n-samples and --stage1-steps must be >= 1")
+    if getattr(args, "temperature", 1.0) <= 0:
+        ap.error("--temperature must be > 0")
+    if getattr(args, "k", 2) < 2:
+        ap.error("--k must be >= 2 (CoPG compares samples of the same prompt)")
     try:
         T.check_suites(args.suites)
         result = run_stage(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
         print(f"posttrain.py {args.stage}: error: {e}", file=sys.stderr)
         sys.exit(2)
     print_table(result)

@@ -609,7 +609,7 @@ def lr_sweep(path: str, widths=(64, 128, 256), lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1
             for lr in lrs:
                 model, opt = _width_model(w, mode == "muP", lr, seed)
                 for s in range(steps):
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_is_fast("cpu")):
                         loss = model(data[s, :, :-1], targets=data[s, :, 1:])
                     loss.backward()
                     opt.step()

@@ -1,6 +1,6 @@
-"""posttrain.py: every loss at SPEC 6's check values and against TRL's definitions, masking and packing of
-completion log-probs, the reward model, CoPG = RLOO, the bandit, each trainer moving its metric on a micro
-model, exact resume after a kill, and bad input."""
+"""alignment.py and posttrain.py: every loss at SPEC 6's check values and against TRL's definitions, masking
+and packing of completion log-probs, the reward model, CoPG = RLOO, the bandit, each trainer moving its metric
+on a micro model, exact resume after a kill, bad input, and the whole pipeline at micro scale."""
 import json
 import math
 import os
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import data as D
+import alignment as A
 import posttrain as P
 import tasks as T
 from model import CommandA, ModelConfig
@@ -28,45 +29,52 @@ def t(*xs):
 # ---------------------------------------------------------------------------------------------- the losses
 
 
+def test_posttrain_exports_the_losses():
+    """SPEC 9: the losses are part of posttrain's public interface (they live in alignment.py)."""
+    for name in ("dpo_loss", "ipo_loss", "hinge_loss", "slic_loss", "srpo_loss", "bt_loss", "copg_loss",
+                 "ipo_sft_loss", "sequence_logps"):
+        assert getattr(P, name) is getattr(A, name)
+
+
 def test_dpo_check_values():
-    assert P.dpo_loss(t(0.0), t(0.0), 0.1).item() == pytest.approx(math.log(2), abs=1e-4)      # 0.6931
-    assert P.dpo_loss(t(2.0), t(-1.0), 0.1).item() == pytest.approx(0.5544, abs=1e-4)
+    assert A.dpo_loss(t(0.0), t(0.0), 0.1).item() == pytest.approx(math.log(2), abs=1e-4)      # 0.6931
+    assert A.dpo_loss(t(2.0), t(-1.0), 0.1).item() == pytest.approx(0.5544, abs=1e-4)
 
 
 def test_ipo_check_values_and_minimum():
-    assert P.ipo_loss(t(0.0), t(0.0), 0.1).item() == pytest.approx(25.0)
-    assert P.ipo_loss(t(2.0), t(-1.0), 0.1, t(4.0), t(2.0)).item() == pytest.approx(16.0)   # 0.5+0.5 = 1 -> (1-5)^2
-    assert P.ipo_loss(t(2.0), t(-1.0), 0.1).item() == pytest.approx(4.0)                    # (3-5)^2
+    assert A.ipo_loss(t(0.0), t(0.0), 0.1).item() == pytest.approx(25.0)
+    assert A.ipo_loss(t(2.0), t(-1.0), 0.1, t(4.0), t(2.0)).item() == pytest.approx(16.0)   # 0.5+0.5 = 1 -> (1-5)^2
+    assert A.ipo_loss(t(2.0), t(-1.0), 0.1).item() == pytest.approx(4.0)                    # (3-5)^2
     hw = torch.tensor([5.0], dtype=torch.float64, requires_grad=True)                       # Delta = 1/(2 beta)
-    loss = P.ipo_loss(hw, t(0.0), 0.1)
+    loss = A.ipo_loss(hw, t(0.0), 0.1)
     loss.backward()
     assert loss.item() == 0 and hw.grad.item() == 0
     with pytest.raises(ValueError):
-        P.ipo_loss(t(1.0), t(0.0), 0.1, len_w=t(2.0))
+        A.ipo_loss(t(1.0), t(0.0), 0.1, len_w=t(2.0))
 
 
 def test_hinge_check_value_and_zero_gradient_past_the_margin():
-    assert P.hinge_loss(t(3.0), t(0.0), 0.1).item() == pytest.approx(0.7)
+    assert A.hinge_loss(t(3.0), t(0.0), 0.1).item() == pytest.approx(0.7)
     hw = torch.tensor([12.0], dtype=torch.float64, requires_grad=True)
-    loss = P.hinge_loss(hw, t(1.0), 0.1)                                                     # beta*Delta = 1.1
+    loss = A.hinge_loss(hw, t(1.0), 0.1)                                                     # beta*Delta = 1.1
     loss.backward()
     assert loss.item() == 0 and hw.grad.item() == 0
 
 
 def test_slic_srpo_bt_copg_check_values():
     # max(0, 1 - (-2) + (-4)) - 0.5 * (-3) = 0 + 1.5; and 1 - (-4) + (-2) = 3 -> 3 + 1.5
-    assert P.slic_loss(t(-2.0), t(-4.0), t(-3.0), 1.0, 0.5).item() == pytest.approx(1.5)
-    assert P.slic_loss(t(-4.0), t(-2.0), t(-3.0), 1.0, 0.5).item() == pytest.approx(4.5)
+    assert A.slic_loss(t(-2.0), t(-4.0), t(-3.0), 1.0, 0.5).item() == pytest.approx(1.5)
+    assert A.slic_loss(t(-4.0), t(-2.0), t(-3.0), 1.0, 0.5).item() == pytest.approx(4.5)
     z = t(0.0)
-    assert P.srpo_loss(z, z, z, z, z, z, beta=0.1, a=0.8).item() == pytest.approx(0.6)
-    assert P.bt_loss(t(1.0), t(0.0)).item() == pytest.approx(0.3133, abs=1e-4)
-    assert P.bt_loss(t(1.0), t(0.0), margin=0.5).item() == pytest.approx(0.4741, abs=1e-4)
-    assert P.bt_loss(t(1.0), t(0.0), center=0.01).item() == pytest.approx(0.3133 + 0.01, abs=1e-4)
+    assert A.srpo_loss(z, z, z, z, z, z, beta=0.1, a=0.8).item() == pytest.approx(0.6)
+    assert A.bt_loss(t(1.0), t(0.0)).item() == pytest.approx(0.3133, abs=1e-4)
+    assert A.bt_loss(t(1.0), t(0.0), margin=0.5).item() == pytest.approx(0.4741, abs=1e-4)
+    assert A.bt_loss(t(1.0), t(0.0), center=0.01).item() == pytest.approx(0.3133 + 0.01, abs=1e-4)
     # k = 3: pairs (0,1): 1 - 0.5*(1-0) = 0.5; (0,2): 2 - 0 = 2; (1,2): 1 - 0.5*(0-1) = 1.5 -> mean of squares
     R, h = torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([[1.0, 0.0, 1.0]])
-    assert P.copg_loss(R, h, 0.5).item() == pytest.approx((0.25 + 4 + 2.25) / 3)
+    assert A.copg_loss(R, h, 0.5).item() == pytest.approx((0.25 + 4 + 2.25) / 3)
     # the optimum: h = R / beta + const makes every pair's term zero
-    assert P.copg_loss(R, R / 0.5 + 7, 0.5).item() == pytest.approx(0.0, abs=1e-9)
+    assert A.copg_loss(R, R / 0.5 + 7, 0.5).item() == pytest.approx(0.0, abs=1e-9)
 
 
 # TRL's DPOTrainer.dpo_loss, as its public source defines the three losses we share (written here from the
@@ -86,9 +94,9 @@ def test_losses_equal_trl_definitions():
     for beta in (0.05, 0.1, 0.5):
         ref = trl_losses(pi_c, pi_r, ref_c, ref_r, len_c, len_r, beta)
         hw, hl = pi_c - ref_c, pi_r - ref_r
-        torch.testing.assert_close(P.dpo_loss(hw, hl, beta), ref["sigmoid"])
-        torch.testing.assert_close(P.ipo_loss(hw, hl, beta, len_c, len_r), ref["ipo"])
-        torch.testing.assert_close(P.hinge_loss(hw, hl, beta), ref["hinge"])
+        torch.testing.assert_close(A.dpo_loss(hw, hl, beta), ref["sigmoid"])
+        torch.testing.assert_close(A.ipo_loss(hw, hl, beta, len_c, len_r), ref["ipo"])
+        torch.testing.assert_close(A.hinge_loss(hw, hl, beta), ref["hinge"])
 
 
 def test_copg_gradient_is_rloo_k2():
@@ -101,7 +109,7 @@ def test_copg_gradient_is_rloo_k2():
     R, beta = torch.randn(5, 2), 0.3
     logp = torch.log_softmax(logits, -1).gather(1, y)
     h = logp - ref.gather(1, y)
-    g_copg, = torch.autograd.grad(P.copg_loss(R, h, beta).sum(), logits, retain_graph=True)
+    g_copg, = torch.autograd.grad(A.copg_loss(R, h, beta).sum(), logits, retain_graph=True)
     shaped = (R - beta * h).detach()
     adv = shaped - shaped.flip(1)                                 # leave-one-out baseline with k = 2
     g_rloo, = torch.autograd.grad((0.5 * adv * logp).sum(), logits)
@@ -109,13 +117,13 @@ def test_copg_gradient_is_rloo_k2():
 
 
 def test_bandit_reaches_pi_star_from_both_behaviour_policies_and_dpo_does_not():
-    copg, pi_star = P.bandit(iters=800, batch=128)
+    copg, pi_star = A.bandit(iters=800, batch=128)
     assert pi_star == pytest.approx([0.7054, 0.2595, 0.0351], abs=1e-4)
-    for name in P.BANDIT_MU:
+    for name in A.BANDIT_MU:
         assert copg[name]["kl_to_pi_star"] < 1e-3, name
-    dpo, _ = P.bandit(iters=300, batch=64, method="dpo")
-    assert all(dpo[name]["kl_to_pi_star"] > 0.1 for name in P.BANDIT_MU)
-    assert all(dpo[name]["pi"][0] > pi_star[0] + 0.1 for name in P.BANDIT_MU)   # it slides to the best arm
+    dpo, _ = A.bandit(iters=300, batch=64, method="dpo")
+    assert all(dpo[name]["kl_to_pi_star"] > 0.1 for name in A.BANDIT_MU)
+    assert all(dpo[name]["pi"][0] > pi_star[0] + 0.1 for name in A.BANDIT_MU)   # it slides to the best arm
 
 
 # ---------------------------------------------------------------------------------------------- micro setup
@@ -145,42 +153,42 @@ def test_sft_targets_are_the_completion_only(tok, examples):
     """The trained tokens are exactly the assistant's completion (EOT included); the loss equals a hand-written
     NLL over exactly those positions, and a different prompt leaves the set of labels unchanged."""
     model = micro_model(tok)
-    seqs = [P.render(tok, ex) for ex in examples[:4]]
+    seqs = [A.render(tok, ex) for ex in examples[:4]]
     for ex, (ids, m) in zip(examples, seqs):
-        assert [i for i, k in zip(ids, m) if k] == P.completion_ids(tok, ex)
+        assert [i for i, k in zip(ids, m) if k] == A.completion_ids(tok, ex)
         assert ids[-1] == tok.eot_id and m[-1] == 1
-    b = P.packed_batch(seqs, 2047, tok.pad_id)
+    b = A.packed_batch(seqs, 2047, tok.pad_id)
     assert int((b["targets"] != -100).sum()) == sum(sum(m) for _, m in seqs)   # BOS is never trained
     with torch.no_grad():
         logits = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
         hand = [-torch.log_softmax(logits[r, i], -1)[b["targets"][r, i]]
                 for r, i in (b["targets"] != -100).nonzero().tolist()]
-        assert P.completion_nll(model, b).item() == pytest.approx(torch.stack(hand).mean().item(), rel=1e-5)
+        assert A.completion_nll(model, b).item() == pytest.approx(torch.stack(hand).mean().item(), rel=1e-5)
     # another user prompt (another preamble too): the labels that carry loss are the same tokens
     ex = examples[0]
-    other = P.with_preamble(T.Example(ex.suite, ex.id, [{"role": "user", "content": "something else entirely"}],
+    other = A.with_preamble(T.Example(ex.suite, ex.id, [{"role": "user", "content": "something else entirely"}],
                                       ex.reference, ex.turns), "Be brief.")
-    ids2, m2 = P.render(tok, other)
+    ids2, m2 = A.render(tok, other)
     assert [i for i, k in zip(ids2, m2) if k] == [i for i, k in zip(*seqs[0]) if k]
 
 
 def test_packed_equals_unpacked_and_left_equals_right_padding(tok, examples):
     model = micro_model(tok)
-    seqs = [P.render(tok, ex) for ex in examples[:5]]
+    seqs = [A.render(tok, ex) for ex in examples[:5]]
     with torch.no_grad():
-        packed, plen = P.sequence_logps(model, P.packed_batch(seqs, 2047, tok.pad_id), 5)
-        alone = torch.cat([P.sequence_logps(model, P.padded_batch([s], tok.pad_id), 1)[0] for s in seqs])
-        right, _ = P.sequence_logps(model, P.padded_batch(seqs, tok.pad_id, "right"), 5)
-        left, llen = P.sequence_logps(model, P.padded_batch(seqs, tok.pad_id, "left"), 5)
+        packed, plen = A.sequence_logps(model, A.packed_batch(seqs, 2047, tok.pad_id), 5)
+        alone = torch.cat([A.sequence_logps(model, A.padded_batch([s], tok.pad_id), 1)[0] for s in seqs])
+        right, _ = A.sequence_logps(model, A.padded_batch(seqs, tok.pad_id, "right"), 5)
+        left, llen = A.sequence_logps(model, A.padded_batch(seqs, tok.pad_id, "left"), 5)
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(left, right, rtol=1e-5, atol=1e-4)
     assert plen.tolist() == llen.tolist() == [sum(m) for _, m in seqs]
-    rm = P.RewardModel(micro_model(tok).config)
+    rm = A.RewardModel(micro_model(tok).config)
     torch.nn.init.normal_(rm.score.weight)
     with torch.no_grad():
-        rl = rm.rewards(P.padded_batch(seqs, tok.pad_id, "left"), 5)
-        rr = rm.rewards(P.padded_batch(seqs, tok.pad_id, "right"), 5)
-        rp = rm.rewards(P.packed_batch(seqs, 2047, tok.pad_id), 5)
+        rl = rm.rewards(A.padded_batch(seqs, tok.pad_id, "left"), 5)
+        rr = rm.rewards(A.padded_batch(seqs, tok.pad_id, "right"), 5)
+        rp = rm.rewards(A.packed_batch(seqs, 2047, tok.pad_id), 5)
     torch.testing.assert_close(rl, rr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rp, rr, rtol=1e-5, atol=1e-5)
 
@@ -194,13 +202,15 @@ def test_pack_carries_the_loss_mask():
         assert got == [3, 4, 6, 7]          # targets: tokens whose mask is 1, never across documents
     with pytest.raises(ValueError):
         D.pack_whole([[1] * 20], 8)
+    b = D.pack_whole([[1, 2, 3], [4, 5, 6]], 6).batch([0])      # rows filled exactly: every token is an input
+    assert b["input_ids"][0].tolist() == [1, 2, 3, 4, 5, 6] and b["doc_ids"][0].tolist() == [0, 0, 0, 1, 1, 1]
 
 
 # ---------------------------------------------------------------------------------------------- trainers
 
 
 def cfg(**kw):
-    return P.StageConfig(**{**dict(steps=12, batch_size=4, lr=3e-3, warmup_frac=0.0, eval_every=12,
+    return A.StageConfig(**{**dict(steps=12, batch_size=4, lr=3e-3, warmup_frac=0.0, eval_every=12,
                                    ckpt_every=100, fp32=True), **kw})
 
 
@@ -208,28 +218,28 @@ def test_sft_lowers_held_out_completion_nll(tok, tmp_path):
     exs = T.SUITES["safety"].generate(0, 48, "train")
     train, val = exs[:40], exs[40:]
     model = micro_model(tok)
-    seqs, _ = P.sft_sequences(tok, train, 1023)
+    seqs, _ = A.sft_sequences(tok, train, 1023)
     packed = D.pack_whole([s for s, _ in seqs], 1023, tok.pad_id, [m for _, m in seqs])
-    vb = P.packed_batch(P.sft_sequences(tok, val, 1023)[0], 1023, tok.pad_id)
-    ev = lambda: {"score": -P.completion_nll(model, vb).item()}   # noqa: E731
+    vb = A.packed_batch(A.sft_sequences(tok, val, 1023)[0], 1023, tok.pad_id)
+    ev = lambda: {"score": -A.completion_nll(model, vb).item()}   # noqa: E731
     with torch.no_grad():
-        before = P.completion_nll(model, vb).item()
-    P.train_loop(model, P.sft_objective(model, FP32), {"main": D.Loader(packed, 4)}, cfg(steps=15, lr=3e-2),
+        before = A.completion_nll(model, vb).item()
+    A.train_loop(model, A.sft_objective(model, FP32), {"main": D.Loader(packed, 4)}, cfg(steps=15, lr=3e-2),
                  str(tmp_path), ev, verbose=False)
     with torch.no_grad():
-        after = P.completion_nll(model, vb).item()
+        after = A.completion_nll(model, vb).item()
     assert after < before - 1.0, (before, after)
 
 
 def test_sft_drift_controls(tok, tmp_path):
     model = micro_model(tok)
     w0 = [p.detach().clone() for p in model.parameters()]
-    seqs, _ = P.sft_sequences(tok, T.SUITES["math"].generate(0, 8, "train"), 2047, augment=1)
+    seqs, _ = A.sft_sequences(tok, T.SUITES["math"].generate(0, 8, "train"), 2047, augment=1)
     assert len(seqs) == 16
     packed = D.pack_whole([s for s, _ in seqs], 2047, tok.pad_id, [m for _, m in seqs])
-    pre = D.Loader(P.pretrain_rows(tok, 64, n_docs=20), 2)
-    obj = P.sft_objective(model, FP32, l2_init=1.0, pretrain_loader=pre, pretrain_weight=0.3)
-    log = P.train_loop(model, obj, {"main": D.Loader(packed, 2), "pretrain": pre}, cfg(steps=3), str(tmp_path),
+    pre = D.Loader(A.pretrain_rows(tok, 64, n_docs=20), 2)
+    obj = A.sft_objective(model, FP32, l2_init=1.0, pretrain_loader=pre, pretrain_weight=0.3)
+    log = A.train_loop(model, obj, {"main": D.Loader(packed, 2), "pretrain": pre}, cfg(steps=3), str(tmp_path),
                        verbose=False)
     assert {"nll", "pretrain_nll", "drift"} <= set(log["metrics"][-1]) and log["metrics"][0]["drift"] == 0
     assert pre.position > 0 or pre.epoch > 0
@@ -240,14 +250,14 @@ def separable_pairs(tok, n, seed=0):
     """Chosen: the reference answer; rejected: a non-answer. Separable by content alone."""
     out = []
     for ex in T.SUITES["math"].generate(seed, n, "train"):
-        bad = P.completion_ids(tok, ex, {"role": "assistant", "content": "I do not know, sorry."})
-        out.append({"prompt": ex.prompt_ids(tok), "chosen": P.completion_ids(tok, ex), "rejected": bad})
+        bad = A.completion_ids(tok, ex, {"role": "assistant", "content": "I do not know, sorry."})
+        out.append({"prompt": ex.prompt_ids(tok), "chosen": A.completion_ids(tok, ex), "rejected": bad})
     return out
 
 
 def test_reference_pairs_are_verified(tok):
     exs = T.SUITES["math"].generate(0, 12, "train")
-    pairs = P.reference_pairs(tok, exs)
+    pairs = A.reference_pairs(tok, exs)
     assert len(pairs) >= 10
     for p in pairs:
         ex = next(e for e in exs if e.prompt_ids(tok) == p["prompt"])
@@ -257,14 +267,14 @@ def test_reference_pairs_are_verified(tok):
 def test_reward_model_beats_chance_and_saves_and_loads(tok, tmp_path):
     pairs = separable_pairs(tok, 48)
     train, val = pairs[:36], pairs[36:]
-    rm = P.RewardModel(micro_model(tok).config)
+    rm = A.RewardModel(micro_model(tok).config)
     rm.load_state_dict(micro_model(tok).state_dict(), strict=False)
-    P.train_loop(rm, P.rm_objective(rm, tok, train, 2047, FP32), {"main": D.Loader(P.Indices(len(train)), 4)},
+    A.train_loop(rm, A.rm_objective(rm, tok, train, 2047, FP32), {"main": D.Loader(A.Indices(len(train)), 4)},
                  cfg(steps=30), str(tmp_path / "run"), verbose=False)
-    acc = P.rm_accuracy(rm, tok, val, 2047, FP32)
+    acc = A.rm_accuracy(rm, tok, val, 2047, FP32)
     assert acc >= 0.75, acc
     rm.save(str(tmp_path / "rm"), tok)
-    back = P.RewardModel.load(str(tmp_path / "rm"), tok)
+    back = A.RewardModel.load(str(tmp_path / "rm"), tok)
     assert torch.equal(back.score.weight, rm.score.weight)
     convs = [(p_ex.sft_messages(), None, None, "CONTEXTUAL") for p_ex in T.SUITES["math"].generate(0, 3, "train")]
     assert len(back.score_conversations(tok, convs)) == 3
@@ -276,10 +286,10 @@ def test_dpo_raises_the_margin_with_cached_reference(tok, tmp_path):
     pairs = separable_pairs(tok, 24)
     model = micro_model(tok)
     ref = micro_model(tok)
-    refl = P.reference_logps(ref, tok, pairs, lambda p: P.pair_sequences(tok, p, "dpo"), 2047, FP32)
+    refl = A.reference_logps(ref, tok, pairs, lambda p: A.pair_sequences(tok, p, "dpo"), 2047, FP32)
     assert refl.shape == (len(pairs), 2)
-    log = P.train_loop(model, P.pref_objective(model, tok, pairs, refl, "dpo", 0.1, 2047, FP32),
-                       {"main": D.Loader(P.Indices(len(pairs)), 4)}, cfg(steps=12, lr=1e-2), str(tmp_path),
+    log = A.train_loop(model, A.pref_objective(model, tok, pairs, refl, "dpo", 0.1, 2047, FP32),
+                       {"main": D.Loader(A.Indices(len(pairs)), 4)}, cfg(steps=12, lr=1e-2), str(tmp_path),
                        verbose=False)
     assert log["metrics"][0]["margin"] == pytest.approx(0.0, abs=1e-3)       # policy = reference at the start
     assert sum(m["margin"] for m in log["metrics"][-3:]) / 3 > 1.0
@@ -289,10 +299,10 @@ def test_dpo_raises_the_margin_with_cached_reference(tok, tmp_path):
 def test_every_preference_loss_trains(tok, tmp_path, loss):
     pairs = separable_pairs(tok, 8)
     model, ref = micro_model(tok), micro_model(tok)
-    refl = P.reference_logps(ref, tok, pairs, lambda p: P.pair_sequences(tok, p, loss), 2047, FP32)
+    refl = A.reference_logps(ref, tok, pairs, lambda p: A.pair_sequences(tok, p, loss), 2047, FP32)
     assert refl.shape[1] == (6 if loss == "srpo" else 2)
-    log = P.train_loop(model, P.pref_objective(model, tok, pairs, refl, loss, 0.1, 2047, FP32),
-                       {"main": D.Loader(P.Indices(len(pairs)), 4)}, cfg(steps=6), str(tmp_path), verbose=False)
+    log = A.train_loop(model, A.pref_objective(model, tok, pairs, refl, loss, 0.1, 2047, FP32),
+                       {"main": D.Loader(A.Indices(len(pairs)), 4)}, cfg(steps=6), str(tmp_path), verbose=False)
     if loss == "srpo":
         assert log["loss"][0] == pytest.approx(0.6, abs=1e-3)
     assert log["loss"][-1] < log["loss"][0]
@@ -326,38 +336,50 @@ def test_online_copg_raises_a_verifier_reward_and_engine_follows_the_weights(tok
     def reward_fn(exs, comps):
         return [[sum(x in S for x in c) / max(1, len(c)) for c in cs] for cs in comps]
     timing = {"sample": 0.0, "update_forward": 0.0, "samples": 0}
-    obj = P.copg_online_objective(model, ref, tok, prompts, 0.05, 512, FP32, reward_fn, max_new=6, seed=0,
+    obj = A.copg_online_objective(model, ref, tok, prompts, 0.05, 512, FP32, reward_fn, max_new=6,
                                   timing=timing)
-    log = P.train_loop(model, obj, {"main": D.Loader(P.Indices(8), 8)}, cfg(steps=30, lr=3e-2), str(tmp_path),
+    log = A.train_loop(model, obj, {"main": D.Loader(A.Indices(8), 8)}, cfg(steps=30, lr=3e-2), str(tmp_path),
                        verbose=False)
     r = [m["reward"] for m in log["metrics"]]
     assert sum(r[-5:]) / 5 > sum(r[:5]) / 5 + 0.4, r
     assert timing["samples"] == 30 * 16 and timing["sample"] > 0
     # the engine built before training now decodes with the trained weights: same greedy tokens as a new one
-    eng_old = P.make_engine(model, tok)
-    P.sample(eng_old, tok, prompts[:1], 1, 0.0, 4)
+    eng_old = A.make_engine(model, tok)
+    A.sample(eng_old, tok, prompts[:1], 1, 0.0, 4)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    fresh = P.make_engine(model, tok)
-    assert P.sample(eng_old, tok, prompts, 1, 0.0, 8) == P.sample(fresh, tok, prompts, 1, 0.0, 8)
+    fresh = A.make_engine(model, tok)
+    assert A.sample(eng_old, tok, prompts, 1, 0.0, 8) == A.sample(fresh, tok, prompts, 1, 0.0, 8)
 
 
 def test_offline_copg_and_best_of_n(tok, tmp_path):
     model, ref = micro_model(tok, seed=2), micro_model(tok, seed=2)
     exs = T.SUITES["math"].generate(0, 6, "train")
-    engine = P.make_engine(model, tok)
+    engine = A.make_engine(model, tok)
     fake = lower_half(tok)
-    sft, pairs, stats = P.best_of_n(engine, tok, exs, 3, fake, max_new=6, min_best=0.5)
-    assert stats["pairs"] >= 4 and stats["best_mean"] >= stats["mean_score"]
-    assert stats["pairs"] == len(pairs) and all(p["chosen"] != p["rejected"] for p in pairs)
-    comps = P.sample(engine, tok, exs, 3, 1.0, 6, seed=1)
-    groups = [{"prompt": e.prompt_ids(tok), "completions": c, "rewards": r}
+    # best-of-N on scripted samples: per prompt [stopped, stopped, cut at max_new]; reward = number of 7s
+    E = tok.eot_id
+    outs = {0: [[7, 7], [1], [7, 7, 7, 7]], 1: [[7], [7], [1, 1, 1, 1]], 2: [[1, 7], [1], [2, 2, 2, 2]]}
+
+    class Scripted:
+        max_len = 10 ** 6
+
+        def generate(self, prompts, max_new, temperature=0.0, top_k=None, seed=None):
+            return [outs[i // 3][i % 3] for i in range(len(prompts))]
+    count7 = lambda e, comps: [[float(c.count(7)) for c in cs] for cs in comps]   # noqa: E731
+    sft, pairs, stats = A.best_of_n(Scripted(), tok, exs[:3], 3, count7, max_new=4, min_best=1.0)
+    # prompt 0: the best (four 7s) was cut at max_new -> no SFT example, no pair; prompt 1: best [7] vs worst
+    # [1,1,1,1] (a cut completion may be the rejected one); prompt 2: best [1,7] vs worst [2,2,2,2]
+    assert [p["chosen"] for p in pairs] == [[7, E], [1, 7, E]]
+    assert [p["rejected"] for p in pairs] == [[1, 1, 1, 1], [2, 2, 2, 2]]
+    assert [s[0][-2:] for s in sft] == [[7, E], [7, E]] and stats["pairs"] == 2 and stats["sft"] == 2
+    comps = A.sample(engine, tok, exs, 3, 1.0, 6, seed=1)
+    groups = [{"seqs": [A.seq(e.prompt_ids(tok), x) for x in c], "rewards": r}
               for e, c, r in zip(exs, comps, fake(exs, comps))]
-    refl = P.reference_logps(ref, tok, groups, lambda g: [P.seq(g["prompt"], c) for c in g["completions"]],
-                             2047, FP32)
-    log = P.train_loop(model, P.copg_offline_objective(model, tok, groups, refl, 0.5, 2047, FP32),
-                       {"main": D.Loader(P.Indices(len(groups)), 3)}, cfg(steps=8), str(tmp_path), verbose=False)
+    refl = A.reference_logps(ref, tok, groups, lambda g: g["seqs"], 2047, FP32)
+    log = A.train_loop(model, A.copg_offline_objective(model, tok, groups, refl, 0.5, 2047, FP32),
+                       {"main": D.Loader(A.Indices(len(groups)), 3)}, cfg(steps=8), str(tmp_path), verbose=False)
     assert log["loss"][-1] < log["loss"][0]
 
 
@@ -377,7 +399,7 @@ def cli(*args, env=None):
                           text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600)
 
 
-SFT_ARGS = ["sft", "--suites", "safety", "--n-train", "24", "--n-eval", "2", "--n-val", "2", "--max-new", "4",
+SFT_ARGS = ["sft", "--fp32", "--suites", "safety", "--n-train", "24", "--n-eval", "2", "--n-val", "2", "--max-new", "4",
             "--steps", "6", "--batch-size", "2", "--ckpt-every", "2", "--eval-every", "100", "--lr", "3e-3",
             "--preamble-aug", "0"]
 
@@ -414,26 +436,26 @@ def test_cli_bad_input(init_dir, tmp_path, tok):
     # a reward model from another tokenizer
     other = Tokenizer.train(["completely different text " * 50, "more words here " * 40], vocab_size=280)
     rm_dir = str(tmp_path / "rm")
-    P.RewardModel(micro_model(other).config).save(rm_dir, other)
+    A.RewardModel(micro_model(other).config).save(rm_dir, other)
     with pytest.raises(ValueError, match="another tokenizer"):
-        P.RewardModel.load(rm_dir, tok)
+        A.RewardModel.load(rm_dir, tok)
     with pytest.raises(ValueError, match="another architecture"):
-        P.check_same_architecture(micro_model(tok).config, micro_model(tok, num_hidden_layers=2).config, "reference")
+        A.check_same_architecture(micro_model(tok).config, micro_model(tok, num_hidden_layers=2).config, "reference")
     assert not os.path.exists(str(tmp_path / "o"))                 # nothing written by the refused runs
 
 
 def test_bad_data_and_nan_losses(tok, tmp_path):
     with pytest.raises(ValueError, match="no preference pairs"):
-        P.check_pairs([])
+        A.check_pairs([])
     with pytest.raises(ValueError, match="identical"):
-        P.check_pairs([{"prompt": [1], "chosen": [2, 3], "rejected": [2, 3]}])
+        A.check_pairs([{"prompt": [1], "chosen": [2, 3], "rejected": [2, 3]}])
     model = micro_model(tok)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def nan_objective(batch):
         return torch.tensor(float("nan"), requires_grad=True), {}
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        P.train_loop(model, nan_objective, {"main": D.Loader(P.Indices(4), 2)}, cfg(steps=3), str(tmp_path),
+        A.train_loop(model, nan_objective, {"main": D.Loader(A.Indices(4), 2)}, cfg(steps=3), str(tmp_path),
                      verbose=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())   # no update was applied
 
@@ -444,3 +466,33 @@ def test_bandit_cli(tmp_path):
     s = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(s) >= {"mu1", "mu2", "pi_star"} and s["mu1"]["kl_to_pi_star"] < 1e-3
     assert os.path.getsize(tmp_path / "bandit.png") > 10_000
+
+
+@pytest.mark.slow
+def test_micro_pipeline_runs_every_stage_and_resumes(init_dir, tmp_path):
+    """`posttrain.py --micro`: every stage of Figure 3 writes a loadable checkpoint scored on every suite; a rerun
+    skips them all; a half-written stage directory (no result.json) is redone, not trusted."""
+    out = str(tmp_path / "pipe")
+    r = cli("--micro", "--init", init_dir, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    stages = ["instruct"] + [f"sft expert {d}" for d in P.DOMAINS] + ["sft soup"] + \
+             [f"rl expert {d}" for d in P.DOMAINS] + ["rl soup", "polished"]
+    assert list(s["stages"]) == stages
+    assert all(set(v) == set(P.EVAL_SUITES) for v in s["stages"].values())
+    assert set(s["pairwise"]) == {"verifiers", "reward_model"}
+    for st in stages:
+        d = os.path.join(out, st.replace(" ", "_"))
+        CommandA.from_pretrained(d)
+        assert Tokenizer.load(d).vocab_size > 0
+    assert os.path.getsize(os.path.join(out, "pipeline.png")) > 10_000
+    os.remove(os.path.join(out, "polished", "result.json"))          # as if killed while writing
+    r = cli("--micro", "--init", init_dir, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done earlier, skipped") == len(stages) - 1
+
+
+def test_pipeline_needs_an_init():
+    r = cli("--micro", "--init", "out/does-not-exist/tiny", "--out", "/tmp/never-written")
+    assert r.returncode == 2 and "pretrain.py --tiny" in r.stderr
+    assert not os.path.exists("/tmp/never-written")
