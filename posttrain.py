@@ -374,7 +374,6 @@ class Pipeline:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.ac = autocast_kw(self.device)
         self.max_len = min(cfg.seq_len, self.base.config.max_position_embeddings)
-        os.makedirs(out, exist_ok=True)
         train = {s: T.SUITES[s].generate(cfg.seed, cfg.n_train, "train") for s in EVAL_SUITES}
         self.train, self.val = {}, {}
         for s, exs in train.items():
@@ -385,9 +384,7 @@ class Pipeline:
             if not tr or not va:
                 raise ValueError(f"suite {s}: no train or validation examples (--n-train {cfg.n_train} too small)")
         self.test = {s: T.SUITES[s].generate(cfg.seed, cfg.n_eval, "test") for s in EVAL_SUITES}
-        leak = {e.id for v in self.train.values() for e in v} & {e.id for v in self.test.values() for e in v}
-        if leak:
-            raise RuntimeError(f"{len(leak)} test examples appear in the training data")
+        check_no_leak(self.train, self.test)
         self.results, self.seconds = {}, {}
 
     # --- bookkeeping --------------------------------------------------------------------------------------
@@ -550,6 +547,23 @@ class Pipeline:
                         "floor_met": res["best"].feasible}
 
 
+def prompt_text(ex) -> str:
+    """What the model sees, plus a tools example's hidden tables (the same question over other data is another
+    example: its answer differs)."""
+    return json.dumps([ex.messages, ex.documents, ex.safety_mode, ex.check.get("env")], sort_keys=True, default=str)
+
+
+def check_no_leak(train: dict, test: dict):
+    """No test example is trained on: not by id, and not by its prompt under another id (a re-generated copy)."""
+    tr = [e for v in train.values() for e in v]
+    te = [e for v in test.values() for e in v]
+    ids = {e.id for e in tr} & {e.id for e in te}
+    prompts = {prompt_text(e) for e in tr} & {prompt_text(e) for e in te}
+    if ids or prompts:
+        raise RuntimeError(f"{len(ids)} test example ids and {len(prompts)} test prompts appear in the training "
+                           f"data: the split is broken")
+
+
 def parse_final(text: str):
     """A ReAct episode's final turn as an assistant message (None if the episode produced none)."""
     if not text:
@@ -563,6 +577,7 @@ def parse_final(text: str):
 
 def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict:
     P_ = Pipeline(init, out, cfg, verbose)
+    os.makedirs(out, exist_ok=True)
     c, tok = cfg, P_.tok
     t_all = time.time()
     bar = tqdm(total=16, desc="pipeline", disable=not verbose)

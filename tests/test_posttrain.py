@@ -492,6 +492,16 @@ def test_micro_pipeline_runs_every_stage_and_resumes(init_dir, tmp_path):
     assert r.stdout.count("done earlier, skipped") == len(stages) - 1
 
 
+def test_pipeline_trains_on_no_test_example(init_dir):
+    pipe = P.Pipeline(init_dir, "/tmp/never-used", P.MICRO_PIPELINE, verbose=False)
+    P.check_no_leak(pipe.train, pipe.test)                          # what __init__ ran: ids and prompts disjoint
+    for s in P.EVAL_SUITES:
+        assert {e.id for e in pipe.val[s]}.isdisjoint({e.id for e in pipe.train[s]})
+    bad = {"math": pipe.train["math"] + pipe.test["math"][:1]}
+    with pytest.raises(RuntimeError, match="split is broken"):
+        P.check_no_leak(bad, {"math": pipe.test["math"]})
+
+
 def test_pipeline_needs_an_init():
     r = cli("--micro", "--init", "out/does-not-exist/tiny", "--out", "/tmp/never-written")
     assert r.returncode == 2 and "pretrain.py --tiny" in r.stderr
