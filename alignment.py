@@ -601,6 +601,8 @@ def autocast_kw(device, fp32=False) -> dict:
 
 def completion_nll(model, batch):
     """Token-mean NLL over the target tokens (completion-only for chat rows, every token for pretraining rows)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}          # loaders yield CPU tensors
     h = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"], return_hidden=True)
     sel = batch["targets"] != -100
     if not sel.any():

@@ -372,6 +372,9 @@ class Pipeline:
         self.cfg, self.out, self.verbose = cfg, out, verbose
         self.base, self.tok = load_init(init)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.base.to(self.device)
+        # what a finished stage was made from: another --init or configuration must not reuse it
+        self.fp = fingerprint_of(asdict(cfg), os.path.abspath(init), tokenizer_fingerprint(self.tok))
         self.ac = autocast_kw(self.device)
         self.max_len = min(cfg.seq_len, self.base.config.max_position_embeddings)
         train = {s: T.SUITES[s].generate(cfg.seed, cfg.n_train, "train") for s in EVAL_SUITES}
@@ -385,7 +388,7 @@ class Pipeline:
                 raise ValueError(f"suite {s}: no train or validation examples (--n-train {cfg.n_train} too small)")
         self.test = {s: T.SUITES[s].generate(cfg.seed, cfg.n_eval, "test") for s in EVAL_SUITES}
         check_no_leak(self.train, self.test)
-        self.results, self.seconds = {}, {}
+        self.results, self.seconds, self.extra = {}, {}, {}
 
     # --- bookkeeping --------------------------------------------------------------------------------------
     def dir(self, stage):
@@ -396,7 +399,15 @@ class Pipeline:
             tqdm.write(msg)
 
     def done(self, stage) -> bool:
-        return os.path.isfile(os.path.join(self.dir(stage), "result.json"))
+        f = os.path.join(self.dir(stage), "result.json")
+        if not os.path.isfile(f):
+            return False
+        with open(f) as fh:
+            made_from = json.load(fh).get("pipeline_fingerprint")
+        if made_from != self.fp:
+            raise ValueError(f"{self.out} holds a pipeline run from another --init or configuration ({stage}); "
+                             f"use another --out, or delete it to start over")
+        return True
 
     def load(self, stage) -> CommandA:
         return CommandA.from_pretrained(self.dir(stage)).to(self.device)
@@ -404,7 +415,8 @@ class Pipeline:
     def finish(self, stage, model, extra=None, seconds=0.0):
         """Score the stage's model on every suite's test split, write it (checkpoint, tokenizer, result.json)."""
         scores = score_suites(model, self.tok, [e for s in EVAL_SUITES for e in self.test[s]], self.cfg.max_new)
-        result = {"stage": stage, "scores": scores, "seconds": round(seconds, 1), **(extra or {})}
+        result = {"stage": stage, "scores": scores, "seconds": round(seconds, 1), "pipeline_fingerprint": self.fp,
+                  **(extra or {})}
         write_outputs(self.dir(stage), model, self.tok, result, None, stage)
         for d in ("checkpoint", "checkpoint.old"):              # a finished stage keeps only its final weights
             shutil.rmtree(os.path.join(self.dir(stage), d), ignore_errors=True)
@@ -421,7 +433,7 @@ class Pipeline:
             t0 = time.time()
             model, extra = fn()
             r = self.finish(stage, model, extra, time.time() - t0)
-        self.results[stage], self.seconds[stage] = r["scores"], r["seconds"]
+        self.results[stage], self.seconds[stage], self.extra[stage] = r["scores"], r["seconds"], r
         return r
 
     def val_score(self, model, domains=DOMAINS) -> dict:
@@ -442,7 +454,7 @@ class Pipeline:
         train_loop(model, sft_objective(model, self.ac), {"main": D.Loader(packed, self.cfg.batch_size,
                                                                             seed=self.cfg.seed + seed)},
                    self.stage_cfg(steps, lr or self.cfg.lr_sft, seed), out, resume=True,
-                   fingerprint=fingerprint_of("sft", len(seqs), steps, seed), desc=os.path.basename(out),
+                   fingerprint=fingerprint_of(self.fp, "sft", len(seqs), steps, seed), desc=os.path.basename(out),
                    verbose=self.verbose)
         return model
 
@@ -455,7 +467,7 @@ class Pipeline:
         obj = pref_objective(model, self.tok, pairs, refl, loss, beta, self.max_len, self.ac, sft_weight=sft_weight)
         train_loop(model, obj, {"main": D.Loader(Indices(len(pairs)), self.cfg.batch_size, seed=self.cfg.seed)},
                    self.stage_cfg(steps, self.cfg.lr_rl), out, resume=True,
-                   fingerprint=fingerprint_of(loss, len(pairs), steps), desc=os.path.basename(out),
+                   fingerprint=fingerprint_of(self.fp, loss, len(pairs), steps), desc=os.path.basename(out),
                    verbose=self.verbose)
         return model
 
@@ -487,7 +499,7 @@ class Pipeline:
                 return loss + nll, {**m, "rehearsal_nll": nll.item()}
             obj = with_rehearsal
         train_loop(model, obj, loaders, self.stage_cfg(steps, self.cfg.lr_rl), out, resume=True,
-                   fingerprint=fingerprint_of("copg", len(groups), steps), desc=os.path.basename(out),
+                   fingerprint=fingerprint_of(self.fp, "copg", len(groups), steps), desc=os.path.basename(out),
                    verbose=self.verbose)
         return model
 
@@ -533,8 +545,8 @@ class Pipeline:
         import merge as M
         names = list(experts)
         models = [self.load(experts[n]) for n in names]
-        own = {n: self.val_score(m, [n])[EXPERT_SUITES[n][0]] for n, m in zip(names, models)}
-        floor = {EXPERT_SUITES[n][0]: self.cfg.floor * own[n] for n in names}
+        own = {n: self.val_score(m, [n]) for n, m in zip(names, models)}   # each expert on its own suites
+        floor = {s: self.cfg.floor * v for n in names for s, v in own[n].items()}
         score = lambda m: {k: v for k, v in self.val_score(m.to(self.device)).items()  # noqa: E731
                            if k in floor}
         res = M.search_weights(models, score, floor, method="greedy", max_evals=self.cfg.search_evals,
@@ -640,23 +652,27 @@ def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict
 
     # the reward model: two Bradley-Terry stages on verifier-labelled pairs (clean off-policy, then on-policy)
     rm_dir = os.path.join(out, "reward_model")
-    if not os.path.isfile(os.path.join(rm_dir, "result.json")):
+    if not P_.done("reward model"):
         soup = P_.load("sft soup")
         single = [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn for e in P_.train[s][:max(2, c.n_train // 6)]]
         low = reference_pairs(tok, single, c.seed)
-        _, high, _ = P_.pairs(soup, single, seed=1)
+        _, high, _ = best_of_n(make_engine(soup, tok, P_.max_len), tok, single, c.n_samples,
+                               verifier_reward_fn(tok), 0.7, c.max_new, c.seed + 1)   # on-policy only
+        if not high:
+            high = low                                    # the model never varies: stage 2 repeats stage 1
+            P_.log("reward model: no on-policy pairs (every sample scored the same); stage 2 reuses stage 1's")
         rm = RewardModel.from_lm(P_.dir("sft soup")).to(P_.device)
         for i, (pairs, lr) in enumerate(((low, 3e-4), (high, 1e-4))):
             check_pairs(pairs)
             train_loop(rm, rm_objective(rm, tok, pairs, P_.max_len, P_.ac),
                        {"main": D.Loader(Indices(len(pairs)), c.batch_size, seed=c.seed)},
                        P_.stage_cfg(c.rm_steps, lr), os.path.join(rm_dir, f"stage{i + 1}"), resume=True,
-                       fingerprint=fingerprint_of("rm", i, len(pairs)), desc=f"reward model {i + 1}", verbose=verbose)
+                       fingerprint=fingerprint_of(P_.fp, "rm", i, len(pairs)), desc=f"reward model {i + 1}", verbose=verbose)
         val_pairs = reference_pairs(tok, [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn
                                           for e in P_.val[s]], c.seed)
         acc = rm_accuracy(rm, tok, val_pairs, P_.max_len, P_.ac)
-        write_outputs(rm_dir, rm, tok, {"stage": "reward model", "val_accuracy": acc, "pairs": [len(low), len(high)]},
-                      None, "reward model")
+        write_outputs(rm_dir, rm, tok, {"stage": "reward model", "val_accuracy": acc, "pairs": [len(low), len(high)],
+                                        "pipeline_fingerprint": P_.fp}, None, "reward model")
         P_.log(f"reward model: validation pairwise accuracy {acc:.2f}")
     rm = RewardModel.load(rm_dir, tok).to(P_.device)
 
@@ -683,8 +699,11 @@ def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict
                 rehearsal = D.pack_whole([s[0] for s in seqs], P_.max_len, tok.pad_id, [s[1] for s in seqs])
                 if groups:
                     P_.copg_offline(m, groups, c.rl_steps, d, sft_weight=0.5, rehearsal=rehearsal)
+                else:
+                    P_.log("rl expert code: SKIPPED CoPG: every prompt's samples scored the same (no signal)")
                 parent = P_.load("sft soup")
-                return M.merge("interpolate", [m], base=parent, eta=0.5), {"groups": len(groups), "eta": 0.5}
+                return M.merge("interpolate", [m], base=parent, eta=0.5), {"groups": len(groups), "eta": 0.5,
+                                                                            "skipped": not groups}
             if domain == "safety":     # IPO + SFT, equal weight
                 _, pairs, _ = P_.pairs(m, exs, seed=30)
                 return P_.pref(m, pairs, "ipo_sft", c.rl_steps, d, sft_weight=0.0), {"pairs": len(pairs)}
@@ -710,7 +729,9 @@ def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict
                 groups = P_.groups(m, exs, k=c.n_samples, seed=50)
                 if groups:
                     P_.copg_offline(m, groups, c.rl_steps, d, sft_weight=0.5)
-                return m, {"groups": len(groups)}
+                else:
+                    P_.log("rl expert rag: SKIPPED CoPG: every prompt's samples scored the same (no signal)")
+                return m, {"groups": len(groups), "skipped": not groups}
             # long context: SFT + preference
             P_.sft(m, exs, c.rl_steps, os.path.join(d, "sft"), lr=c.lr_rl * 10)
             _, pairs, _ = P_.pairs(m, exs, seed=60)
@@ -729,8 +750,9 @@ def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict
         m = P_.load("rl soup")
         d = P_.dir("polished")
         every = [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn for e in P_.train[s][:max(2, c.n_train // 6)]]
-        sft_data, _, stats = P_.pairs(m, every, seed=70)
-        hq = [s for s in sft_data]                     # best-of-N answers that the verifiers scored >= 0.5
+        hq, _, stats = best_of_n(make_engine(m, tok, P_.max_len), tok, every, c.n_samples, verifier_reward_fn(tok),
+                                 0.7, c.max_new, c.seed + 70, min_best=1.0)   # the high-quality subset: fully correct
+        m.train()
         if hq:
             P_.sft(m, [], c.rl_steps, os.path.join(d, "bon_sft"), lr=c.lr_rl * 10, extra_seqs=hq)
         best_val = sum(P_.val_score(m).values())
@@ -743,7 +765,7 @@ def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict
                                         c.max_new, 2, 0.7)
             train_loop(m, obj, {"main": D.Loader(Indices(len(every)), c.batch_size, seed=c.seed + r)},
                        P_.stage_cfg(c.rl_steps, c.lr_rl), os.path.join(d, f"copg{r + 1}"), resume=True,
-                       fingerprint=fingerprint_of("online", r), desc=f"polish copg {r + 1}", verbose=verbose)
+                       fingerprint=fingerprint_of(P_.fp, "online", r), desc=f"polish copg {r + 1}", verbose=verbose)
             v = sum(P_.val_score(m).values())
             rounds.append({"round": r + 1, "val_sum": v})
             P_.log(f"polishing round {r + 1}: validation sum {v:.3f} (best {best_val:.3f})")
@@ -763,12 +785,13 @@ def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict
         ra, rb = rm.score_conversations(tok, [(ex.messages + [parse_final(x) or {"role": "assistant", "content": ""}],
                                                ex.documents, ex.tools, ex.safety_mode) for x in (a, b)])
         return ra - rb
-    pw = {"verifiers": T.pairwise(polished, rl_soup, tok, suites, n=c.n_eval, max_new_tokens=c.max_new),
-          "reward_model": T.pairwise(polished, rl_soup, tok, suites, n=c.n_eval, max_new_tokens=c.max_new,
-                                     judge=rm_judge)}
+    pw = {"verifiers": T.pairwise(polished, rl_soup, tok, suites, n=c.n_eval, seed=c.seed, max_new_tokens=c.max_new),
+          "reward_model": T.pairwise(polished, rl_soup, tok, suites, n=c.n_eval, seed=c.seed,
+                                     max_new_tokens=c.max_new, judge=rm_judge)}
     summary = {"stages": P_.results, "seconds": P_.seconds, "pairwise": {k: {"win": v["win"], "tie": v["tie"],
                "loss": v["loss"], "win_rate": v["win_rate"]} for k, v in pw.items()},
-               "refinement": refine_log, "total_seconds": round(time.time() - t_all, 1)}
+               "refinement": P_.extra.get("rl expert math", {}).get("refinement", refine_log),
+               "total_seconds": round(time.time() - t_all, 1)}
     report(summary, out)
     return summary
 
@@ -779,9 +802,10 @@ def retention(stages: dict) -> dict:
     for kind in ("sft", "rl"):
         soup = stages.get(f"{kind} soup", {})
         for d in DOMAINS:
-            e = stages.get(f"{kind} expert {d}", {}).get(EXPERT_SUITES[d][0])
-            s = soup.get(EXPERT_SUITES[d][0])
-            out.setdefault(kind, {})[d] = None if not e else round(s / e, 3)
+            ex = stages.get(f"{kind} expert {d}", {})
+            e = sum(ex.get(s, 0.0) for s in EXPERT_SUITES[d]) / len(EXPERT_SUITES[d])
+            sp = sum(soup.get(s, 0.0) for s in EXPERT_SUITES[d]) / len(EXPERT_SUITES[d])
+            out.setdefault(kind, {})[d] = None if not e else round(sp / e, 3)
     return out
 
 
@@ -978,7 +1002,7 @@ def main(argv=None):
             print(f"posttrain.py: error: {e}", file=sys.stderr)
             sys.exit(2)
         print(f"wrote {out}/pipeline.md, {out}/pipeline.png and a checkpoint per stage")
-        print(json.dumps({k: summary[k] for k in ("stages", "seconds", "pairwise")}))
+        print(json.dumps({k: summary[k] for k in ("stages", "seconds", "pairwise", "retention", "refinement")}))
         return summary
     if args.stage == "bench":
         try:
