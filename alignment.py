@@ -43,6 +43,7 @@ from tqdm import tqdm
 import data as D
 import tasks as T
 from model import CommandA, ModelConfig, bf16_is_fast
+from pretrain import _rng_to_json   # RNG states as plain JSON: one writer for both training loops
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -469,18 +470,14 @@ def save_state(out, model, opt, step, loaders, log, cfg, fingerprint):
     torch.save({"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
                 "meta": json.dumps({"config": asdict(cfg), "fingerprint": fingerprint, "log": log,
                                     "loaders": {k: l.state_dict() for k, l in loaders.items()},
-                                    "python_rng": _jsonable(random.getstate()),
-                                    "numpy_rng": _jsonable(np.random.get_state())})},
+                                    "python_rng": _rng_to_json(random.getstate()),
+                                    "numpy_rng": _rng_to_json(np.random.get_state())})},
                os.path.join(tmp, "train_state.pt"))
     if os.path.exists(ckpt):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(ckpt, old)
     os.replace(tmp, ckpt)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _jsonable(state):
-    return [x.tolist() if isinstance(x, np.ndarray) else list(x) if isinstance(x, tuple) else x for x in state]
 
 
 def load_state(out, model, opt, loaders, cfg, fingerprint):
