@@ -26,7 +26,7 @@ answer is checked by a program (a fact, a citation, a unit test, a query result,
 `difficulty` (1 = easiest) scales numbers, steps, distractors and context lengths, so small models can learn
 the easy end on a CPU and bigger models have headroom. The easy end is sized for `tiny` (4 layers, width 128,
 a 64-token sliding window, one full-attention layer): rag 1 has two one-sentence documents and the reference
-`<co>VALUE</co: 0:[i]>`; long_context 1 has one 4-digit code 60-120 filler words back (past the window) and
+`<co>VALUE</co: 0:[i]>`; long_context 1 has one 2-digit code 60-120 filler words back (past the window) and
 the reference is the code alone; 2-3 bring the distractors, the longer references and the longer contexts.
 
 Splits: an example belongs to "train" or "test" by a hash of its split key, so the two never share a key
@@ -724,6 +724,8 @@ class RAG(Suite):
                 names.add(_name(rng, rng.randint(2, 3)))
             names = sorted(names)
             rng.shuffle(names)
+        if d == 1:       # two-digit values: one token each in the tiny BPE, so copying one is one attention hop
+            lo, hi = 10, 99
         values = set()
         while len(values) < k:
             values.add(rng.randint(lo, hi))
@@ -1251,7 +1253,7 @@ class Safety(Suite):
 
 # Context lengths in filler words per difficulty (a filler word is ~1.3 tokens with the tiny BPE); the needle
 # always sits at least NEEDLE_GAP words before the question, well past a 64-token window (tiny's W), so only
-# the full-attention layer can read it. Difficulty 1 is one 4-digit code in short filler (find the only number
+# the full-attention layer can read it. Difficulty 1 is one 2-digit code in short filler (find the only number
 # behind the window and copy it); 2-3 add distractor needles, 5-character codes and longer filler.
 LONG_LENGTHS = {1: (60, 120), 2: (200, 400, 800), 3: (400, 800, 1600, 3200)}
 LONG_DISTRACTORS = {1: 0, 2: 2, 3: 3}
@@ -1268,7 +1270,7 @@ class LongContext(Suite):
     def make(self, rng, d):
         length = rng.choice(LONG_LENGTHS[d])
         names = rng.sample(NAMES, 1 + LONG_DISTRACTORS[d])  # the target and its distractor needles
-        alphabet, size = (string.digits, 4) if d == 1 else (string.ascii_uppercase + string.digits, 5)
+        alphabet, size = (string.digits, 2) if d == 1 else (string.ascii_uppercase + string.digits, 5)
         codes = ["".join(rng.choice(alphabet) for _ in range(size)) for _ in names]
         filler, n = [], 0
         while n < length:
