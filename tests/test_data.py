@@ -369,7 +369,8 @@ def test_load_user_data_errors(tmp_path):
 
 
 def test_synthetic_generators_are_seeded_and_correct():
-    for gen in (data.synthetic_math, data.synthetic_code, data.synthetic_prose, data.junk_documents):
+    for gen in (data.synthetic_math, data.synthetic_code, data.synthetic_prose, data.synthetic_recall,
+                data.junk_documents):
         a, b, c = gen(30, seed=1), gen(30, seed=1), gen(30, seed=2)
         assert [d.text for d in a] == [d.text for d in b]
         assert [d.text for d in a] != [d.text for d in c]
@@ -383,6 +384,24 @@ def test_synthetic_generators_are_seeded_and_correct():
             assert {'x': a * b, '+': a + b, '-': a - b}[op] == c
             arith += 1
     assert arith > 40
+    for d in data.synthetic_recall(40, seed=5):         # every lookup and copy answers from the register
+        lines = d.text.splitlines()
+        register = ' '.join(l for l in lines[1:] if not l.startswith(('Lookups', 'Copied', 'The register')))
+        copied = next(l for l in lines if l.startswith('Copied out: '))[len('Copied out: '):-1].split(', ')
+        for name, value in (c.rsplit(' ', 1) for c in copied):
+            assert re.search(rf'\b{name}\b[^.]*\b{value}\b|\b{value}\b[^.]*\b{name}\b', register)
+        again = next(l for l in lines if l.startswith('The register again'))
+        assert again.endswith(' '.join(lines[1:1 + len(copied)]))          # word for word
+        assert data.heuristic_reason(d) is None                           # the repetition filters skip them
+    pool = ['alpha', 'beta', 'gamma', 'delta', 'omega']
+    for words in (None, pool):                          # copy exercises: the line, then the same line
+        a, b = data.synthetic_copy(20, seed=3, words=words), data.synthetic_copy(20, seed=3, words=words)
+        assert [d.text for d in a] == [d.text for d in b] != [d.text for d in data.synthetic_copy(20, 4, words)]
+        for d in a:
+            _, text, copy = d.text.splitlines()
+            assert text.startswith('Text: ') and copy == 'Copy: ' + text[len('Text: '):]
+            assert words is None or set(text[6:-1].split()) <= set(pool)
+            assert data.heuristic_reason(d) is None
 
 
 def test_stdlib_documents_small_cap():
