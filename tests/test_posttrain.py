@@ -492,6 +492,25 @@ def test_micro_pipeline_runs_every_stage_and_resumes(init_dir, tmp_path):
     assert r.stdout.count("done earlier, skipped") == len(stages) - 1
 
 
+def test_findings_read_the_report_claims_off_the_scores():
+    """The README's findings table: each claim computed from the stage x suite scores, not written by hand."""
+    st = {"instruct": {s: 0.1 for s in P.EVAL_SUITES}}
+    for kind, expert, soup in (("sft", 0.4, 0.3), ("rl", 0.5, 0.5)):
+        for d in P.DOMAINS:
+            st[f"{kind} expert {d}"] = {s: expert for s in P.EVAL_SUITES}
+        st[f"{kind} soup"] = {s: soup for s in P.EVAL_SUITES}
+    st["sft expert code"]["code"] = 0.05               # below Instruct (and math below): 4 of 6 beat it
+    st["sft expert math"]["math"] = 0.0                # scores nothing: left out of retention
+    st["rl soup"]["code"] = 0.2                        # code the least kept by the RL soup
+    rows = P.findings({"stages": st, "pairwise": {"verifiers": {"win_rate": 0.6, "tie": 0.5}}})
+    beat, sft_soup, rl_soup, rl, polish = (r[2] for r in rows)
+    assert beat.startswith("4 of 6") and "code 0.10->0.05" in beat and "math 0.10->0.00" in beat
+    assert "-0.030 over the 5 domains" in sft_soup and "least kept: safety (-0.10)" in sft_soup
+    assert "least kept: code (-0.30)" in rl_soup
+    assert rl.startswith("6 of 6") and "SFT soup 0.300" in rl
+    assert "win rate 0.60 (50% ties)" in polish
+
+
 def test_pipeline_trains_on_no_test_example(init_dir):
     pipe = P.Pipeline(init_dir, "/tmp/never-used", P.MICRO_PIPELINE, verbose=False)
     P.check_no_leak(pipe.train, pipe.test)                          # what __init__ ran: ids and prompts disjoint
