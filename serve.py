@@ -55,6 +55,7 @@ import random
 import re
 import select
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -1306,6 +1307,11 @@ if __name__ == "__main__":
                         default_max_tokens=args.max_tokens, verbose=args.verbose)
     print(f"serving {args.ckpt} on {server.url}  (POST /v2/chat, POST /v1/chat/completions, GET /v1/models)",
           file=sys.stderr)
+    # Ctrl-C (SIGINT) stops the server cleanly, also when it was started as a background job (`serve.py ... &`
+    # from a script): a non-interactive shell starts those with SIGINT ignored, and Python keeps an inherited
+    # ignore, so `kill -INT` would do nothing. SIGTERM stops it the same way.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: signal.default_int_handler(signal.SIGINT, None))
     try:
         server.serve_forever()
     except KeyboardInterrupt:
