@@ -809,26 +809,28 @@ def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict
     return summary
 
 
+def in_domain(scores: dict, d: str) -> float:
+    """A domain's score: the mean over its suites (rag = rag + tools); 0 for a missing stage or suite."""
+    return sum(scores.get(s, 0.0) for s in EXPERT_SUITES[d]) / len(EXPERT_SUITES[d])
+
+
 def retention(stages: dict) -> dict:
-    """Each expert's in-domain score kept by the soups: soup score / expert score (domain = its first suite)."""
+    """Each expert's in-domain score kept by the soups: soup score / expert score."""
     out = {}
     for kind in ("sft", "rl"):
-        soup = stages.get(f"{kind} soup", {})
         for d in DOMAINS:
-            ex = stages.get(f"{kind} expert {d}", {})
-            e = sum(ex.get(s, 0.0) for s in EXPERT_SUITES[d]) / len(EXPERT_SUITES[d])
-            sp = sum(soup.get(s, 0.0) for s in EXPERT_SUITES[d]) / len(EXPERT_SUITES[d])
+            e = in_domain(stages.get(f"{kind} expert {d}", {}), d)
+            sp = in_domain(stages.get(f"{kind} soup", {}), d)
             out.setdefault(kind, {})[d] = None if not e else round(sp / e, 3)
     return out
 
 
 def findings(summary) -> list[tuple[str, str, str]]:
-    """The report's post-training findings beside ours, from the stage x suite test scores (in-domain score of
-    a domain = mean over its suites)."""
+    """The report's post-training findings beside ours, from the stage x suite test scores."""
     st = summary["stages"]
 
     def dom(stage, d):
-        return sum(st[stage][s] for s in EXPERT_SUITES[d]) / len(EXPERT_SUITES[d])
+        return in_domain(st[stage], d)
 
     beat = [d for d in DOMAINS if dom(f"sft expert {d}", d) > dom("instruct", d)]
     rows = [("Each expert beats the Instruct model it starts from, in its domain",
