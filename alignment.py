@@ -391,6 +391,8 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
     for r in tok.ranks:
         h.update(bytes(r) + b"\x00")
     h.update(json.dumps(sorted(tok.special_ids.items())).encode())
+    if tok.preamble != "full":           # the chat format is part of what a model was trained to read
+        h.update(f"preamble:{tok.preamble}".encode())
     return h.hexdigest()[:16]
 
 

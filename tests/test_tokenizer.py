@@ -159,6 +159,31 @@ def test_safety_modes_and_strict_fallback_with_tools_or_documents():
         chat_text(msgs, safety_mode="OFF")
 
 
+def test_compact_preamble_keeps_what_changes_the_answer(tok, tmp_path):
+    """The tiny pipeline's format: the safety mode, tool specs and developer preamble stay; the fixed prose goes.
+    The choice travels in tokenizer.json, so a served checkpoint renders what it was trained on."""
+    msgs = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    tools = [{"name": "search", "description": "web search", "parameters": {"type": "object"}}]
+    full = chat_text(msgs, tools=tools)
+    compact = chat_text(msgs, tools=tools, preamble="compact")
+    assert "# Default Preamble" in full and "## Tool Use" in full and "trained on text in" in full
+    for gone in ("# Default Preamble", "## Tool Use", "trained on text in", "contextual safety mode"):
+        assert gone not in compact
+    for kept in ("# System Preamble", "Safety mode: contextual.", "## Available Tools", '"name": "search"',
+                 "# Developer Preamble", "Be terse.", "<|USER_TOKEN|>Hi"):
+        assert kept in compact
+    assert "Safety mode: strict." in chat_text(msgs, safety_mode="STRICT", preamble="compact")
+    assert len(tok.encode(compact)) < len(tok.encode(full)) / 2
+    c = Tokenizer(tok.ranks, tok.special_ids, tok.pattern, preamble="compact")
+    assert c.chat_text(msgs, tools=tools) == compact and c.render_chat(msgs) != tok.render_chat(msgs)
+    c.save(tmp_path / "c")
+    assert Tokenizer.load(tmp_path / "c").preamble == "compact" and tok.preamble == "full"
+    with pytest.raises(ValueError, match="preamble"):
+        chat_text(msgs, preamble="short")
+    with pytest.raises(ValueError, match="preamble"):
+        Tokenizer(tok.ranks, preamble="short")
+
+
 @pytest.mark.parametrize("messages, match", [
     ([], "non-empty"),
     ([{"role": "robot", "content": "x"}], "unknown role"),
