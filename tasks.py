@@ -16,9 +16,11 @@ answer is checked by a program (a fact, a citation, a unit test, a query result,
                 value lookup, SQLite); run_react() drives the loop   (malformed calls score 0)
   code          a small Python function / a SQL query                unit tests / query result, run in
                                                                      the sandbox (run_sandboxed)
-  math          multi-step arithmetic word problems                  the final number (reasoning allowed)
-  multilingual  number words in the report's 23 languages, asked    the word, in that language's script
-                in 20 phrasings per language
+  math          arithmetic word problems, 1 operation at difficulty  the final number (reasoning allowed)
+                1, 3-6 above
+  multilingual  number words, asked in 20 phrasings per language:    the word, in that language's script
+                6 languages x 1-5 at difficulty 1, the report's 23
+                x 1-10 at 2, half of them as sums at 3
   safety        harmful requests and benign look-alikes, under       refuse what the mode forbids, help
                 CONTEXTUAL and STRICT preambles                      with what it allows (over-refusal = 0)
   long_context  a fact far behind the sliding window, several sizes  the fact (not a distractor's)
@@ -27,7 +29,8 @@ answer is checked by a program (a fact, a citation, a unit test, a query result,
 the easy end on a CPU and bigger models have headroom. The easy end is sized for `tiny` (4 layers, width 128,
 a 64-token sliding window, one full-attention layer): rag 1 has two one-sentence documents and the reference
 `<co>VALUE</co: 0:[i]>`; long_context 1 has one 2-digit code 60-120 filler words back (past the window) and
-the reference is the code alone; 2-3 bring the distractors, the longer references and the longer contexts.
+the reference is the code alone; math 1 is one operation; multilingual 1 is 30 facts (six languages, 1-5);
+2-3 bring the distractors, the longer references, the longer contexts and the other languages.
 
 Splits: an example belongs to "train" or "test" by a hash of its split key, so the two never share a key
 whatever the seeds; a generator draws until it has n examples of its split. Where the answer is read from the
@@ -1067,7 +1070,7 @@ class Math(Suite):
         who, item = rng.choice(NAMES), rng.choice(ITEMS)
         v = rng.randint(2, 10 * d)
         text, steps = [f"{who} has {v} {item}."], [f"{who} starts with {v}."]
-        for _ in range(d + 1):
+        for _ in range(d + 1 if d > 1 else 1):         # difficulty 1: one operation, 2-5: 3-6
             op = rng.choice(["buy", "give", "boxes", "double", "share"])
             if op == "give" and v > 1:
                 x = rng.randint(1, v - 1)
@@ -1114,24 +1117,27 @@ MULTI_FRAMES = ("How do you write the number {n} in {lang}? Answer with one word
                 "In {lang}, what is the word for {n}?",
                 "Translate the number {n} into {lang}, in words.")
 NUM_STYLES = ("{n}", "“{n}”", "«{n}»", "'{n}'")
+MULTI_EASY = ("French", "Spanish", "Italian", "German", "Portuguese", "Dutch")   # difficulty 1's languages
 
 
 class Multilingual(Suite):
     """The answer is a fact to learn (the word for n in a language), so the split is by phrasing: every
     (language, n) pair is asked in train under the train phrasings, and test asks it under held-out ones."""
     name = "multilingual"
-    max_difficulty = 2
+    max_difficulty = 3
 
     def make(self, rng, d):
-        lang = rng.choice(sorted(LANGS))
+        # difficulty 1: 30 facts (MULTI_EASY x 1..5) the tiny model can learn in an expert's budget; 2: all 23
+        # languages x 1..10 (230 facts); 3: half of them posed as sums
+        lang = rng.choice(MULTI_EASY if d == 1 else sorted(LANGS))
         templates = LANGS[lang][0] + MULTI_FRAMES
         t, q = rng.randrange(len(templates)), rng.randrange(len(NUM_STYLES))
-        if d >= 2 and rng.random() < 0.5:                  # a sum, still answered as a word
+        if d >= 3 and rng.random() < 0.5:                  # a sum, still answered as a word
             n = rng.randint(2, 10)
             a = rng.randint(1, n - 1)
             shown = f"{a} + {n - a}"
         else:
-            n = rng.randint(1, 10)
+            n = rng.randint(1, 5 if d == 1 else 10)
             shown = str(n)
         user = templates[t].format(n=NUM_STYLES[q].format(n=shown), lang=lang)
         # test holds out one template per quote style, shifted per language: 4 of the 20 phrasings (1/5 =
@@ -1398,10 +1404,16 @@ def pairwise(model_a, model_b, tokenizer, suites=None, n: int = 16, seed: int = 
     """The report's pairwise evaluation: both models answer the same prompts; the judge (verifiers by
     default, a reward model later) decides each pair. Returns win / tie / loss rates of A, overall and per
     suite. For tools, the judge sees each episode's final turn (a failed episode's is "")."""
-    judge = judge or verifier_judge
     ea, eb = engines or (None, None)
     ra = evaluate_details(model_a, tokenizer, suites, n, seed, split, max_new_tokens, ea, difficulty)
     rb = evaluate_details(model_b, tokenizer, suites, n, seed, split, max_new_tokens, eb, difficulty)
+    return judge_pairs(ra, rb, judge)
+
+
+def judge_pairs(ra: dict, rb: dict, judge=None) -> dict:
+    """pairwise's verdicts from two evaluate_details results on the same examples: one generation pass per
+    model serves any number of judges."""
+    judge = judge or verifier_judge
     per, total = {}, [0, 0, 0]
     for name in ra:
         c = [0, 0, 0]

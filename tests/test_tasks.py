@@ -116,9 +116,9 @@ def test_math_multilingual_long_context_reject_wrong_answers():
     n = fr.check["n"]
     assert score(fr, resp(T.number_word("French", n))) == 1
     assert score(fr, resp(T.number_word("English", n))) == 0                             # wrong language
-    ru = ex_of("multilingual", lambda c: c["lang"] == "Russian")
+    ru = ex_of("multilingual", lambda c: c["lang"] == "Russian", difficulty=2)
     assert score(ru, resp("odin dva tri chetyre pyat shest sem vosem devyat desyat")) == 0  # wrong script
-    hi = ex_of("multilingual", lambda c: c["lang"] == "Hindi")
+    hi = ex_of("multilingual", lambda c: c["lang"] == "Hindi", difficulty=2)
     assert score(hi, resp(T.number_word("Hindi", hi.check["n"]) + "।")) == 1               # marks are letters
     lc = ex_of("long_context", lambda c: True, difficulty=2)
     assert score(lc, resp(f"It is {lc.check['others'][0]}.")) == 0                        # a distractor's fact
@@ -138,7 +138,9 @@ def test_multilingual_covers_the_23_languages_each_verified():
             if en != T.number_word(lang, n):
                 assert not T.says_number_in(en, lang, n), (lang, n)                    # English is not it
             assert not T.says_number_in(T.number_word(lang, n % 10 + 1), lang, n)      # another number is not it
-    assert {e.check["lang"] for e in SUITES["multilingual"].generate(0, 120, "train")} == set(T.LANGS)
+    assert {e.check["lang"] for e in SUITES["multilingual"].generate(0, 120, "train", 2)} == set(T.LANGS)
+    easy = SUITES["multilingual"].generate(0, 120, "train", 1)     # difficulty 1: 6 languages x 1..5
+    assert {e.check["lang"] for e in easy} == set(T.MULTI_EASY) and {e.check["n"] for e in easy} == {1, 2, 3, 4, 5}
 
 
 def test_safety_scores_refusal_and_over_refusal():
@@ -277,7 +279,7 @@ LEARNED = {
 }
 
 
-@pytest.mark.parametrize("name,difficulty", [("multilingual", 1), ("multilingual", 2), ("instruct", 1),
+@pytest.mark.parametrize("name,difficulty", [("multilingual", 1), ("multilingual", 2), ("multilingual", 3), ("instruct", 1),
                                              ("code", 1), ("code", 3), ("safety", 1)])
 def test_facts_in_test_are_taught_in_train_under_other_phrasings(name, difficulty):
     """The split holds out phrasings, not facts: every test example's fact occurs in train (at a training-sized
@@ -290,9 +292,9 @@ def test_facts_in_test_are_taught_in_train_under_other_phrasings(name, difficult
     needed = {fact(e) for e in test} - {None}
     assert needed and not needed - taught, sorted(needed - taught)[:5]
     assert not {prompt_of(e) for e in train} & {prompt_of(e) for e in test}
-    if name == "multilingual":           # the rule-based holdout tests every language
-        assert {e.check["lang"] for e in test} == set(T.LANGS)
-        assert len(needed) > 150
+    if name == "multilingual":           # the rule-based holdout tests every language of the difficulty
+        assert {e.check["lang"] for e in test} == set(T.MULTI_EASY if difficulty == 1 else T.LANGS)
+        assert len(needed) == 30 if difficulty == 1 else len(needed) > 150
 
 
 def test_carve_val_is_a_deterministic_disjoint_partition():
