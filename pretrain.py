@@ -350,6 +350,21 @@ def evaluate(model, val: D.PackedData, rows: int, autocast_kw) -> float:
 
 
 @torch.no_grad()
+def induction_probe(model, token_range: tuple[int, int], n=32, length=20, seed=1234, autocast_kw=None) -> dict:
+    """In-context copying, measured: loss on `length` random tokens and on the same tokens repeated. Without
+    induction heads both sit near log V; with them the repeat drops toward 0 (Olsson et al. 2022)."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(*token_range, (n, length), generator=g)
+    ids = torch.cat([x, x], 1).to(next(model.parameters()).device)
+    with torch.autocast(**(autocast_kw or {"device_type": "cpu", "enabled": False})):
+        logits = model(ids[:, :-1]).float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(0)
+    model.train()
+    return {"first": round(ce[:length - 1].mean().item(), 3), "repeat": round(ce[length:].mean().item(), 3)}
+
+
+@torch.no_grad()
 def sample(model, tok, prompt: str, max_new=48, temperature=0.8, top_k=40, seed=0, autocast_kw=None):
     """A few tokens with a KV cache (serve.py has the full engine); top-k sampling with a fixed seed."""
     model.eval()
@@ -551,8 +566,11 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
     train_seconds = time.time() - t_train  # includes evaluation and checkpoint writes
     val_loss = val_log[-1][1]
     val_by_domain = {k: round(evaluate(model, v, cfg.eval_rows, autocast_kw), 4) for k, v in val.items() if k != "all"}
+    induction = induction_probe(model, (256, min(4096, len(tok.ranks))), autocast_kw=autocast_kw)  # frequent tokens
     if verbose:
         print("val loss by domain: " + ", ".join(f"{k} {v:.3f}" for k, v in val_by_domain.items()))
+        print(f"induction probe (20 random tokens, then again): loss {induction['first']:.2f} on the first "
+              f"copy, {induction['repeat']:.2f} on the repeat")
     plot_curves(os.path.join(out, "loss.png"), losses, val_log, lrs[:len(losses)], plan)
     prompts = ["def ", "The ", "import "][:cfg.samples]
     if verbose and prompts:
@@ -561,7 +579,7 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
             print(f"--- {p!r}\n{sample(model, tok, p, seed=cfg.seed + i, autocast_kw=autocast_kw)}")
     tokens = len(losses) * cfg.batch_size * cfg.seq_len * cfg.grad_accum
     return {"val_loss": val_loss, "uniform_loss": round(math.log(tok.vocab_size), 4), "losses": losses,
-            "val_log": val_log, "val_loss_by_domain": val_by_domain, "tokens": tokens, "seconds": round(time.time() - t_start, 1),
+            "val_log": val_log, "val_loss_by_domain": val_by_domain, "induction": induction, "tokens": tokens, "seconds": round(time.time() - t_start, 1),
             "params": n_params, "vocab_size": tok.vocab_size,
             "train_seconds": round(train_seconds, 1), "tok_per_s": round(tokens_run / max(train_seconds, 1e-9)),
             "mfu": round(flops_run / max(train_seconds, 1e-9) / peak, 4) if peak else None,
