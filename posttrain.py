@@ -2,7 +2,7 @@
 Post-training Command A (report section 3, Figure 3): the pipeline that turns the pretrained model into the
 polished one, and every method of alignment.py runnable on its own.
 
-    python posttrain.py --tiny                      # the whole pipeline from out/tiny (~30 min on 2 CPU cores)
+    python posttrain.py --tiny                      # the whole pipeline from out/tiny (~23 min on 2 CPU cores)
     python posttrain.py sft  --init out/tiny --suites math --out out/math_sft        # completion-only SFT
     python posttrain.py rm   --init out/tiny --suites math,code --out out/rm          # Bradley-Terry reward model
     python posttrain.py pref --loss ipo --init out/tiny --suites safety --out out/safety_ipo
@@ -24,7 +24,9 @@ a rerun skips finished stages and resumes a killed one):
      RAG/agents: offline CoPG on answers and ReAct episodes; long context: SFT + preference);
   5. the RL soup; 6. polishing: best-of-N SFT, then offline SRPO and online CoPG in alternation while the
      validation score rises. Then the pairwise evaluation of polished vs RL soup (verifiers and reward model).
-Scores are always on the test split, which no stage trains on.
+Scores are always on the test split, which no stage trains on. At tiny scale the pipeline renders chats with the
+compact system preamble (PipelineConfig.preamble; tokenizer.system_preamble), recorded in every stage's
+tokenizer.json.
 """
 from __future__ import annotations
 
@@ -146,6 +148,8 @@ def stage_data(args, tok, max_len):
 def run_stage(args) -> dict:
     t_start = time.time()
     model, tok = load_init(args.init)
+    if args.preamble:                         # else the init's own chat format (its tokenizer.json)
+        tok.preamble = args.preamble
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     ac = autocast_kw(device, args.fp32)
@@ -337,37 +341,39 @@ class PipelineConfig:
     n_val: int = 16                   # validation examples per suite (soup weight search, polishing's stop)
     n_eval: int = 64                  # test examples per suite (the reported table)
     max_new: int = 48                 # tokens per evaluated / sampled completion
-    seq_len: int = 1024               # packed SFT row length (every difficulty-1 conversation fits; a CPU's
-                                      # dense attention masks make 2 rows of 1024 ~1.8x cheaper than 1 of 2048)
+    preamble: str = "compact"         # chat format (tokenizer.system_preamble): "compact" drops the fixed
+                                      # ~350-token prose of "full" (7.5x the compute per example, measured);
+                                      # every stage's tokenizer.json records it, so serve.py renders the same
+    seq_len: int = 512                # packed SFT row length (every difficulty-1 conversation fits)
     long_seq_len: int = 2048          # the long-context expert's rows: its long conversations need them
     context: int = 2048               # the longest sequence sampled or scored
     augment: int = 0                  # extra preamble / safety-mode variants per SFT example (sft_sequences)
     batch_size: int = 8               # rows (SFT) / pairs / prompts per step
     lr_sft: float = 3e-3
-    lr_rl: float = 1e-4
+    lr_rl: float = 3e-4
     instruct_steps: int = 150
     instruct_pref_steps: int = 20
-    expert_steps: int = 60            # per SFT expert (per seed for code and multilingual)
+    expert_steps: int = 100           # per SFT expert (per seed for code and multilingual)
     cross_domain: float = 0.2         # share of other domains' data in an expert's SFT mix
     code_seeds: int = 3               # top-k seed merge: keep the best k of these
     code_topk: int = 2
     multilingual_seeds: int = 2       # uniform seed soup
-    rl_steps: int = 20
-    rm_steps: int = 20                # per reward-model stage
+    rl_steps: int = 30
+    rm_steps: int = 15                # per reward-model stage
     n_samples: int = 4                # best-of-N / pairs
-    rl_prompts: int = 32              # train prompts per suite an RL expert samples on (sampling is the cost)
-    sample_prompts: int = 24          # per suite: Instruct's pairs, the reward model's pairs, polishing
+    rl_prompts: int = 16              # train prompts per suite an RL expert samples on (sampling is the cost)
+    sample_prompts: int = 12          # per suite: Instruct's pairs, the reward model's pairs, polishing
     search_evals: int = 8             # merges evaluated by each soup's weight search (a started sweep finishes)
     search_step: float = 1.0          # the greedy search's first move, in units of the uniform weight 1/K
     floor: float = 0.8                # per-domain floor: the soup keeps >= floor x the expert's validation score
     polish_rounds: int = 2            # at most; stops when the validation score stops rising
-    polish_steps: int = 10            # per SRPO and per online-CoPG phase of a round (SRPO: 6 sequences a pair)
+    polish_steps: int = 4             # per SRPO and per online-CoPG phase of a round (SRPO: 6 sequences a pair)
     refine_rounds: int = 2            # the reward-based refinement loop (math)
     seed: int = 0
 
 
 TINY_PIPELINE = PipelineConfig()
-MICRO_PIPELINE = PipelineConfig(n_train=12, n_val=3, n_eval=2, max_new=8, seq_len=1024, batch_size=2,
+MICRO_PIPELINE = PipelineConfig(n_train=12, n_val=3, n_eval=2, max_new=8, seq_len=512, batch_size=2,
                                 instruct_steps=2, instruct_pref_steps=1, expert_steps=1, code_seeds=2, code_topk=1,
                                 multilingual_seeds=2, rl_steps=1, rm_steps=1, n_samples=2, search_evals=3,
                                 rl_prompts=12, sample_prompts=4, polish_steps=1,
@@ -380,6 +386,7 @@ class Pipeline:
     def __init__(self, init: str, out: str, cfg: PipelineConfig, verbose=True):
         self.cfg, self.out, self.verbose = cfg, out, verbose
         self.base, self.tok = load_init(init)
+        self.tok.preamble = cfg.preamble          # before any rendering, and saved with every stage
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.base.to(self.device)
         # what a finished stage was made from: another --init or configuration must not reuse it
@@ -449,13 +456,15 @@ class Pipeline:
         return score_suites(model, self.tok, [e for d in domains for s in EXPERT_SUITES.get(d, [d])
                                               for e in self.val[s]], self.cfg.max_new)
 
-    def stage_cfg(self, steps, lr, seed=0) -> StageConfig:
-        return StageConfig(steps=max(1, steps), batch_size=self.cfg.batch_size, lr=lr, eval_every=10 ** 9,
+    def stage_cfg(self, steps, lr, seed=0, batch_size=None) -> StageConfig:
+        return StageConfig(steps=max(1, steps), batch_size=batch_size or self.cfg.batch_size, lr=lr, eval_every=10 ** 9,
                            ckpt_every=max(1, steps // 4), seed=self.cfg.seed + seed)
 
     # --- the methods, as the pipeline uses them ------------------------------------------------------------
     def sft(self, model, examples, steps, out, seed=0, lr=None, extra_seqs=(), row_len=None):
         row_len = min(row_len or self.cfg.seq_len, self.max_len)
+        # longer rows, fewer of them: every step trains on the same number of tokens (as pretraining's cooldown)
+        batch = max(1, self.cfg.batch_size * self.cfg.seq_len // row_len)
         seqs, dropped = sft_sequences(self.tok, examples, row_len, augment=self.cfg.augment, seed=self.cfg.seed + seed)
         seqs += [s for s in extra_seqs if len(s[0]) <= row_len]
         if dropped:
@@ -463,9 +472,8 @@ class Pipeline:
         if not seqs:
             raise ValueError(f"{out}: no SFT data (empty domain?)")
         packed = D.pack_whole([s[0] for s in seqs], row_len, self.tok.pad_id, [s[1] for s in seqs])
-        train_loop(model, sft_objective(model, self.ac), {"main": D.Loader(packed, self.cfg.batch_size,
-                                                                            seed=self.cfg.seed + seed)},
-                   self.stage_cfg(steps, lr or self.cfg.lr_sft, seed), out, resume=True,
+        train_loop(model, sft_objective(model, self.ac), {"main": D.Loader(packed, batch, seed=self.cfg.seed + seed)},
+                   self.stage_cfg(steps, lr or self.cfg.lr_sft, seed, batch), out, resume=True,
                    fingerprint=fingerprint_of(self.fp, "sft", len(seqs), steps, seed), desc=os.path.basename(out),
                    verbose=self.verbose)
         return model
@@ -766,10 +774,17 @@ def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict
         hq, _, stats = best_of_n(make_engine(m, tok, P_.max_len), tok, every, c.n_samples, verifier_reward_fn(tok),
                                  0.7, c.max_new, c.seed + 70, min_best=1.0)   # the high-quality subset: fully correct
         m.train()
+        # every step below is kept only if it raises the validation score, starting from the RL soup's own
+        best_val, best_state, rounds = sum(P_.val_score(m).values()), copy.deepcopy(m.state_dict()), []
         if hq:
             P_.sft(m, [], c.rl_steps, os.path.join(d, "bon_sft"), lr=c.lr_rl * 10, extra_seqs=hq)
-        best_val = sum(P_.val_score(m).values())
-        best_state, rounds = copy.deepcopy(m.state_dict()), []
+            v = sum(P_.val_score(m).values())
+            rounds.append({"round": 0, "step": "best-of-N SFT", "val_sum": v})
+            P_.log(f"polishing best-of-N SFT: validation sum {v:.3f} (RL soup {best_val:.3f})")
+            if v > best_val:
+                best_val, best_state = v, copy.deepcopy(m.state_dict())
+            else:
+                m.load_state_dict(best_state)
         for r in range(c.polish_rounds):
             _, pairs, _ = P_.pairs(m, every, seed=80 + r)
             P_.pref(m, pairs, "srpo", c.polish_steps, os.path.join(d, f"srpo{r + 1}"), sft_weight=0.0)
@@ -798,9 +813,9 @@ def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict
         ra, rb = rm.score_conversations(tok, [(ex.messages + [parse_final(x) or {"role": "assistant", "content": ""}],
                                                ex.documents, ex.tools, ex.safety_mode) for x in (a, b)])
         return ra - rb
-    pw = {"verifiers": T.pairwise(polished, rl_soup, tok, suites, n=c.n_eval, seed=c.seed, max_new_tokens=c.max_new),
-          "reward_model": T.pairwise(polished, rl_soup, tok, suites, n=c.n_eval, seed=c.seed,
-                                     max_new_tokens=c.max_new, judge=rm_judge)}
+    ra, rb = (T.evaluate_details(m, tok, suites, n=c.n_eval, seed=c.seed, max_new_tokens=c.max_new)
+              for m in (polished, rl_soup))                  # one generation pass per model, two judges
+    pw = {"verifiers": T.judge_pairs(ra, rb), "reward_model": T.judge_pairs(ra, rb, rm_judge)}
     summary = {"stages": P_.results, "seconds": P_.seconds, "pairwise": {k: {"win": v["win"], "tie": v["tie"],
                "loss": v["loss"], "win_rate": v["win_rate"]} for k, v in pw.items()},
                "refinement": P_.extra.get("rl expert math", {}).get("refinement", refine_log),
@@ -968,7 +983,7 @@ def build_parser():
                                  "one stage (sft, rm, pref, copg, bon) from a checkpoint on tasks.py suites, the "
                                  "CoPG bandit, or the throughput bench.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="the whole pipeline at tiny scale (~30 min on 2 CPU cores)")
+    ap.add_argument("--tiny", action="store_true", help="the whole pipeline at tiny scale (~23 min on 2 CPU cores)")
     ap.add_argument("--micro", action="store_true", help="the whole pipeline at micro scale (the tests' setting)")
     ap.add_argument("--init", dest="pipeline_init", default="out/tiny", help="pipeline: the pretrained checkpoint")
     ap.add_argument("--out", dest="pipeline_out", default=None, help="pipeline: output directory (default "
@@ -999,6 +1014,8 @@ def build_parser():
     g.add_argument("--resume", action="store_true", help="continue OUT/checkpoint exactly")
     g.add_argument("--force", action="store_true", help="overwrite a finished or unfinished stage in OUT")
     g.add_argument("--seq-len", type=int, default=0, help="SFT row length (0: the model's context)")
+    g.add_argument("--preamble", choices=("full", "compact"), default=None,
+                   help="chat format's system preamble (default: the init tokenizer's; saved with the stage)")
 
     p = sub.add_parser("sft", parents=[common], help="completion-only SFT", formatter_class=ap.formatter_class)
     p.add_argument("--preamble-aug", type=int, default=1, help="extra copies per example under other preambles/modes")

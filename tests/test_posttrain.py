@@ -484,8 +484,10 @@ def test_micro_pipeline_runs_every_stage_and_resumes(init_dir, tmp_path):
     for st in stages:
         d = os.path.join(out, st.replace(" ", "_"))
         CommandA.from_pretrained(d)
-        assert Tokenizer.load(d).vocab_size > 0
+        assert Tokenizer.load(d).vocab_size > 0 and Tokenizer.load(d).preamble == "compact"   # serve.py renders it
     assert os.path.getsize(os.path.join(out, "pipeline.png")) > 10_000
+    polish = json.loads(open(os.path.join(out, "polished", "result.json")).read())
+    assert polish["rounds"] and polish["rounds"][0]["round"] in (0, 1)   # each polishing step kept only if it helps
     os.remove(os.path.join(out, "polished", "result.json"))          # as if killed while writing
     r = cli("--micro", "--init", init_dir, "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
