@@ -2,7 +2,7 @@
 Post-training Command A (report section 3, Figure 3): the pipeline that turns the pretrained model into the
 polished one, and every method of alignment.py runnable on its own.
 
-    python posttrain.py --tiny                      # the whole pipeline from out/tiny (~23 min on 2 CPU cores)
+    python posttrain.py --tiny                      # the whole pipeline from out/tiny (~27 min on 2 CPU cores)
     python posttrain.py sft  --init out/tiny --suites math --out out/math_sft        # completion-only SFT
     python posttrain.py rm   --init out/tiny --suites math,code --out out/rm          # Bradley-Terry reward model
     python posttrain.py pref --loss ipo --init out/tiny --suites safety --out out/safety_ipo
@@ -353,7 +353,7 @@ class PipelineConfig:
     lr_rl: float = 3e-4
     instruct_steps: int = 150
     instruct_pref_steps: int = 20
-    expert_steps: int = 100           # per SFT expert (per seed for code and multilingual)
+    expert_steps: int = 160           # per SFT expert (per seed for code and multilingual)
     cross_domain: float = 0.2         # share of other domains' data in an expert's SFT mix
     code_seeds: int = 3               # top-k seed merge: keep the best k of these
     code_topk: int = 2
@@ -363,7 +363,7 @@ class PipelineConfig:
     n_samples: int = 4                # best-of-N / pairs
     rl_prompts: int = 16              # train prompts per suite an RL expert samples on (sampling is the cost)
     sample_prompts: int = 12          # per suite: Instruct's pairs, the reward model's pairs, polishing
-    search_evals: int = 8             # merges evaluated by each soup's weight search (a started sweep finishes)
+    search_evals: int = 6             # merges evaluated by each soup's weight search (a started sweep finishes)
     search_step: float = 1.0          # the greedy search's first move, in units of the uniform weight 1/K
     floor: float = 0.8                # per-domain floor: the soup keeps >= floor x the expert's validation score
     polish_rounds: int = 2            # at most; stops when the validation score stops rising
@@ -983,7 +983,7 @@ def build_parser():
                                  "one stage (sft, rm, pref, copg, bon) from a checkpoint on tasks.py suites, the "
                                  "CoPG bandit, or the throughput bench.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="the whole pipeline at tiny scale (~23 min on 2 CPU cores)")
+    ap.add_argument("--tiny", action="store_true", help="the whole pipeline at tiny scale (~27 min on 2 CPU cores)")
     ap.add_argument("--micro", action="store_true", help="the whole pipeline at micro scale (the tests' setting)")
     ap.add_argument("--init", dest="pipeline_init", default="out/tiny", help="pipeline: the pretrained checkpoint")
     ap.add_argument("--out", dest="pipeline_out", default=None, help="pipeline: output directory (default "

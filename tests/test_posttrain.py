@@ -426,6 +426,16 @@ def test_cli_resume_after_a_kill_reproduces_the_losses(init_dir, tmp_path):
     assert Tokenizer.load(killed).vocab_size == m.config.vocab_size or m.config.vocab_size >= 1
 
 
+def test_cli_preamble_is_saved_with_the_stage(init_dir, tmp_path):
+    """--preamble picks the chat format a stage trains on; its tokenizer.json carries it on to serve.py."""
+    out = str(tmp_path / "compact")
+    r = cli(*SFT_ARGS, "--init", init_dir, "--out", out, "--preamble", "compact")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Tokenizer.load(out).preamble == "compact" and Tokenizer.load(init_dir).preamble == "full"
+    r = cli(*SFT_ARGS, "--init", init_dir, "--out", str(tmp_path / "x"), "--preamble", "short")
+    assert r.returncode == 2 and "preamble" in r.stderr
+
+
 def test_cli_bad_input(init_dir, tmp_path, tok):
     r = cli("sft", "--init", str(tmp_path / "nope" / "tiny"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "pretrain.py --tiny" in r.stderr
