@@ -775,7 +775,8 @@ def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict
                                  0.7, c.max_new, c.seed + 70, min_best=1.0)   # the high-quality subset: fully correct
         m.train()
         # every step below is kept only if it raises the validation score, starting from the RL soup's own
-        best_val, best_state, rounds = sum(P_.val_score(m).values()), copy.deepcopy(m.state_dict()), []
+        start_val = best_val = sum(P_.val_score(m).values())
+        best_state, rounds = copy.deepcopy(m.state_dict()), []
         if hq:
             P_.sft(m, [], c.rl_steps, os.path.join(d, "bon_sft"), lr=c.lr_rl * 10, extra_seqs=hq)
             v = sum(P_.val_score(m).values())
@@ -801,7 +802,7 @@ def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict
                 m.load_state_dict(best_state)          # keep the best round: the score stopped rising
                 break
             best_val, best_state = v, copy.deepcopy(m.state_dict())
-        return m, {"bon": stats, "rounds": rounds}
+        return m, {"bon": stats, "rounds": rounds, "start_val_sum": start_val, "val_sum": best_val}
     step("polished", polish)
     bar.close()
 

@@ -579,7 +579,8 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
             print(f"--- {p!r}\n{sample(model, tok, p, seed=cfg.seed + i, autocast_kw=autocast_kw)}")
     tokens = len(losses) * cfg.batch_size * cfg.seq_len * cfg.grad_accum
     return {"val_loss": val_loss, "uniform_loss": round(math.log(tok.vocab_size), 4), "losses": losses,
-            "val_log": val_log, "val_loss_by_domain": val_by_domain, "induction": induction, "tokens": tokens, "seconds": round(time.time() - t_start, 1),
+            "val_log": val_log, "val_loss_by_domain": val_by_domain, "induction": induction, "tokens": tokens,
+            "seconds": round(time.time() - t_start, 1),
             "params": n_params, "vocab_size": tok.vocab_size,
             "train_seconds": round(train_seconds, 1), "tok_per_s": round(tokens_run / max(train_seconds, 1e-9)),
             "mfu": round(flops_run / max(train_seconds, 1e-9) / peak, 4) if peak else None,

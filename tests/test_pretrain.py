@@ -194,3 +194,27 @@ def test_lr_sweep_mup_curves_coincide_across_widths_sp_curves_do_not(tmp_path):
     L = res["losses"]
     gap = {m: max(abs(L[f"{m}@64@{lr:g}"] - L[f"{m}@256@{lr:g}"]) for lr in (1e-3, 3e-3)) for m in ("SP", "muP")}
     assert gap["muP"] < 0.1 < gap["SP"] and (tmp_path / "sweep.png").exists()
+
+
+def test_induction_probe_separates_a_copier_from_a_guesser():
+    """The probe scores the first copy and the repeat apart: an ideal copier (predicts the token one period
+    later from the one a period back) scores ~0 on the repeat only; a uniform model scores log V on both."""
+    V, L = 64, 20
+
+    class Copier(torch.nn.Module):
+        def __init__(self, copy):
+            super().__init__()
+            self.w, self.copy = torch.nn.Parameter(torch.zeros(1)), copy
+
+        def forward(self, ids):                   # logits for ids[:, t + 1] at position t
+            logits = torch.zeros(*ids.shape, V)
+            if self.copy:
+                t = torch.arange(ids.shape[1])
+                src = (t + 1 - L).clamp(min=0)    # the token one period back of the next one
+                logits[:, t >= L - 1] = 30 * torch.nn.functional.one_hot(ids[:, src], V).float()[:, t >= L - 1]
+            return logits
+
+    copier = P.induction_probe(Copier(True), (0, V), length=L)
+    guesser = P.induction_probe(Copier(False), (0, V), length=L)
+    assert guesser["first"] == pytest.approx(math.log(V), abs=1e-3) == guesser["repeat"]
+    assert copier["repeat"] < 1e-3 and copier["first"] == pytest.approx(math.log(V), abs=1e-3)

@@ -279,7 +279,8 @@ LEARNED = {
 }
 
 
-@pytest.mark.parametrize("name,difficulty", [("multilingual", 1), ("multilingual", 2), ("multilingual", 3), ("instruct", 1),
+@pytest.mark.parametrize("name,difficulty", [("multilingual", 1), ("multilingual", 2), ("multilingual", 3),
+                                             ("instruct", 1),
                                              ("code", 1), ("code", 3), ("safety", 1)])
 def test_facts_in_test_are_taught_in_train_under_other_phrasings(name, difficulty):
     """The split holds out phrasings, not facts: every test example's fact occurs in train (at a training-sized
