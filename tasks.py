@@ -705,7 +705,10 @@ RAG_FACTS = [  # (kind, fact sentence, question, value range)
 ]
 
 
-RAG_DOCS = {1: 2, 2: 4, 3: 5}     # documents per difficulty: the answer's and 1, 3, 4 distractors
+# documents per difficulty: the answer's and 0, 3, 4 distractors. Difficulty 1 has the answer's document alone:
+# the tiny model learns to copy a cited number from one document (1.00 on test after 600 fresh SFT steps), while
+# with one distractor it still scored 0.23 after 1,500 (matching the question's name to a title comes later).
+RAG_DOCS = {1: 1, 2: 4, 3: 5}
 
 
 def _name(rng, syllables: int) -> str:

@@ -529,6 +529,11 @@ def test_pipeline_trains_on_no_test_example(init_dir):
     P.check_no_leak(pipe.train, pipe.test)                          # what __init__ ran: ids and prompts disjoint
     for s in P.EVAL_SUITES:
         assert {e.id for e in pipe.val[s]}.isdisjoint({e.id for e in pipe.train[s]})
+    # the RAG and math experts' fresh examples: more of the train split, none of validation or test
+    for s in ("rag", "math"):
+        assert len(pipe.fresh[s]) > len(pipe.train[s])
+        assert {e.id for e in pipe.fresh[s]}.isdisjoint({e.id for e in pipe.val[s] + pipe.test[s]})
+        P.check_no_leak({s: pipe.fresh[s]}, pipe.test)
     bad = {"math": pipe.train["math"] + pipe.test["math"][:1]}
     with pytest.raises(RuntimeError, match="split is broken"):
         P.check_no_leak(bad, {"math": pipe.test["math"]})

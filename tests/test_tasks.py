@@ -327,7 +327,7 @@ def test_difficulty_scales_and_is_validated():
              for d in (1, 5)]
     assert steps[0] < steps[1]
     rag = [len(SUITES["rag"].generate(0, 1, "test", difficulty=d)[0].documents) for d in (1, 2, 3)]
-    assert rag == [2, 4, 5]
+    assert rag == [1, 4, 5]
     needles = [len(SUITES["long_context"].generate(0, 1, "test", difficulty=d)[0].check["others"]) for d in (1, 2, 3)]
     assert needles == [0, 2, 3]
     for bad in (0, 99, "hard", 1.5):
@@ -353,10 +353,12 @@ def test_easy_end_references_are_short_and_strict():
     """Difficulty 1 asks the model to copy a value and a citation; the verifiers stay as strict."""
     rag = ex_of("rag", lambda c: True)
     i, v = rag.check["doc"], rag.check["value"]
-    assert len(rag.documents) == 2 and rag.reference == resp(f"<co>{v}</co: 0:[{i}]>")
-    assert all(d["text"].count(".") == 1 for d in rag.documents)                        # one sentence each
-    assert score(rag, resp(f"<co>{v}</co: 0:[{1 - i}]>")) == 0                           # wrong citation
-    assert score(rag, resp(f"<co>{rag.check['others'][0]}</co: 0:[{i}]>")) == 0         # the other document's
+    assert len(rag.documents) == 1 and i == 0 and rag.reference == resp(f"<co>{v}</co: 0:[0]>")
+    assert rag.documents[0]["text"].count(".") == 1                                       # one sentence
+    assert score(rag, resp(f"<co>{v}</co: 0:[0]>")) == 1
+    assert score(rag, resp(f"<co>{v}</co: 0:[1]>")) == 0                                 # a citation of nothing
+    assert score(rag, resp(f"<co>{v}</co>")) == 0                                        # no citation
+    assert score(rag, resp(f"<co>{v % 89 + 10}</co: 0:[0]>")) == 0                       # another number
     lc = ex_of("long_context", lambda c: True)
     assert lc.reference == resp(lc.check["code"]) and lc.check["code"].isdigit()
     assert score(lc, resp(lc.check["code"][:-1])) == 0 and score(lc, resp(lc.check["code"] + "0")) == 0
