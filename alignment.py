@@ -30,7 +30,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -42,8 +41,8 @@ from tqdm import tqdm
 
 import data as D
 import tasks as T
-from model import CommandA, ModelConfig, bf16_is_fast
-from pretrain import _rng_to_json   # RNG states as plain JSON: one writer for both training loops
+from model import CommandA, ModelConfig, bf16_is_fast, pyplot, save_figure
+from pretrain import read_train_state, restore_rngs, write_train_state   # one checkpoint format for both loops
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -464,30 +463,14 @@ class Indices:
 
 
 def save_state(out, model, opt, step, loaders, log, cfg, fingerprint):
-    """OUT/checkpoint, swapped in whole: a kill leaves the previous one or this one, never a mix."""
-    ckpt, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                "meta": json.dumps({"config": asdict(cfg), "fingerprint": fingerprint, "log": log,
-                                    "loaders": {k: l.state_dict() for k, l in loaders.items()},
-                                    "python_rng": _rng_to_json(random.getstate()),
-                                    "numpy_rng": _rng_to_json(np.random.get_state())})},
-               os.path.join(tmp, "train_state.pt"))
-    if os.path.exists(ckpt):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(ckpt, old)
-    os.replace(tmp, ckpt)
-    shutil.rmtree(old, ignore_errors=True)
+    """OUT/checkpoint through pretrain.py's writer: a kill leaves the previous one or this one, never a mix."""
+    write_train_state(out, model, step, opt.state_dict(),
+                      {"config": asdict(cfg), "fingerprint": fingerprint, "log": log,
+                       "loaders": {k: l.state_dict() for k, l in loaders.items()}})
 
 
 def load_state(out, model, opt, loaders, cfg, fingerprint):
-    ckpt = os.path.join(out, "checkpoint")
-    if not os.path.isdir(ckpt) and os.path.isdir(ckpt + ".old"):
-        ckpt += ".old"                               # killed between the two renames
-    state = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=True)   # tensors and JSON only
-    meta = json.loads(state["meta"])
+    ckpt, state, meta = read_train_state(out)
     if meta["fingerprint"] != fingerprint:
         raise ValueError(f"{out}/checkpoint was made by another stage configuration or data; start over "
                          f"without --resume (or another --out)")
@@ -503,11 +486,7 @@ def load_state(out, model, opt, loaders, cfg, fingerprint):
     opt.load_state_dict(state["optimizer"])
     for k, l in loaders.items():
         l.load_state_dict(meta["loaders"][k])
-    torch.set_rng_state(state["torch_rng"])
-    py = meta["python_rng"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npr = meta["numpy_rng"]
-    np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), *npr[2:]))
+    restore_rngs(state, meta)
     return state["step"], meta["log"]
 
 
@@ -895,9 +874,7 @@ def bandit(iters=3000, beta=0.5, batch=256, lr=0.05, seed=0, method="copg"):
 
 
 def plot_bandit(path, copg, dpo, pi_star, beta):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     colors = ["tab:green", "tab:blue", "tab:red"]
     for ax, name in zip(axes, BANDIT_MU):
@@ -915,12 +892,4 @@ def plot_bandit(path, copg, dpo, pi_star, beta):
     fig.suptitle(f"3-armed bandit, R = {BANDIT_R}, beta = {beta}, uniform pi_ref: offline CoPG reaches "
                  f"pi* = pi_ref exp(R/beta)/Z; DPO on the same rewards does not", fontsize=9)
     fig.tight_layout()
-    save_fig(fig, path)
-
-
-def save_fig(fig, path):
-    import matplotlib.pyplot as plt
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

@@ -53,6 +53,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model import positions_from_doc_ids
+
 # -----------------------------------------------------------------------------------------------
 # Configuration
 
@@ -102,11 +104,11 @@ class DataConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
 
 
-CODE_EXTS = {'.py', '.js', '.ts', '.c', '.h', '.cpp', '.cc', '.java', '.go', '.rs', '.sh', '.sql', '.rb'}
-TEXT_EXTS = CODE_EXTS | {'.txt', '.md', '.rst', '.jsonl', '.html', '.tex', '.csv', '.toml', '.yaml', '.yml'}
+CODE_EXTS = {".py", ".js", ".ts", ".c", ".h", ".cpp", ".cc", ".java", ".go", ".rs", ".sh", ".sql", ".rb"}
+TEXT_EXTS = CODE_EXTS | {".txt", ".md", ".rst", ".jsonl", ".html", ".tex", ".csv", ".toml", ".yaml", ".yml"}
 # the domains the quality classifier learns as "educational"
-EDUCATIONAL = ('prose', 'reference', 'synthetic-math', 'synthetic-code', 'synthetic-prose', 'synthetic-recall',
-               'synthetic-copy')
+EDUCATIONAL = ("prose", "reference", "synthetic-math", "synthetic-code", "synthetic-prose", "synthetic-recall",
+               "synthetic-copy")
 
 # -----------------------------------------------------------------------------------------------
 # Documents and sources
@@ -115,7 +117,7 @@ EDUCATIONAL = ('prose', 'reference', 'synthetic-math', 'synthetic-code', 'synthe
 class Document:
     text: str
     domain: str                         # 'code', 'prose', 'reference', 'synthetic-math', 'junk', ...
-    origin: str = ''                    # provenance: a path, 'pydoc:assert', 'synthetic-math:17'
+    origin: str = ""                    # provenance: a path, 'pydoc:assert', 'synthetic-math:17'
     quality: float | None = None        # classifier score in [0, 1], set by the quality stage
     weight: float = 1.0                 # sampling weight in the pretraining mix
 
@@ -131,23 +133,24 @@ def _prose_from_source(src: str, module: str, min_chars: int) -> list[str]:
         return []
     out, block, last = [], [], -2
     def flush():
-        text = '\n'.join(block).strip()
+        text = "\n".join(block).strip()
         if len(text) >= min_chars:
             out.append(text)
     for t in toks:                      # comment blocks: consecutive full-line comments
-        if t.type == tokenize.COMMENT and t.line.lstrip().startswith('#'):
-            line = t.string.lstrip('#').strip()
+        if t.type == tokenize.COMMENT and t.line.lstrip().startswith("#"):
+            line = t.string.lstrip("#").strip()
             if t.start[0] != last + 1:
-                flush(); block = []
-            if not (t.string.startswith('#!') or re.fullmatch(r'[-=*~_# ]*|-\*-.*-\*-', line)):
+                flush()
+                block = []
+            if not (t.string.startswith("#!") or re.fullmatch(r"[-=*~_# ]*|-\*-.*-\*-", line)):
                 block.append(line)      # (shebangs, coding cookies and ruler lines are not prose)
             last = t.start[0]
     flush()
     sig = [t for t in toks if t.type not in (tokenize.NL, tokenize.COMMENT, tokenize.ENCODING)]
     name = module
     for j, t in enumerate(sig):
-        if t.type == tokenize.NAME and t.string in ('def', 'class') and j + 1 < len(sig):
-            name = f'{module}.{sig[j + 1].string}'
+        if t.type == tokenize.NAME and t.string in ("def", "class") and j + 1 < len(sig):
+            name = f"{module}.{sig[j + 1].string}"
         alone = ((j == 0 or sig[j - 1].type in (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT))
                  and j + 1 < len(sig) and sig[j + 1].type in (tokenize.NEWLINE, tokenize.ENDMARKER))
         if t.type == tokenize.STRING and alone:
@@ -155,28 +158,28 @@ def _prose_from_source(src: str, module: str, min_chars: int) -> list[str]:
                 value = ast.literal_eval(t.string)
             except (ValueError, SyntaxError):
                 continue
-            value = inspect.cleandoc(value) if isinstance(value, str) else ''
+            value = inspect.cleandoc(value) if isinstance(value, str) else ""
             if len(value) >= min_chars:
                 title = name if j > 0 and sig[j - 1].type == tokenize.INDENT else module
-                out.append(f'{title}\n\n{value}')
+                out.append(f"{title}\n\n{value}")
     return out
 
 
 def stdlib_documents(max_bytes: int = 8_000_000, min_prose_chars: int = 200) -> list[Document]:
     """The offline default corpus: Python's own standard library (code, docstrings, comments, docs)."""
-    root = Path(sysconfig.get_paths()['stdlib'])
-    skip = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages', '__pycache__', 'lib-dynload',
-            'pydoc_data', 'ensurepip'}
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib-dynload",
+            "pydoc_data", "ensurepip"}
     topics = {}
     try:                                # the language reference as plain text: the best English here
         from pydoc_data.topics import topics
     except ImportError:                 # some distributions strip pydoc_data
         pass
-    items = [(f'pydoc:{k}', None) for k in topics]
+    items = [(f"pydoc:{k}", None) for k in topics]
     for d, dirs, names in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in skip and not x.startswith('config-'))
+        dirs[:] = sorted(x for x in dirs if x not in skip and not x.startswith("config-"))
         items += [(str((Path(d) / n).relative_to(root)), Path(d) / n) for n in names
-                  if n.endswith(('.py', '.txt', '.rst')) or n.startswith('README')]
+                  if n.endswith((".py", ".txt", ".rst")) or n.startswith("README")]
     total, picked = 0, []
     # Visit sources in a hash order, so a cap below the full ~13 MB samples the whole tree (and the
     # reference) evenly instead of reading modules a-m; the result is then put back in sorted order.
@@ -184,18 +187,18 @@ def stdlib_documents(max_bytes: int = 8_000_000, min_prose_chars: int = 200) -> 
         if total >= max_bytes:
             break
         if f is None:
-            group = [Document(topics[key[6:]].strip(), 'reference', key)]
+            group = [Document(topics[key[6:]].strip(), "reference", key)]
         else:
             try:
-                src = f.read_text(encoding='utf-8')
+                src = f.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):
                 continue
-            if f.suffix == '.py':
-                module = key[:-3].replace(os.sep, '.').removesuffix('.__init__')
-                group = [Document(src, 'code', key)]
-                group += [Document(p, 'prose', key) for p in _prose_from_source(src, module, min_prose_chars)]
+            if f.suffix == ".py":
+                module = key[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                group = [Document(src, "code", key)]
+                group += [Document(p, "prose", key) for p in _prose_from_source(src, module, min_prose_chars)]
             else:
-                group = [Document(src, 'reference', key)]
+                group = [Document(src, "reference", key)]
         total += sum(len(d.text.encode()) for d in group)
         picked.append((key, group))
     docs = []
@@ -212,34 +215,34 @@ def load_user_data(path: str | os.PathLike, domain: str | None = None) -> list[D
     with a warning inside a folder walk (one stray binary should not kill a run over thousands)."""
     root = Path(path)
     if not root.exists():
-        raise FileNotFoundError(f'data path does not exist: {root}')
+        raise FileNotFoundError(f"data path does not exist: {root}")
     if root.is_file():
         files, explicit = [root], True
     else:
-        files = sorted(p for p in root.rglob('*') if p.is_file() and p.suffix.lower() in TEXT_EXTS)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_EXTS)
         explicit = False
     docs = []
     for f in files:
         try:
-            text = f.read_text(encoding='utf-8')
+            text = f.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError) as e:
             if explicit:
-                raise ValueError(f'{f}: not readable as UTF-8 text ({e})') from e
-            warnings.warn(f'skipping {f}: not readable as UTF-8 text')
+                raise ValueError(f"{f}: not readable as UTF-8 text ({e})") from e
+            warnings.warn(f"skipping {f}: not readable as UTF-8 text")
             continue
-        if f.suffix.lower() == '.jsonl':
+        if f.suffix.lower() == ".jsonl":
             for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f'{f}:{n}: invalid JSON ({e.msg})') from e
-                if not isinstance(rec, dict) or not isinstance(rec.get('text'), str):
+                    raise ValueError(f"{f}:{n}: invalid JSON ({e.msg})") from e
+                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                     raise ValueError(f'{f}:{n}: expected an object with a string field "text"')
-                docs.append(Document(rec['text'], domain or rec.get('domain', 'prose'), f'{f}:{n}'))
+                docs.append(Document(rec["text"], domain or rec.get("domain", "prose"), f"{f}:{n}"))
         elif text.strip():
-            kind = 'code' if f.suffix.lower() in CODE_EXTS else 'prose'
+            kind = "code" if f.suffix.lower() in CODE_EXTS else "prose"
             docs.append(Document(text, domain or kind, str(f)))
     if not docs:
         raise ValueError(f'no documents found under {root} (looked for {", ".join(sorted(TEXT_EXTS))})')
@@ -248,8 +251,8 @@ def load_user_data(path: str | os.PathLike, domain: str | None = None) -> list[D
 # -----------------------------------------------------------------------------------------------
 # Synthetic generators (the report uses internally generated data). Seeded, so reproducible.
 
-NAMES = ['Ana', 'Bo', 'Chen', 'Dara', 'Eli', 'Farah', 'Goran', 'Hana', 'Ines', 'Jomo', 'Kai', 'Lena']
-ITEMS = ['apple', 'notebook', 'pencil', 'ticket', 'book', 'candle', 'plant', 'cup', 'stamp', 'marble']
+NAMES = ["Ana", "Bo", "Chen", "Dara", "Eli", "Farah", "Goran", "Hana", "Ines", "Jomo", "Kai", "Lena"]
+ITEMS = ["apple", "notebook", "pencil", "ticket", "book", "candle", "plant", "cup", "stamp", "marble"]
 
 
 def _math_problem(rng: random.Random, kind: int) -> tuple[str, list[str], str]:
@@ -257,43 +260,43 @@ def _math_problem(rng: random.Random, kind: int) -> tuple[str, list[str], str]:
     if kind == 0:
         a, p = rng.randint(2, 12), rng.randint(2, 15)
         bill = rng.choice([b for b in (20, 50, 100, 200) if b > a * p])
-        return (f'{name} buys {a} {item}s at ${p} each and pays with a ${bill} bill. How much change does {name} get?',
-                [f'The {item}s cost {a} x ${p} = ${a * p}.', f'The change is ${bill} - ${a * p} = ${bill - a * p}.'],
-                f'${bill - a * p}')
+        return (f"{name} buys {a} {item}s at ${p} each and pays with a ${bill} bill. How much change does {name} get?",
+                [f"The {item}s cost {a} x ${p} = ${a * p}.", f"The change is ${bill} - ${a * p} = ${bill - a * p}."],
+                f"${bill - a * p}")
     if kind == 1:
         v1, h1, v2, h2 = rng.randint(40, 120), rng.randint(1, 5), rng.randint(40, 120), rng.randint(1, 5)
-        hours = lambda h: f'{h} hour' + 's' * (h > 1)
-        return (f'A train travels at {v1} km/h for {hours(h1)}, then at {v2} km/h for {hours(h2)}. How far does it go?',
-                [f'First part: {v1} x {h1} = {v1 * h1} km.', f'Second part: {v2} x {h2} = {v2 * h2} km.',
-                 f'Total distance: {v1 * h1} + {v2 * h2} = {v1 * h1 + v2 * h2} km.'], f'{v1 * h1 + v2 * h2} km')
+        hours = lambda h: f"{h} hour" + "s" * (h > 1)
+        return (f"A train travels at {v1} km/h for {hours(h1)}, then at {v2} km/h for {hours(h2)}. How far does it go?",
+                [f"First part: {v1} x {h1} = {v1 * h1} km.", f"Second part: {v2} x {h2} = {v2 * h2} km.",
+                 f"Total distance: {v1 * h1} + {v2 * h2} = {v1 * h1 + v2 * h2} km."], f"{v1 * h1 + v2 * h2} km")
     if kind == 2:
         k, n = rng.randint(2, 9), rng.randint(10, 99)
-        return (f'{name} shares {n} {item}s equally among {k} friends. How many does each get, and how many are left?',
-                [f'Divide: {n} = {k} x {n // k} + {n % k}.', f'Each friend gets {n // k} and {n % k} remain.'],
-                f'{n // k} each, {n % k} left over')
+        return (f"{name} shares {n} {item}s equally among {k} friends. How many does each get, and how many are left?",
+                [f"Divide: {n} = {k} x {n // k} + {n % k}.", f"Each friend gets {n // k} and {n % k} remain."],
+                f"{n // k} each, {n % k} left over")
     if kind == 3:
         p, d = 20 * rng.randint(1, 20), rng.choice([5, 10, 15, 20, 25, 30, 40, 50])
         off = p * d // 100
-        return (f'A jacket costs ${p} and is discounted by {d}%. What is the sale price?',
-                [f'The discount is {d}% of ${p} = ${p} x {d} / 100 = ${off}.',
-                 f'The sale price is ${p} - ${off} = ${p - off}.'],
-                f'${p - off}')
+        return (f"A jacket costs ${p} and is discounted by {d}%. What is the sale price?",
+                [f"The discount is {d}% of ${p} = ${p} x {d} / 100 = ${off}.",
+                 f"The sale price is ${p} - ${off} = ${p - off}."],
+                f"${p - off}")
     w, l = rng.randint(2, 30), rng.randint(2, 30)
-    return (f'A rectangular garden is {w} m wide and {l} m long. What are its perimeter and its area?',
-            [f'The perimeter is 2 x ({w} + {l}) = {2 * (w + l)} m.', f'The area is {w} x {l} = {w * l} square metres.'],
-            f'{2 * (w + l)} m and {w * l} m^2')
+    return (f"A rectangular garden is {w} m wide and {l} m long. What are its perimeter and its area?",
+            [f"The perimeter is 2 x ({w} + {l}) = {2 * (w + l)} m.", f"The area is {w} x {l} = {w * l} square metres."],
+            f"{2 * (w + l)} m and {w * l} m^2")
 
 
 def synthetic_math(n: int, seed: int = 0) -> list[Document]:
     """Arithmetic word problems with worked, step-by-step solutions (2-4 per worksheet)."""
-    rng, docs = random.Random(f'math:{seed}'), []
+    rng, docs = random.Random(f"math:{seed}"), []
     for i in range(n):
-        parts = ['Worked examples: arithmetic word problems, with the steps of each solution.']
+        parts = ["Worked examples: arithmetic word problems, with the steps of each solution."]
         # distinct kinds per worksheet: one template twice reads as repetition to the n-gram filters
         for j, kind in enumerate(rng.sample(range(5), rng.randint(2, 4))):
             q, steps, ans = _math_problem(rng, kind)
-            parts.append(f'Problem {j + 1}. {q}\nSolution. ' + ' '.join(steps) + f'\nAnswer: {ans}')
-        docs.append(Document('\n\n'.join(parts), 'synthetic-math', f'synthetic-math:{i}'))
+            parts.append(f"Problem {j + 1}. {q}\nSolution. " + " ".join(steps) + f"\nAnswer: {ans}")
+        docs.append(Document("\n\n".join(parts), "synthetic-math", f"synthetic-math:{i}"))
     return docs
 
 
@@ -303,65 +306,65 @@ def _code_functions(rng: random.Random, m: int) -> list[tuple[str, str]]:
     k, c, p, b = rng.randint(2, 9), rng.randint(1, 20), rng.randint(1, 3), rng.choice([2, 8, 16])
     xs, n = [rng.randint(-9, 30) for _ in range(rng.randint(3, 6))], rng.randint(1, 60)
     lib = [  # (name, argument, docstring, body, reference implementation, example argument)
-        ('scale_and_shift', 'xs', f'Return every number in xs multiplied by {k} and increased by {c}.',
-         f'return [x * {k} + {c} for x in xs]', lambda a: [x * k + c for x in a], xs),
-        ('count_multiples', 'n', f'Count the integers from 1 to n that are divisible by {k}.',
-         f'return sum(1 for i in range(1, n + 1) if i % {k} == 0)', lambda a: a // k, n),
-        ('sum_of_powers', 'n', f'Return 1**{p} + 2**{p} + ... + n**{p}, the sum of the first n powers.',
-         f'total = 0\nfor i in range(1, n + 1):\n    total += i ** {p}\nreturn total',
+        ("scale_and_shift", "xs", f"Return every number in xs multiplied by {k} and increased by {c}.",
+         f"return [x * {k} + {c} for x in xs]", lambda a: [x * k + c for x in a], xs),
+        ("count_multiples", "n", f"Count the integers from 1 to n that are divisible by {k}.",
+         f"return sum(1 for i in range(1, n + 1) if i % {k} == 0)", lambda a: a // k, n),
+        ("sum_of_powers", "n", f"Return 1**{p} + 2**{p} + ... + n**{p}, the sum of the first n powers.",
+         f"total = 0\nfor i in range(1, n + 1):\n    total += i ** {p}\nreturn total",
          lambda a: sum(i ** p for i in range(1, a + 1)), n),
-        ('running_max', 'xs', 'Return the list of the maxima of the prefixes of xs.',
-         'out, best = [], None\nfor x in xs:\n    best = x if best is None or x > best else best\n'
-         '    out.append(best)\nreturn out', lambda a: [max(a[:i + 1]) for i in range(len(a))], xs),
-        ('clip', 'x', f'Limit x to the closed interval [{c}, {c + 10 * k}].',
-         f'return max({c}, min({c + 10 * k}, x))', lambda a: max(c, min(c + 10 * k, a)), n),
-        ('digit_sum', 'n', f'Return the sum of the digits of a non-negative n written in base {b}.',
-         f'total = 0\nwhile n:\n    n, d = divmod(n, {b})\n    total += d\nreturn total',
+        ("running_max", "xs", "Return the list of the maxima of the prefixes of xs.",
+         "out, best = [], None\nfor x in xs:\n    best = x if best is None or x > best else best\n"
+         "    out.append(best)\nreturn out", lambda a: [max(a[:i + 1]) for i in range(len(a))], xs),
+        ("clip", "x", f"Limit x to the closed interval [{c}, {c + 10 * k}].",
+         f"return max({c}, min({c + 10 * k}, x))", lambda a: max(c, min(c + 10 * k, a)), n),
+        ("digit_sum", "n", f"Return the sum of the digits of a non-negative n written in base {b}.",
+         f"total = 0\nwhile n:\n    n, d = divmod(n, {b})\n    total += d\nreturn total",
          lambda a: sum(int(ch, b) for ch in np.base_repr(a, b)), n * 97)]
-    return [(f'def {name}({arg}):\n    """{doc}"""\n' + textwrap.indent(body, '    ') + '\n',
-             f'assert {name}({x!r}) == {ref(x)!r}') for name, arg, doc, body, ref, x in rng.sample(lib, m)]
+    return [(f'def {name}({arg}):\n    """{doc}"""\n' + textwrap.indent(body, "    ") + "\n",
+             f"assert {name}({x!r}) == {ref(x)!r}") for name, arg, doc, body, ref, x in rng.sample(lib, m)]
 
 
 def synthetic_code(n: int, seed: int = 0) -> list[Document]:
     """Small documented Python functions followed by asserts that pass (textbook-style code)."""
-    rng, docs = random.Random(f'code:{seed}'), []
+    rng, docs = random.Random(f"code:{seed}"), []
     for i in range(n):
         funcs = _code_functions(rng, rng.randint(2, 4))
-        text = '\n\n'.join(f for f, _ in funcs) + '\n\n# tests\n' + '\n'.join(a for _, a in funcs) + '\n'
-        docs.append(Document(text, 'synthetic-code', f'synthetic-code:{i}'))
+        text = "\n\n".join(f for f, _ in funcs) + "\n\n# tests\n" + "\n".join(a for _, a in funcs) + "\n"
+        docs.append(Document(text, "synthetic-code", f"synthetic-code:{i}"))
     return docs
 
 
 def synthetic_prose(n: int, seed: int = 0) -> list[Document]:
     """Fact paragraphs about numbers and units, each fact computed (never wrong)."""
-    rng, docs = random.Random(f'prose:{seed}'), []
+    rng, docs = random.Random(f"prose:{seed}"), []
     for i, m in enumerate(rng.sample(range(12, 100_000), n)):
         divs = [d for d in range(2, int(m ** 0.5) + 1) if m % d == 0]
         r = int(m ** 0.5)
         facts = [f'The number {m} is {"even" if m % 2 == 0 else "odd"}.',
-                 f'It is a prime number, since no integer between 2 and {r} divides it.' if not divs else
-                 f'It is not prime: it is divisible by {divs[0]}, because {m} = {divs[0]} x {m // divs[0]}.',
-                 f'Its square is {m * m} and the sum of its decimal digits is {sum(map(int, str(m)))}.',
-                 f'Written in binary it is {m:b}, and in hexadecimal it is {m:x}.',
-                 f'It lies between the perfect squares {r * r} and {(r + 1) ** 2}.']
+                 f"It is a prime number, since no integer between 2 and {r} divides it." if not divs else
+                 f"It is not prime: it is divisible by {divs[0]}, because {m} = {divs[0]} x {m // divs[0]}.",
+                 f"Its square is {m * m} and the sum of its decimal digits is {sum(map(int, str(m)))}.",
+                 f"Written in binary it is {m:b}, and in hexadecimal it is {m:x}.",
+                 f"It lies between the perfect squares {r * r} and {(r + 1) ** 2}."]
         km = rng.randint(2, 500)
-        units = (f'A distance of {km} kilometres is {km * 1000} metres, which is about {km * 0.621371:.1f} miles. '
-                 f'Walking at five kilometres per hour, covering it would take {km / 5:.1f} hours.')
+        units = (f"A distance of {km} kilometres is {km * 1000} metres, which is about {km * 0.621371:.1f} miles. "
+                 f"Walking at five kilometres per hour, covering it would take {km / 5:.1f} hours.")
         rng.shuffle(facts)
-        text = f'Facts about {m}.\n\n' + ' '.join(facts) + '\n\n' + units
-        docs.append(Document(text, 'synthetic-prose', f'synthetic-prose:{i}'))
+        text = f"Facts about {m}.\n\n" + " ".join(facts) + "\n\n" + units
+        docs.append(Document(text, "synthetic-prose", f"synthetic-prose:{i}"))
     return docs
 
 
-_RECALL_SYL = ['ba', 'de', 'fi', 'go', 'hu', 'ja', 'ke', 'li', 'mo', 'nu', 'pa', 're', 'si', 'to', 'vu', 'wen', 'yar', 'zel']
+_RECALL_SYL = ["ba", "de", "fi", "go", "hu", "ja", "ke", "li", "mo", "nu", "pa", "re", "si", "to", "vu", "wen", "yar", "zel"]
 # (attribute, record forms, value range): every line picks a form, so a register does not read as one repeated
 # n-gram to the heuristic filters
-_RECALL_ATTRS = [('room', ('{p} is in room {v}.', 'Room {v}: {p}.', '{p} sleeps in room {v}.'), 10, 99),
-                 ('locker', ('{p} has locker number {v}.', 'Locker {v} belongs to {p}.', '{p} uses locker {v}.'), 10, 99),
-                 ('badge', ('{p} wears badge {v}.', 'Badge {v} went to {p}.', '{p} got badge {v}.'), 100, 999),
-                 ('score', ('{p} scored {v}.', '{p} finished with {v} points.', 'A score of {v} for {p}.'), 10, 99),
-                 ('code', ('{p} has the code {v}.', 'The code {v} was given to {p}.', '{p} keeps code {v}.'), 1000, 9999)]
-_RECALL_ASK = ('The {a} of {p}? {v}.', 'What is the {a} of {p}? It is {v}.', '{p}: {a} {v}.', 'For {p}, {v}.')
+_RECALL_ATTRS = [("room", ("{p} is in room {v}.", "Room {v}: {p}.", "{p} sleeps in room {v}."), 10, 99),
+                 ("locker", ("{p} has locker number {v}.", "Locker {v} belongs to {p}.", "{p} uses locker {v}."), 10, 99),
+                 ("badge", ("{p} wears badge {v}.", "Badge {v} went to {p}.", "{p} got badge {v}."), 100, 999),
+                 ("score", ("{p} scored {v}.", "{p} finished with {v} points.", "A score of {v} for {p}."), 10, 99),
+                 ("code", ("{p} has the code {v}.", "The code {v} was given to {p}.", "{p} keeps code {v}."), 1000, 9999)]
+_RECALL_ASK = ("The {a} of {p}? {v}.", "What is the {a} of {p}? It is {v}.", "{p}: {a} {v}.", "For {p}, {v}.")
 
 
 def synthetic_recall(n: int, seed: int = 0) -> list[Document]:
@@ -371,23 +374,23 @@ def synthetic_recall(n: int, seed: int = 0) -> list[Document]:
     copying (induction heads), and the tiny run's 1.6M tokens of real text hold too few repeats to grow them.
     These and synthetic_copy are that signal made dense; off by default (DataConfig.recall_ratio), because at
     ~48% of the tiny run's tokens they still did not grow induction heads there (measured; README)."""
-    rng, docs = random.Random(f'recall:{seed}'), []
+    rng, docs = random.Random(f"recall:{seed}"), []
     for i in range(n):
         people, k = set(), rng.randint(3, 6)
         while len(people) < k:
-            people.add(''.join(rng.choice(_RECALL_SYL) for _ in range(rng.randint(2, 3))).capitalize())
+            people.add("".join(rng.choice(_RECALL_SYL) for _ in range(rng.randint(2, 3))).capitalize())
         people = list(people)
         attr, forms, lo, hi = rng.choice(_RECALL_ATTRS)
         value = {p: rng.randint(lo, hi) for p in people}
-        lines = [f'Register {rng.randint(1, 500)}.'] + [rng.choice(forms).format(p=p, v=value[p]) for p in people]
+        lines = [f"Register {rng.randint(1, 500)}."] + [rng.choice(forms).format(p=p, v=value[p]) for p in people]
         if rng.random() < 0.5:                      # a filler paragraph between the records and the lookups
-            lines.append(' '.join(f'{rng.choice(people)} {rng.choice(["left early", "arrived late", "was busy", "took notes"])}.'
+            lines.append(" ".join(f'{rng.choice(people)} {rng.choice(["left early", "arrived late", "was busy", "took notes"])}.'
                                   for _ in range(rng.randint(2, 6))))
         asked = rng.sample(people, rng.randint(2, len(people)))
-        lines.append('Lookups. ' + ' '.join(rng.choice(_RECALL_ASK).format(a=attr, p=p, v=value[p]) for p in asked))
-        lines.append('Copied out: ' + ', '.join(f'{p} {value[p]}' for p in people) + '.')
-        lines.append('The register again, word for word: ' + ' '.join(lines[1:1 + len(people)]))
-        docs.append(Document('\n'.join(lines), 'synthetic-recall', f'synthetic-recall:{i}'))
+        lines.append("Lookups. " + " ".join(rng.choice(_RECALL_ASK).format(a=attr, p=p, v=value[p]) for p in asked))
+        lines.append("Copied out: " + ", ".join(f"{p} {value[p]}" for p in people) + ".")
+        lines.append("The register again, word for word: " + " ".join(lines[1:1 + len(people)]))
+        docs.append(Document("\n".join(lines), "synthetic-recall", f"synthetic-recall:{i}"))
     return docs
 
 
@@ -397,23 +400,23 @@ def synthetic_copy(n: int, seed: int = 0, words: list[str] | None = None) -> lis
     can only be predicted by finding it earlier in the document, so the copy is where induction heads pay.
     Made-up syllable words (the default) are too predictable on their own: with them a 20% share did not grow
     induction heads within the tiny budget, and neither did the recall documents (measured)."""
-    rng, docs = random.Random(f'copy:{seed}'), []
+    rng, docs = random.Random(f"copy:{seed}"), []
     for i in range(n):
         k = rng.randint(8, 24)
-        line = ' '.join(rng.choice(words) if words else
-                        ''.join(rng.choice(_RECALL_SYL) for _ in range(rng.randint(1, 3))) for _ in range(k))
-        docs.append(Document(f'Copy exercise {i + 1}.\nText: {line}.\nCopy: {line}.', 'synthetic-copy',
-                             f'synthetic-copy:{i}'))
+        line = " ".join(rng.choice(words) if words else
+                        "".join(rng.choice(_RECALL_SYL) for _ in range(rng.randint(1, 3))) for _ in range(k))
+        docs.append(Document(f"Copy exercise {i + 1}.\nText: {line}.\nCopy: {line}.", "synthetic-copy",
+                             f"synthetic-copy:{i}"))
     return docs
 
 
-SPAM = 'cheap best price buy online free shipping discount casino bonus deal sale win now'.split()
-BOILERPLATE = ['All rights reserved.', 'This website uses cookies to improve your experience.', 'Accept all cookies',
-               'Click here to subscribe to our newsletter!', 'Terms of use | Privacy policy | Cookie settings',
-               'Copyright (c) 2021 Example Corp. All rights reserved.', 'Sign in or create an account to continue.']
-MENU = 'Home About Contact Login Shop Blog FAQ Help Cart'.split()
-LOREM = ('lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore '
-         'magna aliqua').split()
+SPAM = "cheap best price buy online free shipping discount casino bonus deal sale win now".split()
+BOILERPLATE = ["All rights reserved.", "This website uses cookies to improve your experience.", "Accept all cookies",
+               "Click here to subscribe to our newsletter!", "Terms of use | Privacy policy | Cookie settings",
+               "Copyright (c) 2021 Example Corp. All rights reserved.", "Sign in or create an account to continue."]
+MENU = "Home About Contact Login Shop Blog FAQ Help Cart".split()
+LOREM = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore "
+         "magna aliqua").split()
 
 
 def junk_documents(n: int, seed: int = 0, vocab: list[str] | None = None) -> list[Document]:
@@ -421,35 +424,35 @@ def junk_documents(n: int, seed: int = 0, vocab: list[str] | None = None) -> lis
 
     The classifier's negatives, and (with another seed) the junk planted into the default corpus so
     that every filter stage has something real to remove offline."""
-    rng, docs = random.Random(f'junk:{seed}'), []
-    vocab = vocab or (LOREM + SPAM + ITEMS + 'the of and to a in is it that for with as on be by this'.split())
+    rng, docs = random.Random(f"junk:{seed}"), []
+    vocab = vocab or (LOREM + SPAM + ITEMS + "the of and to a in is it that for with as on be by this".split())
     for i in range(n):
         kind, L = i % 6, rng.randint(60, 300)
         if kind == 0:                   # word salad: real words, no grammar; passes most rules
             w = rng.choices(vocab, k=L)
-            text = ' '.join(x + ('.' if rng.random() < 0.08 else '') for x in w)
+            text = " ".join(x + ("." if rng.random() < 0.08 else "") for x in w)
         elif kind == 1:                 # keyword spam
             kw = rng.sample(SPAM, 5)
-            text = ' '.join(rng.choice(kw) for _ in range(L))
+            text = " ".join(rng.choice(kw) for _ in range(L))
         elif kind == 2:                 # page chrome and legal boilerplate
-            text = '\n'.join(rng.choice(BOILERPLATE) for _ in range(L // 6))
+            text = "\n".join(rng.choice(BOILERPLATE) for _ in range(L // 6))
         elif kind == 3:
-            text = ' '.join(rng.choice(LOREM) for _ in range(L))
+            text = " ".join(rng.choice(LOREM) for _ in range(L))
         elif kind == 4:                 # navigation menus
-            text = '\n'.join(' | '.join(rng.sample(MENU, 5)) for _ in range(L // 5))
+            text = "\n".join(" | ".join(rng.sample(MENU, 5)) for _ in range(L // 5))
         else:                           # encoded blobs and symbol noise
-            text = ''.join(rng.choice('abcdefABCDEF0123456789+/=#{}<>;') for _ in range(L * 6))
-        docs.append(Document(text, 'junk', f'junk:{seed}:{i}'))
+            text = "".join(rng.choice("abcdefABCDEF0123456789+/=#{}<>;") for _ in range(L * 6))
+        docs.append(Document(text, "junk", f"junk:{seed}:{i}"))
     return docs
 
 # -----------------------------------------------------------------------------------------------
 # Stage 1: exact dedup by normalized hash
 
-_WORD = re.compile(r'\w+')
+_WORD = re.compile(r"\w+")
 
 
 def normalize(text: str) -> str:
-    return ' '.join(text.lower().split())
+    return " ".join(text.lower().split())
 
 
 def exact_dedup(docs: list[Document]) -> tuple[list[Document], list[Document]]:
@@ -488,7 +491,8 @@ def minhash_signatures(shingles: list[np.ndarray], num_perm: int = 128, seed: in
     while i < len(shingles):            # a group of whole documents, ~chunk shingles at a time
         j, n = i, 0
         while j < len(shingles) and (n == 0 or n + len(shingles[j]) <= chunk):
-            n += len(shingles[j]); j += 1
+            n += len(shingles[j])
+            j += 1
         sizes = np.array([len(s) for s in shingles[i:j]])
         if n:
             x = np.concatenate(shingles[i:j])
@@ -526,7 +530,8 @@ def near_dedup(docs: list[Document], threshold: float = 0.8, k: int = 5, num_per
     parent = list(range(len(docs)))
     def find(i):
         while parent[i] != i:
-            parent[i] = parent[parent[i]]; i = parent[i]
+            parent[i] = parent[parent[i]]
+            i = parent[i]
         return i
     checked = set()
     for band in range(bands):
@@ -549,11 +554,11 @@ def near_dedup(docs: list[Document], threshold: float = 0.8, k: int = 5, num_per
 # -----------------------------------------------------------------------------------------------
 # Stage 3: heuristic filters (Gopher appendix A; C4; The Stack for code)
 
-STOP_WORDS = {'the', 'be', 'to', 'of', 'and', 'that', 'have', 'with'}
-_BOILER = re.compile(r'all rights reserved|copyright|licen[cs]e|warrant|permission is hereby|liabilit|merchantab'
-                     r'|redistribut|uses cookies|accept (all )?cookies|cookie (policy|settings)|privacy policy'
-                     r'|terms of (use|service)|click here|subscribe|sign in', re.I)
-_GENERATED = re.compile(r'generated (by|from)|auto-?generated|do not edit', re.I)
+STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}
+_BOILER = re.compile(r"all rights reserved|copyright|licen[cs]e|warrant|permission is hereby|liabilit|merchantab"
+                     r"|redistribut|uses cookies|accept (all )?cookies|cookie (policy|settings)|privacy policy"
+                     r"|terms of (use|service)|click here|subscribe|sign in", re.I)
+_GENERATED = re.compile(r"generated (by|from)|auto-?generated|do not edit", re.I)
 
 
 def _repeated_line_frac(lines: list[str]) -> float:
@@ -582,48 +587,48 @@ def heuristic_reason(doc: Document, cfg: FilterConfig = FilterConfig()) -> str |
     """The name of the first rule the document fails, or None if it passes."""
     text = doc.text
     lines = [l.strip() for l in text.splitlines() if l.strip()]
-    if 'lorem ipsum' in text.lower():
-        return 'lorem_ipsum'
+    if "lorem ipsum" in text.lower():
+        return "lorem_ipsum"
     if lines and sum(bool(_BOILER.search(l)) for l in lines) / len(lines) > cfg.max_boilerplate_lines:
-        return 'boilerplate'
-    if doc.domain.endswith('code'):    # 'code', 'synthetic-code': code rules
+        return "boilerplate"
+    if doc.domain.endswith("code"):    # 'code', 'synthetic-code': code rules
         if len(text) < cfg.code_min_chars:
-            return 'too_short'
+            return "too_short"
         if len(text) > cfg.code_max_chars:
-            return 'too_long'
-        if _GENERATED.search('\n'.join(text.splitlines()[:10])):
-            return 'autogenerated'
-        raw = text.splitlines() or ['']
+            return "too_long"
+        if _GENERATED.search("\n".join(text.splitlines()[:10])):
+            return "autogenerated"
+        raw = text.splitlines() or [""]
         if max(map(len, raw)) > cfg.code_max_line_len or np.mean(list(map(len, raw))) > cfg.code_max_mean_line_len:
-            return 'long_lines'
+            return "long_lines"
         if sum(ch.isalnum() for ch in text) / len(text) < cfg.code_min_alnum:
-            return 'alnum_ratio'
+            return "alnum_ratio"
         if _repeated_line_frac([l for l in lines if len(l) >= 10]) > cfg.code_max_dup_lines:
-            return 'duplicate_lines'
+            return "duplicate_lines"
         return None
-    if doc.domain in ('synthetic-recall', 'synthetic-copy'):   # made here, and repetition is their point
+    if doc.domain in ("synthetic-recall", "synthetic-copy"):   # made here, and repetition is their point
         return None
     words = text.split()
     if len(words) < cfg.min_words:
-        return 'too_short'
+        return "too_short"
     if len(words) > cfg.max_words:
-        return 'too_long'
+        return "too_long"
     if not cfg.mean_word_len[0] <= np.mean([len(w) for w in words]) <= cfg.mean_word_len[1]:
-        return 'mean_word_length'
-    if (text.count('#') + text.count('...') + text.count('\u2026')) / len(words) > cfg.max_symbol_ratio:
-        return 'symbol_ratio'
+        return "mean_word_length"
+    if (text.count("#") + text.count("...") + text.count("\u2026")) / len(words) > cfg.max_symbol_ratio:
+        return "symbol_ratio"
     if sum(any(c.isalnum() for c in w) for w in words) / len(words) < cfg.min_alpha_words:
-        return 'alpha_words'
+        return "alpha_words"
     lw = [w.lower() for w in _WORD.findall(text)]
     if len(STOP_WORDS.intersection(lw)) < cfg.min_stop_words:
-        return 'stop_words'
+        return "stop_words"
     if _repeated_line_frac(lines) > cfg.max_dup_lines:
-        return 'duplicate_lines'
+        return "duplicate_lines"
     top, dup5 = _ngram_fracs(lw)
     if any(t > m for t, m in zip(top, cfg.max_top_ngram)):
-        return 'top_ngram'
+        return "top_ngram"
     if dup5 > cfg.max_dup_5gram:
-        return 'duplicate_ngrams'
+        return "duplicate_ngrams"
     return None
 
 
@@ -659,7 +664,8 @@ class QualityClassifier:
             h = np.concatenate([h, (h[:-1] * np.uint64(1_000_003)) ^ h[1:]]) if len(h) else h  # uni + bigrams
             c, n = np.unique(h % np.uint64(self.buckets), return_counts=True)
             v = np.log1p(n)
-            rows.append(np.full(len(c) + 1, r)); cols.append(np.append(c.astype(np.int64), self.buckets))
+            rows.append(np.full(len(c) + 1, r))
+            cols.append(np.append(c.astype(np.int64), self.buckets))
             vals.append(np.append(v / (np.linalg.norm(v) or 1), 1.0))
         return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
 
@@ -720,36 +726,41 @@ class DataCard:
     def summary(self) -> str:
         out = [f'{"stage":<12}{"docs in":>9}{"docs out":>9}{"MB out":>8}{"s":>6}  removed by']
         for s in self.stages:
-            why = ', '.join(f'{k} {v}' for k, v in sorted(s['removed_by'].items(), key=lambda kv: -kv[1]))
+            why = ", ".join(f"{k} {v}" for k, v in sorted(s["removed_by"].items(), key=lambda kv: -kv[1]))
             out.append(f'{s["stage"]:<12}{s["docs_in"]:>9}{s["docs_out"]:>9}{s["chars_out"] / 1e6:>8.2f}'
                        f'{s["seconds"]:>6.1f}  {why}')
         out.append(f'{"domain":<16}{"docs":>7}{"MB":>7}{"weighted":>10}{"quality":>9}{"hq docs":>9}')
         for dom, m in self.mix.items():
             out.append(f'{dom:<16}{m["docs"]:>7}{m["chars"] / 1e6:>7.2f}{m["weighted_share"]:>10.1%}'
                        f'{m["mean_quality"]:>9.2f}{m["hq_docs"]:>9}')
-        out += [f'tokens[{k}] = {v}' for k, v in self.tokens.items()]
-        return '\n'.join(out)
+        out += [f"tokens[{k}] = {v}" for k, v in self.tokens.items()]
+        return "\n".join(out)
 
     def save(self, out_dir: str | os.PathLike) -> Path:
-        out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-        (out / 'data_card.json').write_text(json.dumps(asdict(self), indent=2))
-        import matplotlib                 # lazily: pretrain.py imports data.py and rarely plots
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        from model import atomic_write_json, pyplot, save_figure   # lazily: data.py needs them only here
+        atomic_write_json(str(out / "data_card.json"), asdict(self))
+        plt = pyplot()
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-        names = [s['stage'] for s in self.stages]
-        kept = [s['docs_out'] for s in self.stages]
-        ax1.bar(names, kept, label='kept')
-        ax1.bar(names, [s['docs_in'] - s['docs_out'] for s in self.stages], bottom=kept, label='removed')
-        ax1.set_ylabel('documents'); ax1.set_title('documents per stage'); ax1.legend()
+        names = [s["stage"] for s in self.stages]
+        kept = [s["docs_out"] for s in self.stages]
+        ax1.bar(names, kept, label="kept")
+        ax1.bar(names, [s["docs_in"] - s["docs_out"] for s in self.stages], bottom=kept, label="removed")
+        ax1.set_ylabel("documents")
+        ax1.set_title("documents per stage")
+        ax1.legend()
         doms = list(self.mix)
         x = np.arange(len(doms))
-        total = sum(m['chars'] for m in self.mix.values()) or 1
-        ax2.bar(x - 0.2, [self.mix[d]['chars'] / total for d in doms], 0.4, label='unique text')
-        ax2.bar(x + 0.2, [self.mix[d]['weighted_share'] for d in doms], 0.4, label='after up-weighting')
-        ax2.set_xticks(x, doms, rotation=30, ha='right'); ax2.set_ylabel('share of characters')
-        ax2.set_title('final mix by source'); ax2.legend()
-        fig.tight_layout(); fig.savefig(out / 'data_card.png', dpi=100); plt.close(fig)
+        total = sum(m["chars"] for m in self.mix.values()) or 1
+        ax2.bar(x - 0.2, [self.mix[d]["chars"] / total for d in doms], 0.4, label="unique text")
+        ax2.bar(x + 0.2, [self.mix[d]["weighted_share"] for d in doms], 0.4, label="after up-weighting")
+        ax2.set_xticks(x, doms, rotation=30, ha="right")
+        ax2.set_ylabel("share of characters")
+        ax2.set_title("final mix by source")
+        ax2.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, str(out / "data_card.png"), dpi=100)
         return out
 
 # -----------------------------------------------------------------------------------------------
@@ -759,32 +770,39 @@ def build_corpus(cfg: DataConfig | None = None, verbose: bool = True) -> tuple[l
     """Sources -> dedup -> filters -> quality score and weight. Returns the kept documents (with
     .quality and .weight set) and the data card. Next: split_documents, then the mixes, then pack."""
     cfg, card, t0 = cfg or DataConfig(), DataCard(), time.time()
-    card.info['config'] = asdict(cfg)
+    card.info["config"] = asdict(cfg)
     t = time.time()
     docs = load_user_data(cfg.data) if cfg.data else stdlib_documents(cfg.max_bytes)
-    bar = tqdm(total=5, desc='data', disable=not verbose)
+    bar = tqdm(total=5, desc="data", disable=not verbose)
     def step(name):
-        bar.set_postfix_str(name); bar.update(1)
+        bar.set_postfix_str(name)
+        bar.update(1)
     n = cfg.synthetic_docs
     docs += synthetic_math(n, cfg.seed) + synthetic_code(n, cfg.seed) + synthetic_prose(n, cfg.seed)
     # the copy exercises draw from the corpus's own words (sorted: the same set gives the same documents)
     if cfg.recall_ratio:
-        vocab = sorted({w for d in docs if d.domain in ('prose', 'reference')
-                        for w in re.findall(r'\b[a-z]{3,10}\b', d.text)})
+        vocab = sorted({w for d in docs if d.domain in ("prose", "reference")
+                        for w in re.findall(r"\b[a-z]{3,10}\b", d.text)})
         docs += synthetic_recall(cfg.recall_ratio * n, cfg.seed)
         docs += synthetic_copy(2 * cfg.recall_ratio * n, cfg.seed, vocab or None)
     docs += junk_documents(0 if cfg.data else cfg.junk_docs, seed=cfg.seed + 1000)
-    card.add_stage('sources', docs, docs, seconds=time.time() - t); step('exact dedup')
+    card.add_stage("sources", docs, docs, seconds=time.time() - t)
+    step("exact dedup")
 
-    t = time.time(); kept, rem = exact_dedup(docs)
-    card.add_stage('exact_dedup', docs, kept, Counter(d.domain for d in rem), time.time() - t); step('near dedup')
+    t = time.time()
+    kept, rem = exact_dedup(docs)
+    card.add_stage("exact_dedup", docs, kept, Counter(d.domain for d in rem), time.time() - t)
+    step("near dedup")
 
     t, docs = time.time(), kept
     kept, rem = near_dedup(docs, cfg.near_threshold, cfg.shingle, cfg.num_perm, cfg.seed)
-    card.add_stage('near_dedup', docs, kept, Counter(d.domain for d in rem), time.time() - t); step('heuristics')
+    card.add_stage("near_dedup", docs, kept, Counter(d.domain for d in rem), time.time() - t)
+    step("heuristics")
 
-    t = time.time(); docs, (kept, rem) = kept, heuristic_filter(kept, cfg.filters)
-    card.add_stage('heuristics', docs, kept, Counter(r for _, r in rem), time.time() - t); step('quality')
+    t = time.time()
+    docs, (kept, rem) = kept, heuristic_filter(kept, cfg.filters)
+    card.add_stage("heuristics", docs, kept, Counter(r for _, r in rem), time.time() - t)
+    step("quality")
 
     # The classifier: positives sampled from the educational domains that survived, negatives from a
     # junk generator seeded apart from the planted junk; 20% of each is held out to measure AUC.
@@ -800,30 +818,31 @@ def build_corpus(cfg: DataConfig | None = None, verbose: bool = True) -> tuple[l
         cut_p, cut_n = int(0.8 * len(pos)), int(0.8 * len(neg))
         clf = QualityClassifier(cfg.quality_buckets).fit(pos[:cut_p] + neg[:cut_n], [1] * cut_p + [0] * cut_n,
                                                          cfg.quality_steps)
-        card.info['quality_auc_heldout'] = round(auc(clf.predict(pos[cut_p:]), clf.predict(neg[cut_n:])), 4)
+        card.info["quality_auc_heldout"] = round(auc(clf.predict(pos[cut_p:]), clf.predict(neg[cut_n:])), 4)
         # (the sampled positives are scored too, as FineWeb-Edu scores its annotated pages: their
         # scores run high, but they are educational by construction)
         for d, s in zip(docs, clf.predict([d.text for d in docs])):
             d.quality = float(s)
         # Code is scored (for its weight and the cooldown ranking) but not removed: the classifier
         # learned prose against junk, and code has its own heuristic rules.
-        low = [d.quality < cfg.min_quality and not d.domain.endswith('code') for d in docs]
+        low = [d.quality < cfg.min_quality and not d.domain.endswith("code") for d in docs]
         kept, rem = [d for d, x in zip(docs, low) if not x], Counter(d.domain for d, x in zip(docs, low) if x)
     else:
         kept, rem = docs, Counter()
-        card.info['quality_auc_heldout'] = None                 # too little educational text to learn from
-    card.add_stage('quality', docs, kept, rem, time.time() - t); step('mix')
+        card.info["quality_auc_heldout"] = None                 # too little educational text to learn from
+    card.add_stage("quality", docs, kept, rem, time.time() - t)
+    step("mix")
 
     # Report: up-weight educational samples. Weight = 1 + alpha * (percentile rank of the score):
     # the logistic scores of real text crowd near 1, where 1 + alpha * score would weigh all alike.
     docs = kept
     if docs and docs[0].quality is not None:
-        rank = np.argsort(np.argsort([d.quality for d in docs], kind='stable'))
+        rank = np.argsort(np.argsort([d.quality for d in docs], kind="stable"))
         for d, r in zip(docs, rank):
             d.weight = 1.0 + cfg.upweight_alpha * r / max(1, len(docs) - 1)
     card.set_mix(docs, high_quality_subset(docs, cfg.hq_fraction))
-    card.info['seconds'] = round(time.time() - t0, 2)
-    card.info['mb'] = round(sum(len(d.text.encode()) for d in docs) / 1e6, 3)
+    card.info["seconds"] = round(time.time() - t0, 2)
+    card.info["mb"] = round(sum(len(d.text.encode()) for d in docs) / 1e6, 3)
     bar.close()
     if verbose:
         print(card.summary())
@@ -845,7 +864,7 @@ def high_quality_subset(docs: list[Document], fraction: float = 0.3) -> list[Doc
 
 def pretrain_mix(docs: list[Document], seed: int = 0) -> list[Document]:
     """Each document repeated ~weight times (stochastic rounding), shuffled: the up-weighted mix."""
-    rng, out = random.Random(f'mix:{seed}'), []
+    rng, out = random.Random(f"mix:{seed}"), []
     for d in docs:
         out += [d] * (int(d.weight) + (rng.random() < d.weight - int(d.weight)))
     rng.shuffle(out)
@@ -856,7 +875,7 @@ def cooldown_mix(docs: list[Document], hq_fraction: float = 0.3, rest_fraction: 
                  seed: int = 0) -> list[Document]:
     """The cooldown's data: the high-quality subset, plus a small sample of the rest so the final
     phase does not drift far from the pretraining distribution. Shuffled."""
-    rng = random.Random(f'cooldown:{seed}')
+    rng = random.Random(f"cooldown:{seed}")
     hq = high_quality_subset(docs, hq_fraction)
     ids = {id(d) for d in hq}
     rest = [d for d in docs if id(d) not in ids]
@@ -875,7 +894,7 @@ def long_context_mix(docs: list[Document], encode: Callable[[str], list[int]], m
     Pretraining), so attention has real long-range structure to use. Then every domain is brought to
     the same token budget (default: the median domain): large domains subsampled, small ones
     repeated at most max_repeat times (Fu et al. 2024: balance per source when upsampling length)."""
-    sep = encode('\n\n')
+    sep = encode("\n\n")
     by_domain: dict[str, list[list[int]]] = {}
     for dom in sorted({d.domain for d in docs}):
         longs, cur = [], []
@@ -886,21 +905,23 @@ def long_context_mix(docs: list[Document], encode: Callable[[str], list[int]], m
                 cur = [bos_id]
             cur += encode(d.text)       # in place: a long group is never copied
             if len(cur) >= min_tokens:
-                longs.append(cur); cur = []
+                longs.append(cur)
+                cur = []
         if longs:                       # a trailing partial group shorter than min_tokens is dropped
             by_domain[dom] = longs
     if not by_domain:
         return []
     totals = {dom: sum(map(len, ls)) for dom, ls in by_domain.items()}
     budget = tokens_per_domain or int(np.median(list(totals.values())))
-    rng, out = random.Random(f'long:{seed}'), []
+    rng, out = random.Random(f"long:{seed}"), []
     for dom, longs in by_domain.items():
         picked, n = [], 0
         for _ in range(max_repeat):     # shuffled passes until the budget is met
             for x in rng.sample(longs, len(longs)):
                 if n >= budget:
                     break
-                picked.append(x); n += len(x)
+                picked.append(x)
+                n += len(x)
         out += picked
     rng.shuffle(out)
     return out
@@ -913,7 +934,7 @@ def split_documents(docs: list[Document], val_fraction: float = 0.01, seed: int 
     """Hold out documents by a hash of their normalized text: stable under reordering, and copies of
     one text always land on the same side, so no validation document leaks into training."""
     def u(d):
-        return int(hashlib.sha1(f'{seed}:{normalize(d.text)}'.encode()).hexdigest()[:12], 16) / 16 ** 12
+        return int(hashlib.sha1(f"{seed}:{normalize(d.text)}".encode()).hexdigest()[:12], 16) / 16 ** 12
     us = [u(d) for d in docs]
     train = [d for d, x in zip(docs, us) if x >= val_fraction]
     val = [d for d, x in zip(docs, us) if x < val_fraction]
@@ -927,7 +948,7 @@ def tokenize_documents(docs: list[Document], encode: Callable[[str], list[int]],
                        verbose: bool = False) -> list[list[int]]:
     """[bos_id] + encode(text) per document (the BOS marks each document start)."""
     pre = [bos_id] if bos_id is not None else []
-    return [pre + list(encode(d.text)) for d in tqdm(docs, desc='tokenize', disable=not verbose)]
+    return [pre + list(encode(d.text)) for d in tqdm(docs, desc="tokenize", disable=not verbose)]
 
 
 @dataclass
@@ -959,13 +980,9 @@ class PackedData:
         y[(doc[:, 1:] != dx) | (doc[:, 1:] < 0)] = -100     # never predict across a document boundary
         if self.loss_mask is not None:                       # completion-only: prompts carry no loss
             y[self.loss_mask[rows][:, 1:] == 0] = -100
-        T = dx.shape[1]
-        t = np.arange(T)[None, :]
-        start = np.ones_like(dx, dtype=bool)
-        start[:, 1:] = dx[:, 1:] != dx[:, :-1]               # a document (or a row) starts here
-        pos = t - np.maximum.accumulate(np.where(start, t, 0), axis=1)
-        return dict(input_ids=torch.from_numpy(x.copy()), targets=torch.from_numpy(y),
-                    doc_ids=torch.from_numpy(dx.copy()), position_ids=torch.from_numpy(pos))
+        doc_ids = torch.from_numpy(dx.copy())
+        return dict(input_ids=torch.from_numpy(x.copy()), targets=torch.from_numpy(y), doc_ids=doc_ids,
+                    position_ids=positions_from_doc_ids(doc_ids))   # restart at 0 in each document
 
 
 def pack(token_docs: list[list[int]], seq_len: int, pad_id: int = 0,
@@ -974,7 +991,7 @@ def pack(token_docs: list[list[int]], seq_len: int, pad_id: int = 0,
     loss_masks (one 0/1 list per document) mark which tokens are targets; the mask travels with its tokens."""
     keep = [i for i, d in enumerate(token_docs) if len(d)]
     if not keep:
-        raise ValueError('pack: no tokens to pack')
+        raise ValueError("pack: no tokens to pack")
     token_docs = [token_docs[i] for i in keep]
     T = seq_len
     stream = np.concatenate([np.asarray(d, dtype=np.int32) for d in token_docs])
@@ -993,7 +1010,7 @@ def pack(token_docs: list[list[int]], seq_len: int, pad_id: int = 0,
 
 def _mask_of(mask, doc) -> np.ndarray:
     if len(mask) != len(doc):
-        raise ValueError(f'a loss mask has {len(mask)} entries for a document of {len(doc)} tokens')
+        raise ValueError(f"a loss mask has {len(mask)} entries for a document of {len(doc)} tokens")
     return np.asarray(mask, dtype=np.uint8)
 
 
@@ -1006,9 +1023,9 @@ def pack_whole(token_docs: list[list[int]], seq_len: int, pad_id: int = 0,
     T1 = seq_len + 1
     lens = [len(d) for d in token_docs]
     if not token_docs or min(lens) == 0:
-        raise ValueError('pack_whole: need at least one document and no empty ones')
+        raise ValueError("pack_whole: need at least one document and no empty ones")
     if max(lens) > seq_len:
-        raise ValueError(f'pack_whole: a document of {max(lens)} tokens does not fit a row of {seq_len}')
+        raise ValueError(f"pack_whole: a document of {max(lens)} tokens does not fit a row of {seq_len}")
     # each row holds at most seq_len tokens of documents: the (T+1)-th slot is a target only, never an input, and
     # a reward model reads its score AT a sequence's last token, which must therefore be an input
     rows, free = [], []                       # rows[r] = document indices; free[r] = slots left
@@ -1063,7 +1080,8 @@ class Loader:
         while len(rows) < need:
             perm = self._permutation(self.epoch)
             take = perm[self.position:self.position + need - len(rows)]
-            rows.extend(take.tolist()); self.position += len(take)
+            rows.extend(take.tolist())
+            self.position += len(take)
             if self.position >= len(perm):
                 self.epoch, self.position = self.epoch + 1, 0
         return self.packed.batch(rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
@@ -1073,25 +1091,25 @@ class Loader:
                     world_size=self.world_size, rows=len(self.packed))
 
     def load_state_dict(self, state: dict):
-        for k in ('seed', 'batch_size', 'world_size', 'rows'):
+        for k in ("seed", "batch_size", "world_size", "rows"):
             mine = self.state_dict()[k]
             if state.get(k, mine) != mine:
-                raise ValueError(f'loader state has {k}={state[k]}, this loader has {mine}')
-        self.epoch, self.position = int(state['epoch']), int(state['position'])
+                raise ValueError(f"loader state has {k}={state[k]}, this loader has {mine}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 # -----------------------------------------------------------------------------------------------
 
-if __name__ == '__main__':
-    p = argparse.ArgumentParser(description='Build the pretraining corpus (dedup, filters, quality '
-                                'classifier, mix) and write its data card.')
-    p.add_argument('--data', default=None, help='your text/JSONL file or folder (default: the stdlib corpus)')
-    p.add_argument('--max-mb', type=float, default=8.0, help='cap on stdlib text read, in MB')
-    p.add_argument('--synthetic', type=int, default=DataConfig.synthetic_docs, help='documents per generator')
-    p.add_argument('--junk', type=int, default=DataConfig.junk_docs, help='planted low-quality documents')
-    p.add_argument('--min-quality', type=float, default=DataConfig.min_quality, help='ML filter threshold')
-    p.add_argument('--alpha', type=float, default=DataConfig.upweight_alpha, help='weight = 1 + alpha * score percentile')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default='out/data', help='folder for data_card.json and data_card.png')
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Build the pretraining corpus (dedup, filters, quality "
+                                "classifier, mix) and write its data card.")
+    p.add_argument("--data", default=None, help="your text/JSONL file or folder (default: the stdlib corpus)")
+    p.add_argument("--max-mb", type=float, default=8.0, help="cap on stdlib text read, in MB")
+    p.add_argument("--synthetic", type=int, default=DataConfig.synthetic_docs, help="documents per generator")
+    p.add_argument("--junk", type=int, default=DataConfig.junk_docs, help="planted low-quality documents")
+    p.add_argument("--min-quality", type=float, default=DataConfig.min_quality, help="ML filter threshold")
+    p.add_argument("--alpha", type=float, default=DataConfig.upweight_alpha, help="weight = 1 + alpha * score percentile")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/data", help="folder for data_card.json and data_card.png")
     a = p.parse_args()
     cfg = DataConfig(data=a.data, max_bytes=int(a.max_mb * 1e6), synthetic_docs=a.synthetic, junk_docs=a.junk,
                      min_quality=a.min_quality, upweight_alpha=a.alpha, seed=a.seed)
@@ -1101,6 +1119,6 @@ if __name__ == '__main__':
         p.error(str(e))
     out = card.save(a.out)
     print(f'wrote {out / "data_card.json"} and {out / "data_card.png"}')
-    print(json.dumps(dict(docs=len(docs), mb=card.info['mb'], seconds=card.info['seconds'],
-                          domains={k: v['docs'] for k, v in card.mix.items()},
-                          quality_auc=card.info['quality_auc_heldout'], out=str(out))))
+    print(json.dumps(dict(docs=len(docs), mb=card.info["mb"], seconds=card.info["seconds"],
+                          domains={k: v["docs"] for k, v in card.mix.items()},
+                          quality_auc=card.info["quality_auc_heldout"], out=str(out))))

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from model import CommandA, ModelConfig, shard_files, tune_malloc
+from model import CommandA, ModelConfig, atomic_write_json, plan_shards, pyplot, save_figure, shard_paths, tune_malloc
 
 METHODS = ("linear", "soup", "interpolate", "task_arithmetic", "ties", "dare", "dare_ties", "slerp")
 NEEDS_BASE = ("interpolate", "task_arithmetic", "ties", "dare", "dare_ties")
@@ -366,333 +366,6 @@ def merge_modules(method: str, models: list[CommandA], weights=None, base: Comma
 
 
 # ----------------------------------------------------------------------------------------------------------
-# On disk: checkpoints read lazily, output written tensor by tensor
-
-
-def _read_header(fpath: str) -> tuple[dict, int]:
-    """The safetensors header (8-byte little-endian length, then JSON) and where the data starts, each
-    tensor's byte range checked against its shape and the file size, so a truncated or foreign file is
-    refused before the merge starts. Reads no tensor data."""
-    try:
-        size = os.path.getsize(fpath)
-        with open(fpath, "rb") as f:
-            raw = f.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            if not 2 <= n <= min(size - 8, 100 * 2**20):
-                raise MergeError(f"{fpath} is not a safetensors file (bad header length)")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MergeError(f"{fpath}: unreadable safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise MergeError(f"{fpath}: the safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    for name, info in header.items():
-        try:
-            dt = DTYPE_ST.get(info["dtype"])
-            (b, e), shape = info["data_offsets"], [int(x) for x in info["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise MergeError(f"{fpath}: malformed header entry for tensor {name}") from None
-        if dt is None:
-            raise MergeError(f"{fpath}: tensor {name} has dtype {info['dtype']}; only floating-point tensors "
-                             f"(F32/BF16/F16/F64) can be merged")
-        if e - b != math.prod(shape) * dt.itemsize or b < 0:
-            raise MergeError(f"{fpath}: tensor {name}'s byte range does not match its shape {shape}")
-        if 8 + n + e > size:
-            raise MergeError(f"{fpath} is truncated: tensor {name} ends at byte {8 + n + e}, the file has {size}")
-    return header, 8 + n
-
-
-class Checkpoint:
-    """An HF checkpoint directory read lazily: config.json and the safetensors headers up front, each tensor
-    (or row block of one) only when asked for, read straight from its byte range in the shard. Plain reads,
-    not safetensors' mmap: a mapped shard keeps every page it touched resident until it is closed, and this
-    way an fp32 input is read once into the buffer the merge computes in."""
-
-    def __init__(self, path: str):
-        self.path = str(path)
-        cfg_file = os.path.join(self.path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise MergeError(f"{self.path} is not a checkpoint directory (no config.json)")
-        try:
-            with open(cfg_file) as f:
-                self.config = json.load(f)
-            self.model_config = ModelConfig.from_hf_dict(self.config)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise MergeError(f"{cfg_file}: not a usable Cohere2 config ({e!r})") from None
-        try:
-            files = shard_files(self.path)
-        except (ValueError, FileNotFoundError) as e:
-            raise MergeError(str(e)) from None
-        self.meta, self.where = {}, {}  # name -> (dtype, shape); name -> (shard path, first data byte)
-        for fname in files:
-            fpath = os.path.join(self.path, fname)
-            if not os.path.isfile(fpath):
-                raise MergeError(f"shard {fpath} listed in the index is missing")
-            header, data_start = _read_header(fpath)
-            for name, info in header.items():
-                if name in self.where:
-                    raise MergeError(f"{fpath}: tensor {name} appears in more than one shard")
-                self.where[name] = (fpath, data_start + info["data_offsets"][0])
-                self.meta[name] = (DTYPE_ST[info["dtype"]], tuple(int(x) for x in info["shape"]))
-
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor (or rows [r0, r1) of it) as a private tensor in the compute dtype (fp32, or fp64)."""
-        dt, shape = self.meta[name]
-        fpath, offset = self.where[name]
-        r0, r1 = rows if rows is not None else (0, shape[0] if shape else 1)
-        row_bytes = math.prod(shape[1:]) * dt.itemsize
-        t = torch.empty((r1 - r0, *shape[1:]) if shape else (), dtype=dt)
-        buf = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own memory, as bytes (little-endian)
-        with open(fpath, "rb") as f:
-            f.seek(offset + r0 * row_bytes)
-            if f.readinto(buf) != buf.nbytes:
-                raise MergeError(f"{fpath}: short read of tensor {name} (file changed during the merge?)")
-        return t.to(_compute_dtype(dt))  # fp32 stays as read; bf16 / fp16 are widened once
-
-
-def _expected_shapes(c: Checkpoint) -> dict[str, tuple]:
-    """Tensor name -> shape that config.json implies, in HF's order (a model built on the meta device: free)."""
-    with torch.device("meta"):
-        return CommandA(c.model_config).expected_shapes()
-
-
-def _check_checkpoints(ckpts: list[Checkpoint], labels: list[str]) -> dict[str, tuple]:
-    """Same architecture, the tensors the architecture needs, the same tensors with the same shapes."""
-    ref = ckpts[0]
-    for c, label in zip(ckpts[1:], labels[1:]):
-        diff = [k for k in ARCH_KEYS if ref.config.get(k) != c.config.get(k)]
-        if diff:
-            k = diff[0]
-            raise MergeError(f"{label} ({c.path}) and {labels[0]} ({ref.path}) have different architectures: "
-                             f"{k} = {c.config.get(k)!r} vs {ref.config.get(k)!r}" + (
-                                 f" (and {len(diff) - 1} more field(s))" if len(diff) > 1 else ""))
-    expected = _expected_shapes(ref)
-    for c, label in zip(ckpts, labels):
-        missing = sorted(set(expected) - set(c.meta))
-        if missing:
-            raise MergeError(f"{label} ({c.path}) is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
-        extra = sorted(k for k in set(c.meta) - set(expected) if k != "lm_head.weight" and not k.endswith(".bias"))
-        if extra:
-            raise MergeError(f"{label} ({c.path}) has tensor(s) this architecture does not have, e.g. {extra[:3]}")
-        for k, shape in expected.items():
-            if c.meta[k][1] != shape:
-                raise MergeError(f"{label} ({c.path}): tensor {k} has shape {c.meta[k][1]}, "
-                                 f"config.json implies {shape}")
-    _check_same_tensors([(f"{label} ({c.path})", {k: s for k, (_, s) in c.meta.items()})
-                         for c, label in zip(ckpts, labels)])
-    # the same token ids must mean the same tokens, or averaging embedding rows averages different words
-    for fname in ("tokenizer.json",):
-        have = [(c, label) for c, label in zip(ckpts, labels) if os.path.isfile(os.path.join(c.path, fname))]
-        blobs = {label: _file_bytes(os.path.join(c.path, fname)) for c, label in have}
-        if len(set(blobs.values())) > 1:
-            raise MergeError(f"the models have different {fname} files ({', '.join(blobs)}): merged embeddings would "
-                             f"mix different tokens")
-    return expected
-
-
-def _file_bytes(p):
-    with open(p, "rb") as f:
-        return f.read()
-
-
-def _check_out(out: str, inputs: list[str], overwrite: bool):
-    o = os.path.realpath(out)
-    for p in inputs:
-        r = os.path.realpath(p)
-        if o == r or o.startswith(r + os.sep) or r.startswith(o + os.sep):
-            raise MergeError(f"--out {out} would overwrite the input {p}; write the merge somewhere else")
-    if os.path.exists(o):
-        if not os.path.isdir(o):
-            raise MergeError(f"--out {out} exists and is not a directory")
-        if os.listdir(o) and not overwrite:
-            raise MergeError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-
-
-def _plan_shards(names, nbytes: dict, max_shard_bytes: int) -> list[list[str]]:
-    shards, cur, size = [], [], 0
-    for k in names:
-        if cur and size + nbytes[k] > max_shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(k)
-        size += nbytes[k]
-    return shards + [cur]
-
-
-def _write_safetensors_streaming(f, names, meta_out, produce, metadata, on_tensor):
-    """safetensors, written as a stream: the header (from shapes known in advance), then each tensor's bytes as
-    soon as it is computed. Only one output tensor exists at a time."""
-    header, off = {}, 0
-    for k in names:
-        dt, shape = meta_out[k]
-        n = math.prod(shape) * dt.itemsize
-        header[k] = {"dtype": ST_DTYPE[dt], "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
-    f.write(struct.pack("<Q", len(raw)) + raw)
-    for k in names:
-        dt, shape = meta_out[k]
-        written = 0
-        for block in produce(k):  # row blocks in order: row-major bytes concatenate into the whole tensor
-            block = block.to(dt).contiguous()
-            f.write(block.reshape(-1).view(torch.uint8).numpy().data)  # safetensors and the host: little-endian
-            written += block.numel()
-            on_tensor(k, block.numel() * block.element_size())
-            del block
-        if written != math.prod(shape):
-            raise RuntimeError(f"merge produced {written} entries for {k}, expected {math.prod(shape)}")
-
-
-def merge_checkpoints(cfg: MergeConfig, models: list[str], base: str | None, out: str, overwrite: bool = False,
-                      progress: bool = True) -> dict:
-    """Stream-merge HF checkpoint directories into `out`. Everything is validated first; the output appears
-    only when complete (temp dir next to it, renamed at the end)."""
-    cfg.check(len(models), base is not None)
-    if sys.byteorder != "little":
-        raise MergeError("this writer assumes a little-endian host (safetensors is little-endian)")
-    paths = [str(p) for p in models] + ([str(base)] if base is not None else [])
-    labels = [f"model {i}" for i in range(len(models))] + (["base"] if base is not None else [])
-    _check_out(out, paths, overwrite)
-    ckpts = [Checkpoint(p) for p in paths]
-    expected = _check_checkpoints(ckpts, labels)
-    experts, base_ckpt = ckpts[:len(models)], (ckpts[-1] if base is not None else None)
-
-    w = cfg.resolved_weights(len(models))
-    idx = list(range(len(models))) if cfg.method in ("slerp", "interpolate") else [i for i, x in enumerate(w) if x > 0]
-    ref = experts[0]
-    # HF's layer order, then what real checkpoints may add (a tied lm_head copy, all-zero biases)
-    names = list(expected) + sorted(set(ref.meta) - set(expected))
-    out_dt = {k: (DTYPES[cfg.dtype] if cfg.dtype else ref.meta[k][0]) for k in names}
-    meta_out = {k: (out_dt[k], ref.meta[k][1]) for k in names}
-    nbytes = {k: math.prod(s) * d.itemsize for k, (d, s) in meta_out.items()}
-    shards = _plan_shards(names, nbytes, cfg.max_shard_bytes)
-    fnames = (["model.safetensors"] if len(shards) == 1 else
-              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-
-    def produce(k):
-        """Row blocks of merged tensor k; inputs are read lazily, one alive at a time."""
-        shape = meta_out[k][1]
-        rows = shape[0] if shape else 1
-        step = rows
-        # TIES and DARE without sparsification (density 1) are element-wise too
-        if (cfg.method in ELEMENTWISE or (cfg.method in TASK_VECTOR and cfg.density >= 1)) and len(shape) >= 1:
-            step = max(1, cfg.chunk_bytes // max(1, 4 * math.prod(shape[1:])))
-        for r0 in range(0, rows, step):
-            sl = None if step >= rows else (r0, min(rows, r0 + step))
-            ts = (experts[i].read(k, sl) for i in idx)
-            yield merge_tensor(cfg, k, ts, [w[i] for i in idx], base_ckpt.read(k, sl) if base_ckpt else None, idx)
-
-    out = os.path.abspath(out)
-    parent, leaf = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{leaf}.merging-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    record = {"method": cfg.method, "models": [os.path.abspath(p) for p in models],
-              "base": os.path.abspath(base) if base else None, "weights": w,
-              **{k: v for k, v in asdict(cfg).items() if k not in ("method", "weights")},
-              "normalize": cfg.resolved_normalize()}
-    t0 = time.time()
-    try:
-        os.makedirs(tmp)
-        bar = tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True, desc=f"merge {cfg.method}",
-                   disable=not progress)
-        for fname, shard in zip(fnames, shards):
-            with open(os.path.join(tmp, fname), "wb") as f:
-                _write_safetensors_streaming(f, shard, meta_out, produce, {"format": "pt", "merge": cfg.method},
-                                             lambda k, n: bar.update(n))
-                f.flush()
-                os.fsync(f.fileno())
-        bar.close()
-        if len(shards) > 1:
-            _write_json(os.path.join(tmp, "model.safetensors.index.json"), {
-                "metadata": {"total_size": sum(nbytes.values())},
-                "weight_map": {k: fn for fn, s in zip(fnames, shards) for k in s}})
-        dts = {d for d, _ in meta_out.values()}
-        hf = {**ref.config, "torch_dtype": str(dts.pop()).replace("torch.", "") if len(dts) == 1 else
-              ref.config.get("torch_dtype")}
-        _write_json(os.path.join(tmp, "config.json"), hf)
-        src = base_ckpt or ref  # tokenizer and generation files from the parent (or the first model)
-        for fname in AUX_FILES:
-            if os.path.isfile(os.path.join(src.path, fname)):
-                shutil.copyfile(os.path.join(src.path, fname), os.path.join(tmp, fname))
-        _write_json(os.path.join(tmp, "merge.json"), record)  # provenance: what made this checkpoint
-        _swap_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": out, "method": cfg.method, "tensors": len(names), "shards": len(shards),
-            "bytes": sum(nbytes.values()), "seconds": round(time.time() - t0, 3), "weights": w}
-
-
-def _write_json(p, obj):
-    """temp file, fsync, rename: readers see the old file or the new one, never half of one."""
-    tmp = p + ".tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _swap_into_place(tmp, out):
-    """Rename the finished directory onto `out`; an old `out` (allowed by --overwrite) is moved aside first
-    and deleted only after the new one is in place."""
-    old = None
-    if os.path.exists(out):
-        old = out + f".old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    try:
-        fd = os.open(os.path.dirname(out), os.O_RDONLY)
-        os.fsync(fd)  # make the rename itself durable
-        os.close(fd)
-    except OSError:
-        pass
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One entry point for every kind of input
-
-
-def _kind(x):
-    if isinstance(x, (str, os.PathLike)):
-        return "path"
-    if isinstance(x, CommandA):
-        return "module"
-    if isinstance(x, dict):
-        return "dict"
-    raise MergeError(f"cannot merge a {type(x).__name__}: give checkpoint paths, CommandA modules or state dicts")
-
-
-def merge(method: str, models: list, weights=None, base=None, out: str | None = None, overwrite: bool = False,
-          progress: bool = True, **params):
-    """merge("linear", ["a", "b"], [2, 1], out="c") streams checkpoints to disk and returns a summary dict;
-    CommandA modules give a new CommandA, state dicts a new state dict (in memory, `out` unused).
-    params: density, lam, normalize, t, eta, seed, dtype, max_shard_bytes (see MergeConfig)."""
-    kinds = {_kind(m) for m in models} | ({_kind(base)} if base is not None else set())
-    if len(kinds) > 1:
-        raise MergeError(f"models mix {sorted(kinds)}; give all paths, all modules or all state dicts")
-    kind = kinds.pop() if kinds else "path"
-    if kind == "path":
-        if out is None:
-            raise MergeError("merging checkpoint directories needs an output directory (out=...)")
-        cfg = MergeConfig(method=method, weights=None if weights is None else list(weights), **params)
-        return merge_checkpoints(cfg, list(models), base, out, overwrite=overwrite, progress=progress)
-    if out is not None:
-        raise MergeError("out= is for checkpoint paths; save an in-memory merge with CommandA.save_pretrained")
-    if kind == "module":
-        return merge_modules(method, list(models), weights, base, **params)
-    return merge_state_dicts(method, list(models), weights, base, **params)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Choosing what to merge: top-k seeds, the expert-weight search, leave-one-out
 
 
@@ -874,11 +547,7 @@ def format_loo_table(loo: dict) -> str:
 def plot_search(result: dict | None, path: str, loo: dict | None = None, names=None):
     """Left: every evaluated merge, mean vs worst domain margin (feasible above the dashed line), best starred.
     Right: the leave-one-out matrix (score change per domain when one expert is left out)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [p for p in (result, loo) if p is not None]
     if not panels:
         raise MergeError("nothing to plot: give a search result and/or a leave-one-out result")
@@ -911,10 +580,304 @@ def plot_search(result: dict | None, path: str, loo: dict | None = None, names=N
         ax.set_title("leave one out: score change (red: expert carries the domain)")
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# On disk: checkpoints read lazily, output written tensor by tensor
+
+
+def _read_header(fpath: str) -> tuple[dict, int]:
+    """The safetensors header (8-byte little-endian length, then JSON) and where the data starts, each
+    tensor's byte range checked against its shape and the file size, so a truncated or foreign file is
+    refused before the merge starts. Reads no tensor data."""
+    try:
+        size = os.path.getsize(fpath)
+        with open(fpath, "rb") as f:
+            raw = f.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if not 2 <= n <= min(size - 8, 100 * 2**20):
+                raise MergeError(f"{fpath} is not a safetensors file (bad header length)")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"{fpath}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{fpath}: the safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        try:
+            dt = DTYPE_ST.get(info["dtype"])
+            (b, e), shape = info["data_offsets"], [int(x) for x in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise MergeError(f"{fpath}: malformed header entry for tensor {name}") from None
+        if dt is None:
+            raise MergeError(f"{fpath}: tensor {name} has dtype {info['dtype']}; only floating-point tensors "
+                             f"(F32/BF16/F16/F64) can be merged")
+        if e - b != math.prod(shape) * dt.itemsize or b < 0:
+            raise MergeError(f"{fpath}: tensor {name}'s byte range does not match its shape {shape}")
+        if 8 + n + e > size:
+            raise MergeError(f"{fpath} is truncated: tensor {name} ends at byte {8 + n + e}, the file has {size}")
+    return header, 8 + n
+
+
+class Checkpoint:
+    """An HF checkpoint directory read lazily: config.json and the safetensors headers up front, each tensor
+    (or row block of one) only when asked for, read straight from its byte range in the shard. Plain reads,
+    not safetensors' mmap: a mapped shard keeps every page it touched resident until it is closed, and this
+    way an fp32 input is read once into the buffer the merge computes in."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        cfg_file = os.path.join(self.path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise MergeError(f"{self.path} is not a checkpoint directory (no config.json)")
+        try:
+            with open(cfg_file) as f:
+                self.config = json.load(f)
+            self.model_config = ModelConfig.from_hf_dict(self.config)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise MergeError(f"{cfg_file}: not a usable Cohere2 config ({e!r})") from None
+        try:
+            files = shard_paths(self.path)
+        except (ValueError, FileNotFoundError) as e:
+            raise MergeError(str(e)) from None
+        self.meta, self.where = {}, {}  # name -> (dtype, shape); name -> (shard path, first data byte)
+        for fpath in files:
+            header, data_start = _read_header(fpath)
+            for name, info in header.items():
+                if name in self.where:
+                    raise MergeError(f"{fpath}: tensor {name} appears in more than one shard")
+                self.where[name] = (fpath, data_start + info["data_offsets"][0])
+                self.meta[name] = (DTYPE_ST[info["dtype"]], tuple(int(x) for x in info["shape"]))
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor (or rows [r0, r1) of it) as a private tensor in the compute dtype (fp32, or fp64)."""
+        dt, shape = self.meta[name]
+        fpath, offset = self.where[name]
+        r0, r1 = rows if rows is not None else (0, shape[0] if shape else 1)
+        row_bytes = math.prod(shape[1:]) * dt.itemsize
+        t = torch.empty((r1 - r0, *shape[1:]) if shape else (), dtype=dt)
+        buf = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own memory, as bytes (little-endian)
+        with open(fpath, "rb") as f:
+            f.seek(offset + r0 * row_bytes)
+            if f.readinto(buf) != buf.nbytes:
+                raise MergeError(f"{fpath}: short read of tensor {name} (file changed during the merge?)")
+        return t.to(_compute_dtype(dt))  # fp32 stays as read; bf16 / fp16 are widened once
+
+
+def _expected_shapes(c: Checkpoint) -> dict[str, tuple]:
+    """Tensor name -> shape that config.json implies, in HF's order (a model built on the meta device: free)."""
+    with torch.device("meta"):
+        return CommandA(c.model_config).expected_shapes()
+
+
+def _check_checkpoints(ckpts: list[Checkpoint], labels: list[str]) -> dict[str, tuple]:
+    """Same architecture, the tensors the architecture needs, the same tensors with the same shapes."""
+    ref = ckpts[0]
+    for c, label in zip(ckpts[1:], labels[1:]):
+        diff = [k for k in ARCH_KEYS if ref.config.get(k) != c.config.get(k)]
+        if diff:
+            k = diff[0]
+            raise MergeError(f"{label} ({c.path}) and {labels[0]} ({ref.path}) have different architectures: "
+                             f"{k} = {c.config.get(k)!r} vs {ref.config.get(k)!r}" + (
+                                 f" (and {len(diff) - 1} more field(s))" if len(diff) > 1 else ""))
+    expected = _expected_shapes(ref)
+    for c, label in zip(ckpts, labels):
+        missing = sorted(set(expected) - set(c.meta))
+        if missing:
+            raise MergeError(f"{label} ({c.path}) is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        extra = sorted(k for k in set(c.meta) - set(expected) if k != "lm_head.weight" and not k.endswith(".bias"))
+        if extra:
+            raise MergeError(f"{label} ({c.path}) has tensor(s) this architecture does not have, e.g. {extra[:3]}")
+        for k, shape in expected.items():
+            if c.meta[k][1] != shape:
+                raise MergeError(f"{label} ({c.path}): tensor {k} has shape {c.meta[k][1]}, "
+                                 f"config.json implies {shape}")
+    _check_same_tensors([(f"{label} ({c.path})", {k: s for k, (_, s) in c.meta.items()})
+                         for c, label in zip(ckpts, labels)])
+    # the same token ids must mean the same tokens, or averaging embedding rows averages different words
+    for fname in ("tokenizer.json",):
+        have = [(c, label) for c, label in zip(ckpts, labels) if os.path.isfile(os.path.join(c.path, fname))]
+        blobs = {label: _file_bytes(os.path.join(c.path, fname)) for c, label in have}
+        if len(set(blobs.values())) > 1:
+            raise MergeError(f"the models have different {fname} files ({', '.join(blobs)}): merged embeddings would "
+                             f"mix different tokens")
+    return expected
+
+
+def _file_bytes(p):
+    with open(p, "rb") as f:
+        return f.read()
+
+
+def _check_out(out: str, inputs: list[str], overwrite: bool):
+    o = os.path.realpath(out)
+    for p in inputs:
+        r = os.path.realpath(p)
+        if o == r or o.startswith(r + os.sep) or r.startswith(o + os.sep):
+            raise MergeError(f"--out {out} would overwrite the input {p}; write the merge somewhere else")
+    if os.path.exists(o):
+        if not os.path.isdir(o):
+            raise MergeError(f"--out {out} exists and is not a directory")
+        if os.listdir(o) and not overwrite:
+            raise MergeError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def _write_safetensors_streaming(f, names, meta_out, produce, metadata, on_tensor):
+    """safetensors, written as a stream: the header (from shapes known in advance), then each tensor's bytes as
+    soon as it is computed. Only one output tensor exists at a time."""
+    header, off = {}, 0
+    for k in names:
+        dt, shape = meta_out[k]
+        n = math.prod(shape) * dt.itemsize
+        header[k] = {"dtype": ST_DTYPE[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+    f.write(struct.pack("<Q", len(raw)) + raw)
+    for k in names:
+        dt, shape = meta_out[k]
+        written = 0
+        for block in produce(k):  # row blocks in order: row-major bytes concatenate into the whole tensor
+            block = block.to(dt).contiguous()
+            f.write(block.reshape(-1).view(torch.uint8).numpy().data)  # safetensors and the host: little-endian
+            written += block.numel()
+            on_tensor(k, block.numel() * block.element_size())
+            del block
+        if written != math.prod(shape):
+            raise RuntimeError(f"merge produced {written} entries for {k}, expected {math.prod(shape)}")
+
+
+def merge_checkpoints(cfg: MergeConfig, models: list[str], base: str | None, out: str, overwrite: bool = False,
+                      progress: bool = True) -> dict:
+    """Stream-merge HF checkpoint directories into `out`. Everything is validated first; the output appears
+    only when complete (temp dir next to it, renamed at the end)."""
+    cfg.check(len(models), base is not None)
+    if sys.byteorder != "little":
+        raise MergeError("this writer assumes a little-endian host (safetensors is little-endian)")
+    paths = [str(p) for p in models] + ([str(base)] if base is not None else [])
+    labels = [f"model {i}" for i in range(len(models))] + (["base"] if base is not None else [])
+    _check_out(out, paths, overwrite)
+    ckpts = [Checkpoint(p) for p in paths]
+    expected = _check_checkpoints(ckpts, labels)
+    experts, base_ckpt = ckpts[:len(models)], (ckpts[-1] if base is not None else None)
+
+    w = cfg.resolved_weights(len(models))
+    idx = list(range(len(models))) if cfg.method in ("slerp", "interpolate") else [i for i, x in enumerate(w) if x > 0]
+    ref = experts[0]
+    # HF's layer order, then what real checkpoints may add (a tied lm_head copy, all-zero biases)
+    names = list(expected) + sorted(set(ref.meta) - set(expected))
+    out_dt = {k: (DTYPES[cfg.dtype] if cfg.dtype else ref.meta[k][0]) for k in names}
+    meta_out = {k: (out_dt[k], ref.meta[k][1]) for k in names}
+    nbytes = {k: math.prod(s) * d.itemsize for k, (d, s) in meta_out.items()}
+    shards, fnames = plan_shards({k: nbytes[k] for k in names}, cfg.max_shard_bytes)
+
+    def produce(k):
+        """Row blocks of merged tensor k; inputs are read lazily, one alive at a time."""
+        shape = meta_out[k][1]
+        rows = shape[0] if shape else 1
+        step = rows
+        # TIES and DARE without sparsification (density 1) are element-wise too
+        if (cfg.method in ELEMENTWISE or (cfg.method in TASK_VECTOR and cfg.density >= 1)) and len(shape) >= 1:
+            step = max(1, cfg.chunk_bytes // max(1, 4 * math.prod(shape[1:])))
+        for r0 in range(0, rows, step):
+            sl = None if step >= rows else (r0, min(rows, r0 + step))
+            ts = (experts[i].read(k, sl) for i in idx)
+            yield merge_tensor(cfg, k, ts, [w[i] for i in idx], base_ckpt.read(k, sl) if base_ckpt else None, idx)
+
+    out = os.path.abspath(out)
+    parent, leaf = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{leaf}.merging-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    record = {"method": cfg.method, "models": [os.path.abspath(p) for p in models],
+              "base": os.path.abspath(base) if base else None, "weights": w,
+              **{k: v for k, v in asdict(cfg).items() if k not in ("method", "weights")},
+              "normalize": cfg.resolved_normalize()}
+    t0 = time.time()
+    try:
+        os.makedirs(tmp)
+        bar = tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True, desc=f"merge {cfg.method}",
+                   disable=not progress)
+        for fname, shard in zip(fnames, shards):
+            with open(os.path.join(tmp, fname), "wb") as f:
+                _write_safetensors_streaming(f, shard, meta_out, produce, {"format": "pt", "merge": cfg.method},
+                                             lambda k, n: bar.update(n))
+                f.flush()
+                os.fsync(f.fileno())
+        bar.close()
+        if len(shards) > 1:
+            atomic_write_json(os.path.join(tmp, "model.safetensors.index.json"), {
+                "metadata": {"total_size": sum(nbytes.values())},
+                "weight_map": {k: fn for fn, s in zip(fnames, shards) for k in s}})
+        dts = {d for d, _ in meta_out.values()}
+        hf = {**ref.config, "torch_dtype": str(dts.pop()).replace("torch.", "") if len(dts) == 1 else
+              ref.config.get("torch_dtype")}
+        atomic_write_json(os.path.join(tmp, "config.json"), hf)
+        src = base_ckpt or ref  # tokenizer and generation files from the parent (or the first model)
+        for fname in AUX_FILES:
+            if os.path.isfile(os.path.join(src.path, fname)):
+                shutil.copyfile(os.path.join(src.path, fname), os.path.join(tmp, fname))
+        atomic_write_json(os.path.join(tmp, "merge.json"), record)  # provenance: what made this checkpoint
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": out, "method": cfg.method, "tensors": len(names), "shards": len(shards),
+            "bytes": sum(nbytes.values()), "seconds": round(time.time() - t0, 3), "weights": w}
+
+
+def _swap_into_place(tmp, out):
+    """Rename the finished directory onto `out`; an old `out` (allowed by --overwrite) is moved aside first
+    and deleted only after the new one is in place."""
+    old = None
+    if os.path.exists(out):
+        old = out + f".old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    try:
+        fd = os.open(os.path.dirname(out), os.O_RDONLY)
+        os.fsync(fd)  # make the rename itself durable
+        os.close(fd)
+    except OSError:
+        pass
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One entry point for every kind of input
+
+
+def _kind(x):
+    if isinstance(x, (str, os.PathLike)):
+        return "path"
+    if isinstance(x, CommandA):
+        return "module"
+    if isinstance(x, dict):
+        return "dict"
+    raise MergeError(f"cannot merge a {type(x).__name__}: give checkpoint paths, CommandA modules or state dicts")
+
+
+def merge(method: str, models: list, weights=None, base=None, out: str | None = None, overwrite: bool = False,
+          progress: bool = True, **params):
+    """merge("linear", ["a", "b"], [2, 1], out="c") streams checkpoints to disk and returns a summary dict;
+    CommandA modules give a new CommandA, state dicts a new state dict (in memory, `out` unused).
+    params: density, lam, normalize, t, eta, seed, dtype, max_shard_bytes (see MergeConfig)."""
+    kinds = {_kind(m) for m in models} | ({_kind(base)} if base is not None else set())
+    if len(kinds) > 1:
+        raise MergeError(f"models mix {sorted(kinds)}; give all paths, all modules or all state dicts")
+    kind = kinds.pop() if kinds else "path"
+    if kind == "path":
+        if out is None:
+            raise MergeError("merging checkpoint directories needs an output directory (out=...)")
+        cfg = MergeConfig(method=method, weights=None if weights is None else list(weights), **params)
+        return merge_checkpoints(cfg, list(models), base, out, overwrite=overwrite, progress=progress)
+    if out is not None:
+        raise MergeError("out= is for checkpoint paths; save an in-memory merge with CommandA.save_pretrained")
+    if kind == "module":
+        return merge_modules(method, list(models), weights, base, **params)
+    return merge_state_dicts(method, list(models), weights, base, **params)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1072,7 +1035,7 @@ def _run(args) -> dict:
         summary["best"] = report["search"][0]
     if loo:
         report["leave_one_out"] = loo
-    _write_json(os.path.join(args.out, "merge_search.json"), report)
+    atomic_write_json(os.path.join(args.out, "merge_search.json"), report)
     plot_search(result, os.path.join(args.out, "merge_search.png"), loo, names)
     return {**summary, "report": os.path.join(args.out, "merge_search.json")}
 

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -112,6 +112,10 @@ class ModelConfig:
     @property
     def width_mult(self) -> float:  # muP's m; 1 when muP is off
         return 1.0 if self.mup_base_hidden_size is None else self.hidden_size / self.mup_base_hidden_size
+
+    def window_of(self, kind: str) -> int | None:
+        """The attention window of a layer kind: W keys on sliding layers, none (the whole context) on full."""
+        return self.sliding_window if kind == "sliding" else None
 
     def num_params(self) -> int:
         """Exact parameter count from the shapes (SPEC 1.3), without allocating anything."""
@@ -497,6 +501,31 @@ def shard_files(path: str) -> list[str]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
+def shard_paths(path: str) -> list[str]:
+    """shard_files as full paths, each checked to exist (FileNotFoundError names the missing one)."""
+    out = [os.path.join(path, f) for f in shard_files(path)]
+    for fpath in out:
+        if not os.path.isfile(fpath):
+            raise FileNotFoundError(f"shard {fpath} listed in the index is missing")
+    return out
+
+
+def plan_shards(nbytes: dict, max_shard_bytes: int) -> tuple[list[list[str]], list[str]]:
+    """Tensor names (in order) grouped into shards of at most max_shard_bytes (a bigger tensor alone), and the
+    shard file names in HF's convention: model.safetensors, or model-0000i-of-0000n.safetensors + an index."""
+    shards, cur, size = [], [], 0
+    for k, n in nbytes.items():
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(k)
+        size += n
+    shards.append(cur)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    return shards, names
+
+
 class CommandA(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -530,7 +559,7 @@ class CommandA(nn.Module):
             kv_pos = cache.reserve(position_ids)
             zero = torch.zeros((), dtype=torch.long, device=device)  # a cached sequence is a single document
             return {kind: attention_allowed(position_ids[:, None, :, None], kv_pos[kind][:, None, None, :],
-                                            zero, zero, self.config.sliding_window if kind == "sliding" else None)
+                                            zero, zero, self.config.window_of(kind))
                     for kind in LAYER_KINDS}
         # FlexAttention's compiled kernel needs head_dim >= 16; SDPA serves the rest with the same mask
         use_flex = (self.config.attn_backend == "flex" or
@@ -540,7 +569,7 @@ class CommandA(nn.Module):
             flex, create_block_mask = _flex_attention()
             masks = {}
             for kind in LAYER_KINDS:
-                W = self.config.sliding_window if kind == "sliding" else None
+                W = self.config.window_of(kind)
 
                 def mask_mod(b, h, q_idx, kv_idx, W=W):
                     return attention_allowed(position_ids[b, q_idx], position_ids[b, kv_idx],
@@ -552,7 +581,7 @@ class CommandA(nn.Module):
         q_pos, kv_pos = position_ids[:, None, :, None], position_ids[:, None, None, :]  # (B, 1, T, 1), (B, 1, 1, T)
         q_doc, kv_doc = doc_ids[:, None, :, None], doc_ids[:, None, None, :]
         return {kind: attention_allowed(q_pos, kv_pos, q_doc, kv_doc,
-                                        self.config.sliding_window if kind == "sliding" else None)
+                                        self.config.window_of(kind))
                 for kind in LAYER_KINDS}
 
     def forward(self, input_ids, targets=None, position_ids=None, doc_ids=None, cache=None, logits_index=None,
@@ -629,16 +658,13 @@ class CommandA(nn.Module):
             cfg = ModelConfig.from_hf_dict(hf, **runtime)
         except KeyError as e:
             raise ValueError(f"{cfg_file} lacks required field {e}") from None
-        files = shard_files(path)
+        files = shard_paths(path)
 
         with torch.device("meta"):
             model = cls(cfg)
         expected = model.expected_shapes()
         state = {}
-        for fname in files:
-            fpath = os.path.join(path, fname)
-            if not os.path.isfile(fpath):
-                raise FileNotFoundError(f"shard {fpath} listed in the index is missing")
+        for fpath in files:
             try:
                 with safe_open(fpath, framework="pt", device="cpu") as f:
                     for name in f.keys():
@@ -678,23 +704,15 @@ class CommandA(nn.Module):
 
         os.makedirs(path, exist_ok=True)
         tensors = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        shards, cur, size = [], {}, 0
-        for k, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k], size = t, size + nbytes
-        shards.append(cur)
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        groups, names = plan_shards({k: t.numel() * t.element_size() for k, t in tensors.items()}, max_shard_bytes)
+        shards = [{k: tensors[k] for k in g} for g in groups]
         for name, shard in zip(names, shards):
-            _atomic_write(os.path.join(path, name), lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+            atomic_write(os.path.join(path, name), lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
         index = os.path.join(path, "model.safetensors.index.json")
         if len(shards) > 1:
             idx = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                    "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-            _atomic_write(index, lambda p: _dump_json(idx, p))
+            atomic_write(index, lambda p: _dump_json(idx, p))
         elif os.path.exists(index):
             os.remove(index)
         for stale in os.listdir(path):  # shards of an earlier, differently sharded save
@@ -703,18 +721,19 @@ class CommandA(nn.Module):
         any_t = next(iter(tensors.values()))
         hf = {**self.config.to_hf_dict(), "torch_dtype": str(any_t.dtype).replace("torch.", ""),
               **(extra_config or {})}
-        _atomic_write(os.path.join(path, "config.json"), lambda p: _dump_json(hf, p))
+        atomic_write(os.path.join(path, "config.json"), lambda p: _dump_json(hf, p))
 
 
-def _dump_json(obj, p):
+def _dump_json(obj, p, indent=2):
     with open(p, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
 
 
-def _atomic_write(final_path: str, write_fn):
+# Every file the project writes goes through atomic_write (tokenizer.py, torch-free, keeps a small copy).
+def atomic_write(final_path: str, write_fn):
     """temp file -> fsync -> rename: a kill leaves the old file or the new one, and after a power loss the
-    renamed file's bytes are on disk (rename alone orders nothing with the data)."""
-    tmp = final_path + ".tmp"
+    renamed file's bytes are on disk (rename alone orders nothing with the data). write_fn(tmp_path)."""
+    tmp = f"{final_path}.tmp{os.getpid()}"
     try:
         write_fn(tmp)
         with open(tmp, "rb") as f:
@@ -723,6 +742,31 @@ def _atomic_write(final_path: str, write_fn):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_json(path: str, obj, indent=2):
+    atomic_write(path, lambda p: _dump_json(obj, p, indent))
+
+
+def atomic_write_text(path: str, text: str):
+    def write(p):
+        with open(p, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display), imported only when something plots."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: str, dpi=110):
+    """A figure as a PNG, written atomically, then closed."""
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
+    pyplot().close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -824,9 +868,9 @@ def bench(presets=("tiny", "small"), batch=8, T=256, steps=5):
 
 def plot_masks(out_file: str, doc_lens=(11, 7, 14), window=4):
     """Draw the masks of a sliding and a full layer over one packed row of several documents."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    plt = pyplot()
 
     doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(doc_lens)])[None]
     pos = positions_from_doc_ids(doc_ids)
@@ -843,8 +887,12 @@ def plot_masks(out_file: str, doc_lens=(11, 7, 14), window=4):
             ax.axhline(b - 0.5, color="tab:red", lw=0.8)
             ax.axvline(b - 0.5, color="tab:red", lw=0.8)
     fig.suptitle(f"Document-masked attention over one packed row (documents of {list(doc_lens)} tokens)")
-    fig.tight_layout()
-    fig.savefig(out_file, dpi=110)
+    fig.legend(handles=[Patch(color=plt.get_cmap("Blues")(1.0), label="query may attend to key"),
+                        Patch(facecolor="white", edgecolor="0.6", label="blocked"),
+                        Line2D([], [], color="tab:red", lw=0.8, label="document boundary")],
+               loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    save_figure(fig, out_file)
     return out_file
 
 

@@ -35,7 +35,7 @@ Numerics: every parallel layout computes the same function as one process; only 
 sums can differ (gradient reductions over ranks, row-parallel partial sums, GEMMs over fewer rows). Under bf16
 autocast the row-parallel partials are formed in fp32 and rounded to bf16 once after the reduction, as one
 device's GEMM rounds its fp32 accumulator once, and the loss is an fp64 token sum (exact in any order).
-`python parallel.py --parity` measures the result ("Parity" below): on this repo's CPU, fp32 runs log the
+`python tests/parity.py` measures the result ("Parity" below): on this repo's CPU, fp32 runs log the
 single-process losses bit for bit in all six layouts it tries; bf16 runs differ by <= 1.2e-5 after the first
 update, 1.1-1.9x what one process differs from itself when it takes the same batch as two micro-batches.
 
@@ -49,8 +49,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 import types
 import warnings
 from collections import Counter
@@ -322,7 +320,7 @@ def _model_forward(self, input_ids, targets=None, position_ids=None, doc_ids=Non
     cos, sin = rope_cos_sin(pos[:, s0:s0 + Ts], cfg.head_dim, cfg.rope_theta, h.dtype)
     q_pos, kv_pos = pos[:, None, s0:s0 + Ts, None], pos[:, None, None, :]       # rows: my queries; cols: all keys
     q_doc, kv_doc = doc[:, None, s0:s0 + Ts, None], doc[:, None, None, :]
-    masks = {kind: attention_allowed(q_pos, kv_pos, q_doc, kv_doc, cfg.sliding_window if kind == "sliding" else None)
+    masks = {kind: attention_allowed(q_pos, kv_pos, q_doc, kv_doc, cfg.window_of(kind))
              for kind in ("sliding", "full")}
     for layer in self.model.layers:
         h = layer(h, (cos, sin), masks[layer.self_attn.kind])
@@ -525,6 +523,80 @@ def local_state_bytes(model, opt) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The training loop's view of a layout: one object, with single-process defaults
+
+
+class Layout:
+    """What pretrain.py's loop asks of the layout, and nothing else: the device, whether this process writes,
+    checks before the data work, the model's wrapping, the gradient reduction + clip, and the gathered model /
+    optimizer state for evaluation and checkpoints. Layout(None) is one process, where each is the identity."""
+
+    def __init__(self, pc: ParallelConfig | None = None):
+        self.pc = pc
+        if pc is None:
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.rank, self.world = 0, 1
+        else:                     # torchrun: this process's device; rank 0 alone logs and writes
+            self.device = init_distributed()
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    def check(self, cfg: ModelConfig, batches: list[tuple[str, int, int]]):
+        """Fail before the data work if the layout cannot split the model or a phase's (name, rows, tokens)."""
+        if self.pc is None:
+            return
+        self.pc.validate(cfg, self.world)
+        for name, B, T in batches:
+            try:
+                self.pc.check_batch(B, T)
+            except ValueError as e:
+                raise ValueError(f"phase {name} (rows of {T} tokens): {e}") from None
+
+    def check_same_data(self, fingerprint: str):
+        """Every rank must have built the same training data (each builds it deterministically)."""
+        if self.pc is None:
+            return
+        fp = torch.tensor([int(fingerprint[:15], 16)], dtype=torch.int64)
+        lo, hi = fp.clone(), fp.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if lo.item() != hi.item():
+            raise RuntimeError("the ranks built different training data (non-deterministic corpus?)")
+
+    def wrap(self, model: CommandA) -> CommandA:
+        """Shard the model (TP, then FSDP); build the optimizer after this."""
+        return model if self.pc is None else parallelize(model, self.pc)
+
+    def clip_grads(self, model, max_norm: float) -> torch.Tensor:
+        """After backward: TP-replicated gradients summed over tp, then the global norm clipped."""
+        if self.pc is None:
+            return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        sync_grads(model)
+        return clip_grad_norm_(model, max_norm)
+
+    def full_model(self, model) -> CommandA:
+        """The single-process model (a collective: every rank calls it)."""
+        return model if self.pc is None else gather_full_model(model).to(self.device)
+
+    def full_optimizer_state(self, model, opt) -> dict:
+        return opt.state_dict() if self.pc is None else full_optimizer_state(model, opt)
+
+    def describe(self) -> str:
+        return "" if self.pc is None else ("parallel: " + " x ".join(f"{a}={getattr(self.pc, a)}" for a in AXES) +
+                                           f" over {self.world} processes ({dist.get_backend()})")
+
+    def close(self):
+        """Every rank reaches teardown before any destroys the group: a rank that tears gloo down while another
+        still writes or logs can abort it ("terminate called without an active exception")."""
+        if self.pc is not None and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The plan: memory and communication per GPU from the ZeRO / Megatron formulas (what parallelize() does)
 
 H100_MEM = 80e9          # bytes of HBM on an H100 SXM
@@ -611,8 +683,8 @@ def candidate_layouts(gpus: int) -> list[ParallelConfig]:
 def plan_table(cfg: ModelConfig, layouts, seq: int, micro_batch: int, recompute: bool) -> tuple[str, list]:
     G = 1e9
     rows = [plan(cfg, pc, seq, micro_batch, recompute=recompute) for pc in layouts]
-    lines = [f"| dp | fsdp | sp | tp | tokens/step | params+grads+Adam GB | gathered GB | activations GB | total GB "
-             f"| fits 80 GB | comm GB/step/GPU (fsdp / dp / tp / sp) |", "|" + "---|" * 11]
+    lines = ["| dp | fsdp | sp | tp | tokens/step | params+grads+Adam GB | gathered GB | activations GB | total GB "
+             "| fits 80 GB | comm GB/step/GPU (fsdp / dp / tp / sp) |", "|" + "---|" * 11]
     for r in rows:
         m, c, l = r["memory"], r["comm_bytes_per_step"], r["layout"]
         lines.append(f"| {l['dp']} | {l['fsdp']} | {l['sp']} | {l['tp']} | {r['tokens_per_step']:,} | "
@@ -623,99 +695,11 @@ def plan_table(cfg: ModelConfig, layouts, seq: int, micro_batch: int, recompute:
     return "\n".join(lines), rows
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Parity: pretrain.py under torchrun against one process, next to the noise floor of one process
-#
-# "The same losses" can mean the same bits only where every sum is formed in the same order. A layout splits
-# sums (the batch over dp/fsdp, the sequence over sp, the hidden dim over tp), and fp32 addition is not
-# associative: a weight gradient summed as two halves differs from the one-GEMM sum in the last bit for most
-# elements. In fp32 such 1-ulp differences stay 1-ulp, below what the logged token mean resolves (bit-equal
-# losses here). Under bf16 autocast they are amplified: an fp32 weight or activation that moved by one ulp
-# sometimes rounds to the NEIGHBOURING bf16 value (a 2^-8 relative jump), so after one update the losses move in
-# the 5th-6th digit. (Computing weight and input gradients with fp32 outputs -- Megatron's
-# fp32 gradient accumulation -- was tried and leaves the gap at the same size.) The meaningful check is the floor:
-# one process doing the SAME math in another order (half the batch, twice the micro-batches).
-
-
-def _layout_flags(spec: str) -> tuple[list[str], int]:
-    """"fsdp=2,tp=2" -> (["--fsdp", "2", "--tp", "2"], 4)."""
-    flags, world = [], 1
-    for part in spec.split(","):
-        axis, _, n = part.partition("=")
-        if axis not in AXES or not n.isdigit() or int(n) < 1:
-            raise ValueError(f"layout {spec!r}: expected comma-separated axis=degree with axes {AXES}")
-        flags += [f"--{axis}", n]
-        world *= int(n)
-    return flags, world
-
-
-def run_pretrain(args: list[str], nproc: int = 1, timeout: float = 900, env: dict | None = None) -> dict:
-    """pretrain.py as a user runs it (torchrun when nproc > 1, CPU + gloo); returns its final JSON summary.
-    `env` adds variables (e.g. OMP_NUM_THREADS) to this process's environment."""
-    root = os.path.dirname(os.path.abspath(__file__))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    proc = subprocess.run(launch + ["pretrain.py", *args], cwd=root, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})})
-    if proc.returncode != 0:
-        raise RuntimeError(f"pretrain.py {' '.join(args)} (nproc {nproc}) failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def parity(base: list[str], batch_size: int, grad_accum: int, layouts: list[str], out: str,
-           precisions=("bf16", "fp32"), progress=None) -> list[dict]:
-    """Runs, per precision: one process (the reference), one process with 2x the micro-batches (the floor), and
-    each layout under torchrun; compares every run's per-step losses with the reference's."""
-    rows = []
-    for prec in precisions:
-        extra = ["--fp32"] if prec == "fp32" else []
-        runs = [("1 process", [], 1),
-                ("1 process, 2x micro-batches (floor)",
-                 ["--batch-size", str(batch_size // 2), "--grad-accum", str(grad_accum * 2)], 1)]
-        runs += [(lay, *_layout_flags(lay)) for lay in layouts]
-        ref = None
-        for name, flags, nproc in runs:
-            res = run_pretrain(base + extra + flags + ["--out", os.path.join(out, f"run{len(rows)}")], nproc)
-            losses = res["losses"]
-            if ref is None:
-                ref = losses
-            diff = [abs(a - b) for a, b in zip(losses, ref)]
-            rows.append({"precision": prec, "run": name, "processes": nproc, "losses": losses,
-                         "first_step_bit_equal": losses[0] == ref[0], "max_abs_diff": max(diff),
-                         "printed_equal": [round(a, 5) for a in losses] == [round(b, 5) for b in ref]})
-            if progress:
-                progress(rows[-1])
-    for r in rows:       # each run against the floor of its precision
-        floor = next(f["max_abs_diff"] for f in rows if f["precision"] == r["precision"] and "floor" in f["run"])
-        r["vs_floor"] = r["max_abs_diff"] / floor if floor else float("nan")
-    return rows
-
-
-def parity_table(rows: list[dict]) -> str:
-    lines = ["| precision | run | procs | step-1 loss bit-equal | max abs diff of the losses | / floor | "
-             "equal at 5 decimals |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["run"] == "1 process":
-            lines.append(f"| {r['precision']} | 1 process (reference) | 1 | - | - | - | - |")
-            continue
-        lines.append(f"| {r['precision']} | {r['run']} | {r['processes']} | "
-                     f"{'yes' if r['first_step_bit_equal'] else 'no'} | {r['max_abs_diff']:.1e} | "
-                     f"{r['vs_floor']:.1f} | {'yes' if r['printed_equal'] else 'no'} |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Plan a parallel layout: memory per GPU and communication per step "
-                                 "from the ZeRO / Megatron formulas, for a model preset on H100s (--plan); or "
-                                 "measure pretrain.py's loss parity under torchrun on CPU (--parity).")
-    mode = ap.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--plan", metavar="PRESET", help=f"model preset ({', '.join(PRESETS)})")
-    mode.add_argument("--parity", action="store_true", help="run pretrain.py --tiny under torchrun in several "
-                      "layouts (bf16 and fp32) and compare the losses with one process and its noise floor")
-    ap.add_argument("--steps", type=int, default=4, help="--parity: optimizer steps per run (default 4)")
-    ap.add_argument("--layouts", default="dp=2;fsdp=2;sp=2;tp=2;fsdp=2,tp=2;dp=2,sp=2",
-                    help="--parity: ';'-separated layouts (default dp=2;fsdp=2;sp=2;tp=2;fsdp=2,tp=2;dp=2,sp=2)")
-    ap.add_argument("--out", default="out/parity", help="--parity: run directories and parity.json")
+                                 "from the ZeRO / Megatron formulas, for a model preset on H100s. (Loss parity "
+                                 "under torchrun is measured by python tests/parity.py.)")
+    ap.add_argument("--plan", metavar="PRESET", required=True, help=f"model preset ({', '.join(PRESETS)})")
     ap.add_argument("--gpus", type=int, default=64, help="number of GPUs (default 64)")
     for a in AXES:
         ap.add_argument(f"--{a}", type=int, default=None, help=f"{a} degree of one layout to detail")
@@ -724,8 +708,6 @@ def main(argv=None):
                     "micro-batch; sp and tp ranks share a row (default 1)")
     ap.add_argument("--recompute", action="store_true", help="full activation checkpointing per block")
     args = ap.parse_args(argv)
-    if args.parity:
-        return _parity_main(ap, args)
     if args.plan not in PRESETS:
         ap.error(f"--plan {args.plan!r}: unknown preset; choose from {sorted(PRESETS)}")
     if args.gpus < 1 or args.seq < 1 or args.micro_batch < 1:
@@ -758,33 +740,6 @@ def main(argv=None):
               (", ".join(f"{k} x{v}" for k, v in r["collectives_per_step"].items()) or "none") +
               " (+ FSDP's all-gathers / reduce-scatters per block)")
     print(json.dumps({"preset": args.plan, "params": cfg.num_params(), "rows": rows}))
-    return rows
-
-
-def _parity_main(ap, args):
-    from pretrain import TINY         # here, not at the top: pretrain.py imports this file
-    layouts = [l for l in args.layouts.split(";") if l]
-    try:
-        for lay in layouts:
-            _layout_flags(lay)
-    except ValueError as e:
-        ap.error(str(e))
-    if args.steps < 1:
-        ap.error("--steps must be >= 1")
-    from tqdm import tqdm
-    bar = tqdm(total=2 * (2 + len(layouts)), desc="parity runs", dynamic_ncols=True)
-    base = ["--tiny", "--max-steps", str(args.steps), "--seed", "0", "--samples", "0"]
-    rows = parity(base, TINY["batch_size"], TINY.get("grad_accum", 1), layouts, args.out,
-                  progress=lambda r: (bar.update(1), bar.set_postfix_str(f"{r['precision']} {r['run']}")))
-    bar.close()
-    print(f"pretrain.py --tiny --max-steps {args.steps} --seed 0: {args.steps} losses per run vs one process")
-    print(parity_table(rows))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "parity.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"(per-step losses in {path})")
     return rows
 
 

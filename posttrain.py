@@ -53,10 +53,10 @@ from alignment import (  # noqa: F401  (the losses are part of posttrain's publi
     check_same_architecture, check_same_tokenizer, completion_nll, copg_loss, copg_offline_objective,
     copg_online_objective, dpo_loss, has_state, hinge_loss, ipo_loss, ipo_sft_loss, load_examples, make_engine,
     packed_batch, pair_sequences, plot_bandit, pref_objective, pretrain_rows, reference_logps, reference_pairs,
-    render, rm_accuracy, rm_objective, rm_reward_fn, sample, save_fig, score_suites, seq, sequence_logps,
+    render, rm_accuracy, rm_objective, rm_reward_fn, sample, score_suites, seq, sequence_logps,
     sft_objective, sft_sequences, slic_loss, split_train_val, srpo_loss, tokenizer_fingerprint, train_loop,
     validate_stage, verifier_reward_fn, verifier_rewards)
-from model import CommandA
+from model import CommandA, atomic_write_json, atomic_write_text, pyplot, save_figure
 from tokenizer import Tokenizer, parse_completion
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,16 +95,11 @@ def write_outputs(out, model, tok, result, log, plot_title):
         tok.save(out)
     if log is not None:
         plot_curves(os.path.join(out, "curves.png"), log, plot_title)
-    tmp = os.path.join(out, "result.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(out, "result.json"))
+    atomic_write_json(os.path.join(out, "result.json"), result, indent=1)
 
 
 def plot_curves(path, log, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     keys = sorted({k for m in log["metrics"] for k in m})
     fig, axes = plt.subplots(1, 2 + bool(keys), figsize=(5 * (2 + bool(keys)), 3.6))
     axes[0].plot(range(1, len(log["loss"]) + 1), log["loss"], lw=0.8)
@@ -124,7 +119,7 @@ def plot_curves(path, log, title):
     ax.set_xlabel("step")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    save_fig(fig, path)
+    save_figure(fig, path)
 
 
 def fingerprint_of(*parts) -> str:
@@ -917,16 +912,12 @@ def report(summary, out):
     lines += [f"| {a} | {b} | {c} |" for a, b, c in findings(summary)]
     text = "\n".join(lines)
     print("\n" + text)
-    with open(os.path.join(out, "pipeline.md.tmp"), "w") as f:
-        f.write(text + "\n")
-    os.replace(os.path.join(out, "pipeline.md.tmp"), os.path.join(out, "pipeline.md"))
+    atomic_write_text(os.path.join(out, "pipeline.md"), text + "\n")
     heatmap(stages, os.path.join(out, "pipeline.png"))
 
 
 def heatmap(stages, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     names, suites = list(stages), list(next(iter(stages.values())))
     m = np.array([[stages[n][s] for s in suites] for n in names])
     fig, ax = plt.subplots(figsize=(1.1 * len(suites) + 3, 0.42 * len(names) + 1.5))
@@ -940,7 +931,7 @@ def heatmap(stages, path):
     fig.colorbar(im, ax=ax, label="test score (verifiers)")
     ax.set_title("post-training pipeline: every stage on every domain (test split)")
     fig.tight_layout()
-    save_fig(fig, path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1128,8 +1119,7 @@ def main(argv=None):
         summary = {**{k: {"pi": v["pi"], "kl_to_pi_star": v["kl_to_pi_star"]} for k, v in copg.items()},
                    "pi_star": pi_star, "dpo": {k: {"pi": v["pi"], "kl_to_pi_star": v["kl_to_pi_star"]}
                                                for k, v in dpo.items()}}
-        with open(os.path.join(args.out, "bandit.json"), "w") as f:
-            json.dump(summary, f)
+        atomic_write_json(os.path.join(args.out, "bandit.json"), summary, indent=None)
         print(f"wrote {args.out}/bandit.png")
         print(json.dumps(summary))
         return summary

@@ -1,7 +1,7 @@
 """
 Pretraining Command A (report section "Pre-training": data, recipe, cooldown, context extension), end to end:
 
-    python pretrain.py --tiny          # ~5 minutes on 2 CPU cores: data -> tokenizer -> train -> samples
+    python pretrain.py --tiny          # ~2.5 min on 2 CPU cores with bf16: data -> tokenizer -> train -> samples
 
 What happens, in the report's order:
   1. data.py builds the corpus (dedup, heuristic + ML quality filters, educational up-weighting) and
@@ -22,7 +22,7 @@ What happens, in the report's order:
      rows / tokens / heads, and checkpoints are gathered to the single-process layout, so they resume in any
      layout. The losses are the single-process run's up to the order of floating-point sums: bit for bit
      with --fp32 (measured here, every layout); under bf16 within ~1e-5, as much as one process differs from
-     itself with twice the micro-batches (`python parallel.py --parity` measures both).
+     itself with twice the micro-batches (`python tests/parity.py` measures both).
 
 The log line is `step | loss | lr | tok/s | MFU` (FLOPs per token 6N + 12*L*H*T, PaLM appendix B; peak from
 a bf16 matmul measured at start on CPU, a table on GPUs). The last stdout line is a JSON summary.
@@ -46,7 +46,7 @@ from tqdm import tqdm
 import data as D
 import parallel as par
 from model import (CommandA, KVCache, ModelConfig, PRESETS, bf16_is_fast, flops_per_token, measure_matmul_peak,
-                   tune_malloc)
+                   atomic_write_json, pyplot, save_figure, tune_malloc)
 from tokenizer import Tokenizer
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense FLOP/s
@@ -247,42 +247,66 @@ def data_fingerprint(packed: dict) -> str:
 # Checkpoints: atomic directory swap; weights as safetensors, the rest loaded with weights_only=True
 
 
+def write_train_state(out, model, step: int, optimizer_state: dict, meta: dict):
+    """OUT/checkpoint, swapped in whole: the weights (safetensors) and train_state.pt (the optimizer, the RNGs,
+    `meta` as JSON), every file fsynced before the swap makes it visible. A kill leaves the previous checkpoint
+    or this one, never a mix. Both training loops (pretrain.py, alignment.py) write through here."""
+    ckpt, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_pretrained(tmp)
+    meta = {**meta, "python_rng": _rng_to_json(random.getstate()), "numpy_rng": _rng_to_json(np.random.get_state())}
+    torch.save({"step": step, "optimizer": optimizer_state, "torch_rng": torch.get_rng_state(),
+                "meta": json.dumps(meta)}, os.path.join(tmp, "train_state.pt"))
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    if os.path.exists(ckpt):
+        shutil.rmtree(old, ignore_errors=True)      # a run killed mid-cleanup may have left one behind
+        os.replace(ckpt, old)
+    os.replace(tmp, ckpt)                            # the swap: `checkpoint` is always complete
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_train_state(out) -> tuple[str, dict, dict]:
+    """(checkpoint dir, train_state, meta) of OUT/checkpoint; tensors and JSON only (weights_only=True)."""
+    ckpt = os.path.join(out, "checkpoint")
+    if not os.path.isdir(ckpt) and os.path.isdir(ckpt + ".old"):
+        ckpt += ".old"                               # a kill between the two renames of write_train_state
+    if not os.path.isfile(os.path.join(ckpt, "train_state.pt")):
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    state = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=True)  # never unpickle code
+    return ckpt, state, json.loads(state["meta"])
+
+
+def restore_rngs(state: dict, meta: dict):
+    torch.set_rng_state(state["torch_rng"])
+    py = meta["python_rng"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npr = meta["numpy_rng"]
+    np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), *npr[2:]))
+
+
 def save_checkpoint(out, model, opt, step, loaders, losses, cfg, fingerprint, tok, val_log, opt_state=None):
     """`model` is a single-process model; under parallel.py it is the gathered one and `opt_state` the gathered
     optimizer state (single-process layout), so a checkpoint from any layout resumes in any other."""
-    ckpt, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    ckpt = os.path.join(out, "checkpoint")
     swapped = False
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        model.save_pretrained(tmp)
-        state = {"step": step, "optimizer": opt_state if opt_state is not None else opt.state_dict(),
-                 "torch_rng": torch.get_rng_state(),
-                 "meta": json.dumps({"train_config": asdict(cfg), "fingerprint": fingerprint,
-                                     "loaders": {k: l.state_dict() for k, l in loaders.items()},
-                                     "losses": losses, "val_log": val_log,
-                                     "python_rng": _rng_to_json(random.getstate()),
-                                     "numpy_rng": _rng_to_json(np.random.get_state())})}
-        torch.save(state, os.path.join(tmp, "train_state.pt"))
-        for name in os.listdir(tmp):                  # everything on disk before the swap makes it visible
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        if os.path.exists(ckpt):
-            shutil.rmtree(old, ignore_errors=True)  # a run killed mid-cleanup may have left one behind
-            os.replace(ckpt, old)
-        os.replace(tmp, ckpt)                      # the swap: `checkpoint` is always complete
+        write_train_state(out, model, step, opt_state if opt_state is not None else opt.state_dict(),
+                          {"train_config": asdict(cfg), "fingerprint": fingerprint, "losses": losses,
+                           "val_log": val_log, "loaders": {k: l.state_dict() for k, l in loaders.items()}})
         swapped = True
-        shutil.rmtree(old, ignore_errors=True)
         # the output directory itself is an HF checkpoint + tokenizer (each file replaced atomically)
         model.save_pretrained(out, extra_config={"bos_token_id": tok.bos_id, "eos_token_id": tok.eot_id,
                                                  "pad_token_id": tok.pad_id})
         tok.save(out)
     except Exception as e:  # OSError, torch's RuntimeError and SafetensorError all mean "could not write"
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(os.path.join(out, "checkpoint.tmp"), ignore_errors=True)
         if swapped:
             raise RuntimeError(f"step {step}: the checkpoint in {ckpt} is complete, but exporting the HF "
                                f"checkpoint into {out} failed ({e}): disk full?") from None
-        where = ckpt if os.path.exists(ckpt) else old
+        where = ckpt if os.path.exists(ckpt) else ckpt + ".old"
         raise RuntimeError(f"could not write the checkpoint at step {step} ({e}: disk full?); "
                            f"the previous checkpoint in {where} is intact") from None
 
@@ -293,13 +317,7 @@ def _rng_to_json(state):
 
 
 def load_checkpoint(out, model, opt, cfg, fingerprint):
-    ckpt = os.path.join(out, "checkpoint")
-    if not os.path.isdir(ckpt) and os.path.isdir(ckpt + ".old"):
-        ckpt += ".old"                             # a crash between the two renames of save_checkpoint
-    if not os.path.isfile(os.path.join(ckpt, "train_state.pt")):
-        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
-    state = torch.load(os.path.join(ckpt, "train_state.pt"), weights_only=True)  # never unpickle code
-    meta = json.loads(state["meta"])
+    ckpt, state, meta = read_train_state(out)
     saved = meta["train_config"]
     ignore = {"max_steps", "eval_every", "ckpt_every", "log_every", "samples"}
     diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items()
@@ -318,11 +336,7 @@ def load_checkpoint(out, model, opt, cfg, fingerprint):
             for p, q in zip(model.parameters(), loaded.parameters()):
                 p.copy_(q)
         opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    py = meta["python_rng"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npr = meta["numpy_rng"]
-    np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), *npr[2:]))
+    restore_rngs(state, meta)
     return state["step"], meta
 
 
@@ -387,9 +401,7 @@ def sample(model, tok, prompt: str, max_new=48, temperature=0.8, top_k=40, seed=
 
 
 def plot_curves(path, losses, val_log, lrs, plan):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.plot(range(1, len(losses) + 1), losses, lw=0.8, label="train loss")
     if val_log:
@@ -402,15 +414,25 @@ def plot_curves(path, losses, val_log, lrs, plan):
     ax2 = ax.twinx()
     ax2.plot(range(1, len(lrs) + 1), lrs, color="tab:red", lw=0.8, label="lr")
     ax2.set_ylabel("learning rate", color="tab:red")
-    ax.legend(loc="upper right")
-    ax.set_title("pretraining: warmup -> stable -> linear cooldown (high-quality, then long context)")
+    # below the stage labels, which sit at the top; validation reads lower than the noisy per-step training
+    # loss because it is measured with the weights at that step over held-out rows of the same mix, while the
+    # training loss of a step is measured before that step's update (and on one batch only)
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0], loc="lower left",
+              fontsize=8)
+    ax.set_title("pretraining: warmup -> stable -> linear cooldown (high-quality, then long context)\n"
+                 "val: held-out rows, scored after the step; train: the step's own batch, before its update",
+                 fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The training loop
+
+
+def rows_per_batch(cfg: TrainConfig, seq_len: int) -> int:
+    """Longer rows, fewer of them: every phase trains on the same tokens per step (cooldown's long contexts)."""
+    return max(1, cfg.batch_size * cfg.seq_len // seq_len)
 
 
 def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True,
@@ -418,59 +440,26 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
     """Train; returns the summary (None on ranks other than 0 of a parallel run, which log and save nothing).
     fp32=True turns bf16 autocast off: slower, and a parallel run then logs one process's losses (bit for bit
     on this CPU); under bf16 an fp32 value that moved by one ulp can round to the neighbouring bf16 value, so
-    reordered sums show up as ~1e-5 (see parallel.py, "Parity")."""
+    reordered sums show up as ~1e-5 (see tests/parity.py)."""
     validate(cfg)
     t_start = time.time()
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
     os.makedirs(out, exist_ok=True)
-    rank = 0
-    if parallel is not None:   # torchrun: this process's device, rank 0 alone logs and writes
-        device = par.init_distributed()
-        rank = torch.distributed.get_rank()
-        verbose = verbose and rank == 0
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not fp32 and not bf16_is_fast(device):
-        fp32 = True
-        if verbose:
-            print("this CPU has no native bf16 matmul (bf16 is slower than fp32 here): training in fp32")
-    autocast_kw = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": not fp32}
+    L = par.Layout(parallel)                      # one process, or this rank of a torchrun job
+    verbose = verbose and L.is_writer
+    autocast_kw = precision(L.device, fp32, verbose)
     plan = phases(cfg)
-    if parallel is not None:   # fail before the data work if the layout cannot split the batches
-        parallel.validate(PRESETS[cfg.preset], torch.distributed.get_world_size())
-        for p in plan:
-            try:
-                parallel.check_batch(max(1, cfg.batch_size * cfg.seq_len // p["seq_len"]), p["seq_len"])
-            except ValueError as e:
-                raise ValueError(f"phase {p['name']} (rows of {p['seq_len']} tokens): {e}") from None
-
-    tok = Tokenizer.load(out) if resume and os.path.isfile(os.path.join(out, "tokenizer.json")) else None
-    # every rank builds the same data (deterministic); only rank 0 writes the data card into `out`
-    data_dir = out if rank == 0 else os.path.join(out, f".rank{rank}")
-    tok, packed, val, data_info = prepare_data(cfg, data_dir, tok, verbose)
-    if rank:
-        shutil.rmtree(data_dir, ignore_errors=True)
+    L.check(PRESETS[cfg.preset], [(p["name"], rows_per_batch(cfg, p["seq_len"]), p["seq_len"]) for p in plan])
+    tok, packed, val, data_info = prepare_data_on(cfg, out, L.rank, resume, verbose)
     fingerprint = data_fingerprint(packed)
-    if parallel is not None:
-        fp = torch.tensor([int(fingerprint[:15], 16)], dtype=torch.int64)
-        lo, hi = fp.clone(), fp.clone()
-        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
-        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
-        if lo.item() != hi.item():
-            raise RuntimeError("the ranks built different training data (non-deterministic corpus?)")
-
+    L.check_same_data(fingerprint)
     mcfg = ModelConfig(**{**asdict(PRESETS[cfg.preset]), "vocab_size": tok.vocab_size, "fp8": cfg.fp8,
                           "mup_base_hidden_size": cfg.mup_base_hidden_size,
                           "max_position_embeddings": max(p["seq_len"] for p in plan)})
-    model = CommandA(mcfg).to(device)      # every rank: the same seed, the same full model ...
-    if parallel is not None:
-        par.parallelize(model, parallel)    # ... then sharded (TP, then FSDP): build the optimizer after
-    groups = param_groups(model, cfg)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-    loaders = {p["name"]: D.Loader(packed[p["name"]], max(1, cfg.batch_size * cfg.seq_len // p["seq_len"]),
-                                   seed=cfg.seed + i) for i, p in enumerate(plan)}
+    model = L.wrap(CommandA(mcfg).to(L.device))   # every rank: the same seed, the same full model, then sharded
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    loaders = {p["name"]: D.Loader(packed[p["name"]], rows_per_batch(cfg, p["seq_len"]), seed=cfg.seed + i)
+               for i, p in enumerate(plan)}
     step, losses, val_log = 0, [], []
     if resume:
         step, meta = load_checkpoint(out, model, opt, cfg, fingerprint)
@@ -479,52 +468,26 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
         losses, val_log = meta["losses"], [tuple(v) for v in meta["val_log"]]
         if verbose:
             print(f"resumed from {out}/checkpoint at step {step}")
-
-    peak = (next((v for k, v in GPU_PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
-            if device.type == "cuda" else measure_matmul_peak(torch.float32 if fp32 else torch.bfloat16))
-    if peak and parallel is not None:
-        peak *= parallel.world              # MFU of the whole job (on one CPU the processes share its cores)
-    n_params = mcfg.num_params()
+    peak = peak_flops(L, autocast_kw)
     stop = cfg.steps if cfg.max_steps is None else min(cfg.steps, cfg.max_steps)
-    crash_at = int(os.environ.get("PRETRAIN_CRASH_AT_STEP", "0"))  # test hook: die like a killed job
     if verbose:
-        print(f"model: {cfg.preset} {n_params / 1e6:.2f}M params, vocab {tok.vocab_size}, muP m="
-              f"{mcfg.width_mult:g}, {'fp8' if cfg.fp8 else 'fp32' if fp32 else 'bf16'} compute on {device}; "
-              f"plan: " + ", ".join(f"{p['name']} [{p['start']},{p['end']})" for p in plan))
-        if parallel is not None:
-            print("parallel: " + " x ".join(f"{a}={getattr(parallel, a)}" for a in par.AXES) +
-                  f" over {parallel.world} processes ({torch.distributed.get_backend()})")
+        print(f"model: {cfg.preset} {mcfg.num_params() / 1e6:.2f}M params, vocab {tok.vocab_size}, muP m="
+              f"{mcfg.width_mult:g}, {'fp8' if cfg.fp8 else 'bf16' if autocast_kw['enabled'] else 'fp32'} compute "
+              f"on {L.device}; plan: " + ", ".join(f"{p['name']} [{p['start']},{p['end']})" for p in plan))
+        if L.describe():
+            print(L.describe())
+    meter = Meter(mcfg, peak, cfg.log_every, verbose)
     bar = tqdm(total=stop, initial=step, desc="pretrain", disable=not verbose, dynamic_ncols=True)
-    t_log, tok_log, lrs = time.time(), 0, [lr_at(s, cfg) for s in range(cfg.steps)]
-    tok_per_s = mfu = 0.0
-    t_train, tokens_run, flops_run = time.time(), 0, 0.0  # this process's training work, for the averages
     model.train()
     while step < stop:
         ph = plan[phase_at(step, plan)]
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        loss_sum, ntok = 0.0, 0
         micro = [next(loaders[ph["name"]]) for _ in range(cfg.grad_accum)]
-        n_targets = sum(int((b["targets"] != -100).sum()) for b in micro)
-        for b in micro:  # each micro-batch weighted by its share of target tokens: the step's loss is a token mean
-            b = {k: v.to(device) for k, v in b.items()}
-            share = int((b["targets"] != -100).sum()) / max(n_targets, 1)
-            with torch.autocast(**autocast_kw):
-                loss = model(b["input_ids"], targets=b["targets"], doc_ids=b["doc_ids"])
-            if not torch.isfinite(loss):
-                bar.close()
-                raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1} in phase "
-                                         f"{ph['name']}: stopping. The last good checkpoint is in "
-                                         f"{out}/checkpoint; try a lower --lr (now {cfg.lr}) or --clip.")
-            (loss * share).backward()
-            loss_sum += loss.item() * share
-            ntok += b["input_ids"].numel()
-        if parallel is not None:
-            par.sync_grads(model)           # TP-replicated params: sum over tp (FSDP reduced the rest)
-            gnorm = par.clip_grad_norm_(model, cfg.clip)
-        else:
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        loss_sum, ntok = forward_backward(model, micro, L.device, autocast_kw, f"step {step + 1} in phase "
+                                          f"{ph['name']}", f"{out}/checkpoint", cfg, bar)
+        gnorm = L.clip_grads(model, cfg.clip)
         if not torch.isfinite(gnorm):
             bar.close()
             raise FloatingPointError(f"non-finite gradient norm at step {step + 1}: stopping before the update; "
@@ -533,58 +496,121 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
         opt.zero_grad(set_to_none=True)
         step += 1
         losses.append(loss_sum)               # full precision: resume and parity compare bits
-        tok_log += ntok
-        tokens_run += ntok
-        flops_run += ntok * flops_per_token(mcfg, ph["seq_len"])
         bar.update(1)
-        if step == crash_at:
+        meter.step(step, ntok, ph["seq_len"], loss_sum, lr, ph["name"], bar, force=step == stop)
+        if step == int(os.environ.get("PRETRAIN_CRASH_AT_STEP", "0")):   # test hook: die like a killed job
             os._exit(17)
-        if step % cfg.log_every == 0 or step == stop:
-            dt = time.time() - t_log
-            tok_per_s = tok_log / max(dt, 1e-9)
-            mfu = tok_per_s * flops_per_token(mcfg, ph["seq_len"]) / peak if peak else float("nan")
-            if verbose:
-                bar.write(f"step {step:5d} | loss {loss_sum:.4f} | lr {lr:.2e} | {tok_per_s:7.0f} tok/s | "
-                          f"MFU {100 * mfu:4.1f}% | {ph['name']}")
-            t_log, tok_log = time.time(), 0
         evals, ckpts = step % cfg.eval_every == 0 or step == stop, step % cfg.ckpt_every == 0 or step == stop
-        full, opt_state = model, None
-        if parallel is not None and (evals or ckpts):   # gather (all ranks); rank 0 evaluates and writes
-            full = par.gather_full_model(model).to(device)
-            opt_state = par.full_optimizer_state(model, opt) if ckpts else None
-        if evals and rank == 0:
-            val_log.append((step, round(evaluate(full, val["all"], cfg.eval_rows, autocast_kw), 5)))
-            bar.set_postfix(val=val_log[-1][1])
-        if ckpts and rank == 0:
-            save_checkpoint(out, full, opt, step, loaders, losses, cfg, fingerprint, tok, val_log, opt_state)
+        if evals or ckpts:                    # gathered on every rank; rank 0 evaluates and writes
+            full = L.full_model(model)
+            opt_state = L.full_optimizer_state(model, opt) if ckpts else None
+            if evals and L.is_writer:
+                val_log.append((step, round(evaluate(full, val["all"], cfg.eval_rows, autocast_kw), 5)))
+                bar.set_postfix(val=val_log[-1][1])
+            if ckpts and L.is_writer:
+                save_checkpoint(out, full, opt, step, loaders, losses, cfg, fingerprint, tok, val_log, opt_state)
     bar.close()
-    if parallel is not None:   # the single-process model for the summary, plots and samples (a collective)
-        model = par.gather_full_model(model).to(device)
-        if rank != 0:
-            return None
+    model = L.full_model(model)               # the single-process model for the summary (a collective)
+    if not L.is_writer:
+        return None
+    return summarize(cfg, model, tok, val, out, losses, val_log, plan, meter, data_info, t_start, autocast_kw,
+                     verbose)
 
-    train_seconds = time.time() - t_train  # includes evaluation and checkpoint writes
-    val_loss = val_log[-1][1]
+
+def precision(device, fp32: bool, verbose: bool) -> dict:
+    """autocast's arguments: bf16 compute over fp32 master weights, unless --fp32 or the CPU lacks fast bf16."""
+    if not fp32 and not bf16_is_fast(device):
+        fp32 = True
+        if verbose:
+            print("this CPU has no native bf16 matmul (bf16 is slower than fp32 here): training in fp32")
+    return {"device_type": device.type, "dtype": torch.bfloat16, "enabled": not fp32}
+
+
+def prepare_data_on(cfg: TrainConfig, out: str, rank: int, resume: bool, verbose: bool):
+    """Every rank builds the same data (deterministic); only rank 0 writes the data card into `out`."""
+    tok = Tokenizer.load(out) if resume and os.path.isfile(os.path.join(out, "tokenizer.json")) else None
+    data_dir = out if rank == 0 else os.path.join(out, f".rank{rank}")
+    tok, packed, val, data_info = prepare_data(cfg, data_dir, tok, verbose)
+    if rank:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return tok, packed, val, data_info
+
+
+def peak_flops(L, autocast_kw) -> float | None:
+    """The peak MFU is measured against: the GPU's datasheet bf16 peak, or a matmul peak measured now on CPU."""
+    if L.device.type == "cuda":
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
+    else:
+        peak = measure_matmul_peak(torch.bfloat16 if autocast_kw["enabled"] else torch.float32)
+    return peak * L.world if peak else None   # MFU of the whole job (on one CPU the processes share its cores)
+
+
+def forward_backward(model, micro: list, device, autocast_kw, where: str, ckpt: str, cfg, bar) -> tuple[float, int]:
+    """One step's micro-batches, each weighted by its share of target tokens: the step's loss is a token mean."""
+    n_targets = sum(int((b["targets"] != -100).sum()) for b in micro)
+    loss_sum, ntok = 0.0, 0
+    for b in micro:
+        b = {k: v.to(device) for k, v in b.items()}
+        share = int((b["targets"] != -100).sum()) / max(n_targets, 1)
+        with torch.autocast(**autocast_kw):
+            loss = model(b["input_ids"], targets=b["targets"], doc_ids=b["doc_ids"])
+        if not torch.isfinite(loss):
+            bar.close()
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) at {where}: stopping. The last good "
+                                     f"checkpoint is in {ckpt}; try a lower --lr (now {cfg.lr}) or --clip.")
+        (loss * share).backward()
+        loss_sum += loss.item() * share
+        ntok += b["input_ids"].numel()
+    return loss_sum, ntok
+
+
+class Meter:
+    """Throughput: tok/s and MFU over each logging window, and this process's totals for the summary."""
+
+    def __init__(self, mcfg: ModelConfig, peak: float | None, log_every: int, verbose: bool):
+        self.mcfg, self.peak, self.log_every, self.verbose = mcfg, peak, log_every, verbose
+        self.t0 = self.t_log = time.time()
+        self.tok_log, self.tokens, self.flops = 0, 0, 0.0
+
+    def step(self, step, ntok, seq_len, loss, lr, phase, bar, force=False):
+        self.tok_log += ntok
+        self.tokens += ntok
+        self.flops += ntok * flops_per_token(self.mcfg, seq_len)
+        if step % self.log_every == 0 or force:
+            tok_per_s = self.tok_log / max(time.time() - self.t_log, 1e-9)
+            mfu = tok_per_s * flops_per_token(self.mcfg, seq_len) / self.peak if self.peak else float("nan")
+            if self.verbose:
+                bar.write(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {tok_per_s:7.0f} tok/s | "
+                          f"MFU {100 * mfu:4.1f}% | {phase}")
+            self.t_log, self.tok_log = time.time(), 0
+
+    def totals(self) -> dict:
+        s = time.time() - self.t0                # includes evaluation and checkpoint writes
+        return {"train_seconds": round(s, 1), "tok_per_s": round(self.tokens / max(s, 1e-9)),
+                "mfu": round(self.flops / max(s, 1e-9) / self.peak, 4) if self.peak else None, "peak_flops": self.peak}
+
+
+def summarize(cfg, model, tok, val, out, losses, val_log, plan, meter, data_info, t_start, autocast_kw,
+              verbose) -> dict:
+    """After training: per-domain validation loss, the induction probe, the loss plot, samples, the summary."""
+    totals = meter.totals()
     val_by_domain = {k: round(evaluate(model, v, cfg.eval_rows, autocast_kw), 4) for k, v in val.items() if k != "all"}
     induction = induction_probe(model, (256, min(4096, len(tok.ranks))), autocast_kw=autocast_kw)  # frequent tokens
     if verbose:
         print("val loss by domain: " + ", ".join(f"{k} {v:.3f}" for k, v in val_by_domain.items()))
         print(f"induction probe (20 random tokens, then again): loss {induction['first']:.2f} on the first "
               f"copy, {induction['repeat']:.2f} on the repeat")
-    plot_curves(os.path.join(out, "loss.png"), losses, val_log, lrs[:len(losses)], plan)
+    plot_curves(os.path.join(out, "loss.png"), losses, val_log, [lr_at(s, cfg) for s in range(len(losses))], plan)
     prompts = ["def ", "The ", "import "][:cfg.samples]
     if verbose and prompts:
         print("\nsamples (top-k 40, T=0.8):")
         for i, p in enumerate(prompts):
             print(f"--- {p!r}\n{sample(model, tok, p, seed=cfg.seed + i, autocast_kw=autocast_kw)}")
     tokens = len(losses) * cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    return {"val_loss": val_loss, "uniform_loss": round(math.log(tok.vocab_size), 4), "losses": losses,
+    return {"val_loss": val_log[-1][1], "uniform_loss": round(math.log(tok.vocab_size), 4), "losses": losses,
             "val_log": val_log, "val_loss_by_domain": val_by_domain, "induction": induction, "tokens": tokens,
-            "seconds": round(time.time() - t_start, 1),
-            "params": n_params, "vocab_size": tok.vocab_size,
-            "train_seconds": round(train_seconds, 1), "tok_per_s": round(tokens_run / max(train_seconds, 1e-9)),
-            "mfu": round(flops_run / max(train_seconds, 1e-9) / peak, 4) if peak else None,
-            "peak_flops": peak, "data": data_info, "out": out}
+            "seconds": round(time.time() - t_start, 1), "params": model.config.num_params(),
+            "vocab_size": tok.vocab_size, **totals, "data": data_info, "out": out}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -618,9 +644,7 @@ def lr_sweep(path: str, widths=(64, 128, 256), lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1
     """muP's promise (hyper-parameters transfer across width), checked directly: the training loss after
     `steps` steps against the LR, one curve per width, under SP and muP. Under muP the best LR is the same at
     every width; under SP it moves (usually down) as width grows."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     data = _byte_batches(steps)
     res = {}
     for mode in ("SP", "muP"):
@@ -648,8 +672,7 @@ def lr_sweep(path: str, widths=(64, 128, 256), lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1
     axes[0].set_ylabel("training loss (bytes)")
     fig.suptitle("muP LR transfer: the optimum should not move with width under muP")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return {"plot": path, "best_lr": best, "losses": {f"{m}@{w}@{lr:g}": round(v, 4) for (m, w, lr), v in res.items()}}
 
 
@@ -658,9 +681,7 @@ def coord_check(path: str, widths=(64, 128, 256, 512), steps=5, lr=1e-2, seed=0)
     plot the mean |activation| of the embedding output, the last block's output and the logits against
     width. Under muP the curves stay flat as width grows; under SP the logits blow up with width.
     Bytes are the tokens here (vocab 256): the check is about widths, not about the tokenizer."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     data = _byte_batches(steps)
     results = {}
     for mode in ("SP", "muP"):
@@ -697,8 +718,7 @@ def coord_check(path: str, widths=(64, 128, 256, 512), steps=5, lr=1e-2, seed=0)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"muP coordinate check (Adam, lr={lr}): flat curves = width-independent activations")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     # growth of the final-step logit scale from the narrowest to the widest model, per parametrization
     growth = {mode: results[(mode, "logits", steps - 1)][widths[-1]] / results[(mode, "logits", steps - 1)][widths[0]]
               for mode in ("SP", "muP")}
@@ -712,7 +732,7 @@ def coord_check(path: str, widths=(64, 128, 256, 512), steps=5, lr=1e-2, seed=0)
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Pretrain a Command A-architecture model with the report's recipe "
                                  "(data pipeline, BPE, muP, bf16/FP8, cooldown, context extension).")
-    ap.add_argument("--tiny", action="store_true", help="the ~5-minute CPU run (preset tiny, 4 MB corpus, 400 steps)")
+    ap.add_argument("--tiny", action="store_true", help="the ~2.5-minute CPU run (preset tiny, 4 MB corpus, 400 steps)")
     ap.add_argument("--out", default="out/tiny", help="output directory (HF checkpoint + tokenizer + plots)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
     ap.add_argument("--coord-check", metavar="PNG", help="run the muP coordinate check, write the plot, exit")
@@ -785,7 +805,10 @@ def main(argv=None):
             return None
     print(f"\nval loss {res['val_loss']:.3f} (uniform ln V = {res['uniform_loss']:.3f}) after {res['tokens']:,} "
           f"tokens in {res['seconds']:.0f}s; checkpoint + tokenizer in {res['out']}")
-    print(json.dumps(res))
+    # the per-step series go to a file; the last line stays short enough to read
+    path = os.path.join(res["out"], "summary.json")
+    atomic_write_json(path, res, indent=1)
+    print(json.dumps({**{k: v for k, v in res.items() if k not in ("losses", "val_log")}, "summary": path}))
     return res
 
 

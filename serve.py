@@ -1,7 +1,7 @@
 """
 Serving Command A (Cohere, arXiv 2504.00698, "Efficiency" and the serving claim of the introduction: 156
 tokens/s for the 111B model on two GPUs), at our scale: an inference engine with window-aware KV caches and
-continuous batching, and a chat server with a Cohere-v2 and an OpenAI-compatible API.
+continuous batching. api.py puts a Cohere-v2 and an OpenAI-compatible HTTP API in front of it.
 
 What the report says, and where it lives below:
   - 3 of 4 layers are sliding-window (W keys incl. the query): their cache is a ring of W positions, so
@@ -9,7 +9,7 @@ What the report says, and where it lives below:
   - grouped-query attention: the cache stores nkv heads, not nh                             -> WindowKVCache
   - high-throughput serving: batched prefill, continuous batching, sampling with a seed   -> Engine
   - chat format with tools, documents/citations and safety modes (tokenizer.py renders and parses it)
-    exposed as Cohere's v2 Chat API and as OpenAI's chat completions, with SSE streaming   -> ChatServer
+    exposed as Cohere's v2 Chat API and as OpenAI's chat completions, with SSE streaming   -> api.py
 
 Design notes (traps other engines fell into, SPEC 8):
   - the ring buffer stores the key for position p at slot p % W. A decode step writes in place (the slot it
@@ -22,8 +22,6 @@ Design notes (traps other engines fell into, SPEC 8):
     the last real position so no query row is fully masked (SDPA would return NaN for it).
   - continuous batching keeps the live requests in cache rows 0..n-1 (a finished request's row is filled by
     moving the last one in), so every decode step attends over slices of the cache, never gathered copies.
-  - streamed text goes through an incremental UTF-8 decoder, so a character split across tokens is never
-    emitted half; every stream ends (`message-end` / `data: [DONE]`), also on errors.
 
 Measured (`python serve.py --bench`, random weights, prompt 128 + 64 new tokens, greedy, fp32, one thread of a
 quiet 2-core CPU; methods interleaved, best of 3): at batch 1 the engine (fused decode) gives 1,173 tok/s on
@@ -41,26 +39,21 @@ Holtzman et al. 2020 (top-p), Cohere v2 Chat API and OpenAI Chat Completions API
 
     engine = Engine(CommandA.from_pretrained(d), Tokenizer.load(d))
     engine.generate([ids_a, ids_b], max_new_tokens=64)            # -> new tokens per prompt
-    python serve.py --ckpt DIR --port 8000  |  --chat  |  --bench
+    python serve.py --ckpt DIR --port 8000  |  --chat    (api.py's CLI: the process becomes python api.py)
+    python serve.py --bench
 """
 from __future__ import annotations
 
 import argparse
-import codecs
 import collections
-import http.server
 import json
+import os
 import queue
 import random
-import re
-import select
 import shutil
-import signal
-import socket
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -623,478 +616,6 @@ class Engine:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Chat: validating API requests into tokenizer.py's format, and turning tokens back into text / events
-
-
-class BadRequest(ValueError):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def _need(ok, msg, status=400):
-    if not ok:
-        raise BadRequest(msg, status)
-
-
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _check_tools(tools) -> list:
-    """Cohere v2 / OpenAI tools: {"type": "function", "function": {"name", "description", "parameters"}}
-    (a bare {"name", ...} is accepted too). parameters must be a JSON-Schema object."""
-    _need(isinstance(tools, list), "'tools' must be a list")
-    out = []
-    for i, t in enumerate(tools):
-        _need(isinstance(t, dict), f"tools[{i}] must be an object")
-        if "function" in t or "type" in t:
-            _need(t.get("type", "function") == "function", f"tools[{i}].type must be 'function'")
-            t = t.get("function")
-            _need(isinstance(t, dict), f"tools[{i}].function must be an object")
-        name, params = t.get("name"), t.get("parameters", {"type": "object", "properties": {}})
-        _need(isinstance(name, str) and TOOL_NAME.match(name), f"tools[{i}]: name must match {TOOL_NAME.pattern}")
-        _need(isinstance(t.get("description", ""), str), f"tools[{i}].description must be a string")
-        _need(isinstance(params, dict) and params.get("type", "object") == "object",
-              f"tools[{i}].parameters must be a JSON-Schema object ({{\"type\": \"object\", ...}})")
-        _need(isinstance(params.get("properties", {}), dict), f"tools[{i}].parameters.properties must be an object")
-        _need(isinstance(params.get("required", []), list), f"tools[{i}].parameters.required must be a list")
-        out.append({"name": name, "description": t.get("description", ""), "parameters": params})
-    return out
-
-
-def _check_documents(docs) -> tuple[list, list]:
-    """Cohere v2 documents: strings or {"id": ..., "data": {...}}. Returns (what the model reads, ids)."""
-    _need(isinstance(docs, list), "'documents' must be a list")
-    out, ids = [], []
-    for i, d in enumerate(docs):
-        if isinstance(d, str):
-            out.append({"text": d})
-            ids.append(f"doc_{i}")
-        else:
-            _need(isinstance(d, dict), f"documents[{i}] must be a string or an object")
-            data = d.get("data", {k: v for k, v in d.items() if k != "id"})
-            _need(isinstance(data, dict) and data, f"documents[{i}].data must be a non-empty object")
-            out.append(data)
-            ids.append(str(d.get("id", f"doc_{i}")))
-    return out, ids
-
-
-def _check_messages(msgs) -> list:
-    """API messages -> tokenizer.py messages. Tool calls arrive as {"id", "function": {"name", "arguments":
-    JSON string}} in both APIs; tool results as {"role": "tool", "tool_call_id", "content"}."""
-    _need(isinstance(msgs, list) and msgs, "'messages' must be a non-empty list")
-    out = []
-    for i, m in enumerate(msgs):
-        _need(isinstance(m, dict), f"messages[{i}] must be an object")
-        role = m.get("role")
-        _need(role in ("system", "user", "assistant", "tool", "developer"),
-              f"messages[{i}]: unknown role {role!r}; use system, user, assistant or tool")
-        role = "system" if role == "developer" else role
-        content = m.get("content")
-        if isinstance(content, list):  # content blocks: text (both APIs) or document (Cohere tool results)
-            parts = []
-            for b in content:
-                ok = isinstance(b, dict) and ((b.get("type") == "text" and isinstance(b.get("text"), str)) or
-                                              (b.get("type") == "document" and isinstance(b.get("document"), dict)))
-                _need(ok, f"messages[{i}].content blocks must be {{'type': 'text', 'text': str}} or "
-                          f"{{'type': 'document', 'document': {{...}}}}")
-                parts.append(b["text"] if b["type"] == "text" else b["document"].get("data", b["document"]))
-            content = parts if role == "tool" else "".join(str(p) for p in parts)
-        _need(content is None or isinstance(content, (str, list)) or (role == "tool" and isinstance(content, dict)),
-              f"messages[{i}].content must be a string or a list of content blocks")
-        msg = {"role": role, "content": content}
-        if role in ("user", "system"):
-            _need(isinstance(content, str), f"messages[{i}].content must be a string")
-        if role == "assistant":
-            calls = []
-            for j, c in enumerate(m.get("tool_calls") or []):
-                fn = c.get("function") if isinstance(c, dict) else None
-                _need(isinstance(fn, dict) and isinstance(fn.get("name"), str),
-                      f"messages[{i}].tool_calls[{j}] needs function.name")
-                try:
-                    args = fn.get("arguments") or "{}"
-                    args = args if isinstance(args, dict) else json.loads(args)
-                except (TypeError, ValueError):
-                    raise BadRequest(f"messages[{i}].tool_calls[{j}].function.arguments is not a JSON string")
-                _need(isinstance(args, dict), f"messages[{i}].tool_calls[{j}] arguments must be a JSON object")
-                calls.append({"tool_call_id": str(c.get("id", j)), "tool_name": fn["name"], "parameters": args})
-            if calls:
-                msg["tool_calls"] = calls
-            if isinstance(m.get("tool_plan"), str):
-                msg["thinking"] = m["tool_plan"]
-        if role == "tool":
-            msg["tool_call_id"] = str(m.get("tool_call_id", ""))
-        out.append(msg)
-    return out
-
-
-def check_sampling(body: dict, engine: Engine, n_prompt: int, default_max: int) -> dict:
-    """max_tokens / temperature / top_k (k in Cohere) / top_p (p) / seed, each type- and range-checked."""
-    mt = body.get("max_tokens", body.get("max_completion_tokens"))
-    room = engine.max_len - n_prompt
-    _need(room >= 1, f"the prompt has {n_prompt} tokens; the context holds {engine.max_len}")
-    if mt is None:
-        mt = min(default_max, room)
-    _need(_is_int(mt) and mt >= 1, "max_tokens must be a positive integer")
-    _need(mt <= room, f"max_tokens={mt} does not fit: prompt {n_prompt} + max_tokens > context {engine.max_len}")
-    t = body.get("temperature", 0.3)
-    _need(_is_num(t) and 0 <= t <= 5, "temperature must be a number in [0, 5]")
-    k, p = body.get("k", body.get("top_k")), body.get("p", body.get("top_p"))
-    _need(k is None or (_is_int(k) and 0 <= k <= engine.cfg.vocab_size), "k/top_k must be an integer >= 0")
-    _need(p is None or (_is_num(p) and 0 < p <= 1), "p/top_p must be a number in (0, 1]")
-    seed = body.get("seed")
-    _need(seed is None or (_is_int(seed) and 0 <= seed < 2**63), "seed must be a non-negative integer")
-    return {"max_new_tokens": mt, "temperature": float(t), "top_k": k or None, "top_p": p, "seed": seed}
-
-
-class ChatDecoder:
-    """Tokens -> the chat message so far: an incremental UTF-8 decoder (never half a character), then
-    tokenizer.parse_completion on the text so far. Deltas are emitted only for text that can no longer change
-    (a trailing '<' may still become a citation tag, so it waits)."""
-
-    def __init__(self, tokenizer):
-        self.tok, self.utf8 = tokenizer, codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text, self.sent = "", {"response": "", "thinking": ""}
-
-    def feed(self, token: int | None) -> dict:
-        """Returns {"response": new text, "thinking": new text}; token None flushes at the end."""
-        from tokenizer import parse_completion
-        if token is None:
-            self.text += self.utf8.decode(b"", final=True)
-        else:
-            self.text += self.utf8.decode(self.tok.decode_bytes([token]))
-        text = self.text
-        cut = text.rfind("<")
-        if token is not None and cut >= 0 and ">" not in text[cut:] and len(text) - cut < 64:
-            text = text[:cut]                   # maybe the start of <co> / </co: ...>: hold it back
-        parsed, deltas = parse_completion(text), {}
-        for key in ("response", "thinking"):
-            now = parsed[key] or ""
-            if now.startswith(self.sent[key]) and len(now) > len(self.sent[key]):
-                deltas[key] = now[len(self.sent[key]):]
-                self.sent[key] = now
-        return deltas
-
-    def result(self) -> dict:
-        from tokenizer import parse_completion
-        return parse_completion(self.text)
-
-
-def cohere_message(parsed: dict, doc_ids: list, has_docs: bool) -> tuple[dict, str | None]:
-    """parse_completion() output -> Cohere v2 assistant message (tool calls with JSON-string arguments,
-    citations whose sources name the documents) and the finish reason it implies."""
-    msg = {"role": "assistant"}
-    if parsed["thinking"]:
-        msg["tool_plan"] = parsed["thinking"]
-    calls = [{"id": str(c.get("tool_call_id", i)), "type": "function",
-              "function": {"name": str(c.get("tool_name", "")), "arguments": json.dumps(c.get("parameters", {}))}}
-             for i, c in enumerate(parsed["tool_calls"])]
-    if calls:
-        msg["tool_calls"] = calls
-    msg["content"] = [{"type": "text", "text": parsed["response"]}] if parsed["response"] or not calls else []
-    cites = []
-    for c in parsed["citations"]:
-        sources = []
-        for cid, k in c["sources"]:
-            if has_docs and cid == "0" and 0 <= k < len(doc_ids):   # tool call 0 injected the documents
-                sources.append({"type": "document", "id": doc_ids[k]})
-            else:
-                sources.append({"type": "tool", "id": f"{cid}:{k}"})
-        cites.append({"start": c["start"], "end": c["end"], "text": c["text"], "sources": sources})
-    if cites:
-        msg["citations"] = cites
-    return msg, ("TOOL_CALL" if calls else None)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The HTTP server: Cohere v2 /v2/chat, OpenAI /v1/chat/completions + /v1/models, SSE streaming
-
-
-FINISH_OPENAI = {"COMPLETE": "stop", "MAX_TOKENS": "length", "TOOL_CALL": "tool_calls", "ERROR": "stop"}
-
-
-class ChatServer(http.server.ThreadingHTTPServer):
-    """One thread per connection; all of them feed the one engine thread, which batches their requests."""
-    daemon_threads = True
-
-    def __init__(self, engine: Engine, tokenizer, host="127.0.0.1", port=0, model_name="command-a-local",
-                 max_body=1 << 20, default_max_tokens=512, verbose=False):
-        super().__init__((host, port), ChatHandler)
-        self.engine, self.tok, self.model_name = engine.start(), tokenizer, model_name
-        self.max_body, self.default_max_tokens, self.verbose = max_body, default_max_tokens, verbose
-
-    @property
-    def url(self):
-        return f"http://{self.server_address[0]}:{self.server_address[1]}"
-
-
-class ChatHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: ChatServer
-
-    def log_message(self, fmt, *args):
-        if self.server.verbose:
-            super().log_message(fmt, *args)
-
-    # --- plumbing ------------------------------------------------------------------------------------------
-    def _json(self, status: int, obj: dict):
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, status: int, msg: str, api: str):
-        if api == "openai":
-            self._json(status, {"error": {"message": msg, "type": "invalid_request_error", "code": status}})
-        else:
-            self._json(status, {"message": msg})
-
-    def _body(self) -> dict:
-        n = self.headers.get("Content-Length")
-        if n is None:
-            self.close_connection = True
-            raise BadRequest("a Content-Length header is required", 411)
-        _need(n.isdigit(), "bad Content-Length")
-        if int(n) > self.server.max_body:
-            self.close_connection = True      # we do not read an oversized body, so the connection is spent
-            raise BadRequest(f"body of {n} bytes exceeds the limit of {self.server.max_body}", 413)
-        try:
-            body = json.loads(self.rfile.read(int(n)))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequest(f"malformed JSON: {e}")
-        _need(isinstance(body, dict), "the body must be a JSON object")
-        return body
-
-    def _client_gone(self) -> bool:
-        """A readable socket that returns no bytes is a closed one (the client went away)."""
-        try:
-            r, _, _ = select.select([self.connection], [], [], 0)
-            return bool(r) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    def _sse(self, obj, event: str | None = None):
-        data = obj if isinstance(obj, str) else json.dumps(obj)
-        self.wfile.write(((f"event: {event}\n" if event else "") + f"data: {data}\n\n").encode())
-        self.wfile.flush()
-
-    # --- routes ----------------------------------------------------------------------------------------------
-    def do_GET(self):
-        path = self.path.split("?")[0]
-        if path == "/v1/models":
-            self._json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
-                                                         "created": 0, "owned_by": "local"}]})
-        elif path == "/health":
-            self._json(200, {"status": "ok", **self.server.engine.stats})
-        else:
-            self._error(404, f"no route GET {path}", "openai" if path.startswith("/v1") else "cohere")
-
-    def do_POST(self):
-        path = self.path.split("?")[0]
-        api = "openai" if path.startswith("/v1") else "cohere"
-        try:
-            if path not in ("/v2/chat", "/v1/chat/completions"):
-                self.close_connection = True
-                raise BadRequest(f"no route POST {path}", 404)
-            self._chat(self._body(), api)
-        except BadRequest as e:
-            self._error(e.status, str(e), api)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as e:  # a bug must cost one request a 500, not the connection thread a traceback
-            self.close_connection = True
-            try:
-                self._error(500, f"internal error: {e!r}", api)
-            except OSError:
-                pass
-
-    def _chat(self, body: dict, api: str):
-        srv, tok = self.server, self.server.tok
-        messages = _check_messages(body.get("messages"))
-        tools = _check_tools(body["tools"]) if body.get("tools") is not None else None
-        docs, doc_ids = _check_documents(body["documents"]) if body.get("documents") is not None else ([], [])
-        mode = body.get("safety_mode") or "CONTEXTUAL"
-        _need(isinstance(mode, str) and mode.upper() in ("CONTEXTUAL", "STRICT"),
-              "safety_mode must be CONTEXTUAL or STRICT")
-        stream = body.get("stream", False)
-        _need(isinstance(stream, bool), "stream must be a boolean")
-        _need(body.get("n", 1) == 1, "n must be 1")
-        _need(body.get("stop") is None, "stop sequences are not supported; the model stops at its end-of-turn")
-        try:
-            ids = tok.render_chat(messages, documents=docs or None, tools=tools, safety_mode=mode.upper())
-        except ValueError as e:
-            raise BadRequest(str(e))
-        sampling = check_sampling(body, srv.engine, len(ids), srv.default_max_tokens)
-        sink = queue.Queue()
-        req = srv.engine.submit(ids, sink=sink, **sampling)
-        rid = ("chatcmpl-" if api == "openai" else "") + uuid.uuid4().hex
-        meta = {"id": rid, "n_prompt": len(ids), "doc_ids": doc_ids, "has_docs": bool(docs),
-                "include_usage": bool((body.get("stream_options") or {}).get("include_usage"))}
-        try:
-            if stream:
-                self._stream(req, sink, api, meta)
-            else:
-                while not req.done.wait(0.05):
-                    if self._client_gone():
-                        srv.engine.cancel(req)
-                        self.close_connection = True
-                        return
-                self._respond(req, api, meta)
-        except (BrokenPipeError, ConnectionResetError, OSError):
-            srv.engine.cancel(req)                 # the client went away: free its batch slot
-            self.close_connection = True
-
-    def _finish(self, req: Request, parsed: dict, meta: dict):
-        msg, reason = cohere_message(parsed, meta["doc_ids"], meta["has_docs"])
-        if req.finish_reason == "error":
-            reason = "ERROR"
-        reason = reason or ("MAX_TOKENS" if req.finish_reason == "length" else "COMPLETE")
-        n_out = len(req.out) + (req.finish_reason == "stop")     # the stop token was generated too
-        return msg, reason, n_out
-
-    def _respond(self, req: Request, api: str, meta: dict):
-        dec = ChatDecoder(self.server.tok)
-        for t in req.out:
-            dec.feed(t)
-        dec.feed(None)
-        msg, reason, n_out = self._finish(req, dec.result(), meta)
-        if req.finish_reason == "error":
-            raise BadRequest(f"generation failed: {req.error}", 500)
-        if api == "cohere":
-            usage = {"input_tokens": meta["n_prompt"], "output_tokens": n_out}
-            self._json(200, {"id": meta["id"], "finish_reason": reason, "message": msg,
-                             "usage": {"billed_units": usage, "tokens": usage}})
-            return
-        text = "".join(c["text"] for c in msg.get("content", []))
-        omsg = {"role": "assistant", "content": text if text or "tool_calls" not in msg else None}
-        if "tool_calls" in msg:
-            omsg["tool_calls"] = msg["tool_calls"]
-        if "citations" in msg:
-            omsg["citations"] = msg["citations"]     # an extension: OpenAI's schema has no citations
-        self._json(200, {"id": meta["id"], "object": "chat.completion", "created": int(time.time()),
-                         "model": self.server.model_name,
-                         "choices": [{"index": 0, "message": omsg, "finish_reason": FINISH_OPENAI[reason]}],
-                         "usage": {"prompt_tokens": meta["n_prompt"], "completion_tokens": n_out,
-                                   "total_tokens": meta["n_prompt"] + n_out}})
-
-    def _stream(self, req: Request, sink: queue.Queue, api: str, meta: dict):
-        self.close_connection = True          # no Content-Length: the end of the stream is the end of the body
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        oa = {"id": meta["id"], "object": "chat.completion.chunk", "created": int(time.time()),
-              "model": self.server.model_name}
-
-        def chunk(delta, finish=None):
-            self._sse({**oa, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-
-        if api == "cohere":
-            self._sse({"type": "message-start", "id": meta["id"], "delta": {"message": {"role": "assistant"}}},
-                      "message-start")
-        else:
-            chunk({"role": "assistant", "content": ""})
-        dec, started = ChatDecoder(self.server.tok), False
-        while True:
-            try:
-                _, t = sink.get(timeout=1.0)
-            except queue.Empty:           # nothing for a second: is anyone still listening?
-                if self._client_gone():
-                    raise BrokenPipeError
-                continue
-            deltas = dec.feed(t)
-            if api == "cohere":
-                if "thinking" in deltas:
-                    self._sse({"type": "tool-plan-delta", "delta": {"message": {"tool_plan": deltas["thinking"]}}},
-                              "tool-plan-delta")
-                if "response" in deltas:
-                    if not started:
-                        self._sse({"type": "content-start", "index": 0, "delta": {"message": {"content": {
-                            "type": "text", "text": ""}}}}, "content-start")
-                        started = True
-                    self._sse({"type": "content-delta", "index": 0, "delta": {"message": {"content": {
-                        "text": deltas["response"]}}}}, "content-delta")
-            elif "response" in deltas:
-                chunk({"content": deltas["response"]})
-            if t is None:
-                break
-        msg, reason, n_out = self._finish(req, dec.result(), meta)
-        usage = {"input_tokens": meta["n_prompt"], "output_tokens": n_out}
-        calls = msg.get("tool_calls", [])
-        if api == "cohere":
-            if started:
-                self._sse({"type": "content-end", "index": 0}, "content-end")
-            for i, c in enumerate(calls):
-                self._sse({"type": "tool-call-start", "index": i, "delta": {"message": {"tool_calls": c}}},
-                          "tool-call-start")
-                self._sse({"type": "tool-call-end", "index": i}, "tool-call-end")
-            for i, c in enumerate(msg.get("citations", [])):
-                self._sse({"type": "citation-start", "index": i, "delta": {"message": {"citations": c}}},
-                          "citation-start")
-                self._sse({"type": "citation-end", "index": i}, "citation-end")
-            end = {"finish_reason": reason, "usage": {"billed_units": usage, "tokens": usage}}
-            if req.error:
-                end["error"] = req.error
-            self._sse({"type": "message-end", "delta": end}, "message-end")
-            return
-        if calls:
-            chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
-        if req.error:
-            self._sse({"error": {"message": f"generation failed: {req.error}", "type": "server_error"}})
-        chunk({}, FINISH_OPENAI[reason])
-        if meta["include_usage"]:
-            self._sse({**oa, "choices": [], "usage": {"prompt_tokens": meta["n_prompt"], "completion_tokens": n_out,
-                                                     "total_tokens": meta["n_prompt"] + n_out}})
-        self._sse("[DONE]")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Interactive terminal chat
-
-
-def chat_repl(engine: Engine, tok, max_tokens=512, temperature=0.3, top_p=0.95, safety_mode="CONTEXTUAL"):
-    print("chat: /reset clears the conversation, /quit (or Ctrl-D) leaves", file=sys.stderr)
-    history = []
-    while True:
-        try:
-            line = input("you> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return
-        if line.strip() in ("/quit", "/exit"):
-            return
-        if line.strip() == "/reset" or not line.strip():
-            history = [] if line.strip() else history
-            continue
-        history.append({"role": "user", "content": line})
-        ids = tok.render_chat(history, safety_mode=safety_mode)
-        room = engine.max_len - len(ids)
-        if room < 2:
-            print("(the conversation fills the context; /reset)", file=sys.stderr)
-            history.pop()
-            continue
-        dec = ChatDecoder(tok)
-        print("bot> ", end="", flush=True)
-        for _, t in engine.generate_stream([ids], min(max_tokens, room), temperature, top_p=top_p):
-            print(dec.feed(t).get("response", ""), end="", flush=True)
-        print(dec.feed(None).get("response", ""))
-        history.append({"role": "assistant", "content": dec.result()["response"]})
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Benchmark: TTFT, decode tokens/s, KV bytes; baselines in the same run
 
 
@@ -1233,9 +754,8 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
     return {"threads": torch.get_num_threads(), "prompt_len": prompt_len, "new_tokens": new_tokens,
             "rows": rows, "batch1": race, "kv": kv_rows}
 
-
 # ----------------------------------------------------------------------------------------------------------
-# CLI
+# CLI: the benchmark; serving a checkpoint is api.py's (serve.py --ckpt DIR hands over to it)
 
 
 def load(ckpt: str, device: str, fp8: bool = False):
@@ -1245,78 +765,44 @@ def load(ckpt: str, device: str, fp8: bool = False):
     return CommandA.from_pretrained(ckpt, dtype=dtype, device=device, fp8=fp8), Tokenizer.load(ckpt)
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Command A inference: a chat server (Cohere v2 + OpenAI APIs), "
-                                 "an interactive chat, or a throughput benchmark.")
-    ap.add_argument("--ckpt", help="checkpoint directory (config.json + safetensors + tokenizer.json)")
-    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    ap.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
-    ap.add_argument("--chat", action="store_true", help="interactive terminal chat instead of a server")
+def main():
+    argv = sys.argv[1:]
+    if "--bench" not in argv and not (argv and set(argv) <= {"-h", "--help"}):
+        # serving a checkpoint is api.py's CLI: hand the process over to it (exec, not import, so api.py stays
+        # above serve.py in the import graph and signals reach the server)
+        api = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.py")
+        os.execv(sys.executable, [sys.executable, api] + argv)
+    ap = argparse.ArgumentParser(description="Command A inference engine. --bench: TTFT, tok/s and KV bytes against "
+                                 "a naive loop and transformers' generate. Without --bench, serve.py --ckpt DIR "
+                                 "[--port N | --chat ...] serves a checkpoint: the options are api.py's "
+                                 "(python api.py --help).")
     ap.add_argument("--bench", action="store_true", help="TTFT / tok/s / KV bytes for tiny and small (random weights)")
     ap.add_argument("--bench-presets", default="tiny,small", help="comma-separated presets for --bench")
     ap.add_argument("--bench-prompt", type=int, default=128, help="prompt tokens per request for --bench")
     ap.add_argument("--bench-new", type=int, default=64, help="new tokens per request for --bench")
     ap.add_argument("--bench-reps", type=int, default=3, help="interleaved repetitions of the batch-1 race")
-    ap.add_argument("--max-batch", type=int, default=32, help="concurrent sequences in the batch")
-    ap.add_argument("--max-len", type=int, default=None, help="context length (default min(model max, 4096))")
-    ap.add_argument("--max-tokens", type=int, default=512, help="default max new tokens per request")
-    ap.add_argument("--temperature", type=float, default=0.3, help="sampling temperature for --chat")
-    ap.add_argument("--model-name", default="command-a-local", help="model id reported by /v1/models")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's choice; 1 for --bench on CPU, see below)")
-    ap.add_argument("--fp8", action="store_true", help="FP8 matmuls (model.py's fp8_linear; real speed on Hopper)")
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the model (slow first requests while it compiles; with --bench: extra rows)")
-    ap.add_argument("--cuda-graphs", action="store_true",
-                    help="replay decode steps as CUDA graphs, one per batch bucket (CUDA only)")
-    ap.add_argument("--verbose", action="store_true", help="log every HTTP request")
-    args = ap.parse_args()
+                    help="torch CPU threads (default on CPU: 1; decode steps are ~1 ms of small matmuls, and on a "
+                         "shared 2-core box a second OpenMP thread mostly spin-waits: measured 10x slower)")
+    ap.add_argument("--compile", action="store_true", help="also race the torch.compile'd engine")
+    args = ap.parse_args(argv)
+    if args.bench_prompt < 1 or args.bench_new < 2 or args.bench_reps < 1:
+        ap.error("--bench-prompt and --bench-reps must be >= 1 and --bench-new >= 2")
+    unknown = [p for p in args.bench_presets.split(",") if p not in PRESETS]
+    if unknown:
+        ap.error(f"unknown preset(s) {unknown} for --bench-presets; choose from {sorted(PRESETS)}")
+    huge = [p for p in args.bench_presets.split(",") if PRESETS[p].num_params() > 2e9]
+    if huge:   # random fp32 weights for 8B+ parameters would not fit this kind of machine
+        ap.error(f"--bench builds random weights in fp32; {huge} are too large (over 2B parameters)")
     tune_malloc()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.threads is None and args.bench and device == "cpu":
-        # decode steps are ~1 ms of small matmuls: on a shared 2-core box a second OpenMP thread mostly
-        # spin-waits for the other one (measured 10x slower), so the benchmark pins one thread unless told
+    if args.threads is None and not torch.cuda.is_available():
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.bench:
-        if args.bench_prompt < 1 or args.bench_new < 2 or args.bench_reps < 1:
-            ap.error("--bench-prompt and --bench-reps must be >= 1 and --bench-new >= 2")
-        unknown = [p for p in args.bench_presets.split(",") if p not in PRESETS]
-        if unknown:
-            ap.error(f"unknown preset(s) {unknown} for --bench-presets; choose from {sorted(PRESETS)}")
-        huge = [p for p in args.bench_presets.split(",") if PRESETS[p].num_params() > 2e9]
-        if huge:   # random fp32 weights for 8B+ parameters would not fit this kind of machine
-            ap.error(f"--bench builds random weights in fp32; {huge} are too large (over 2B parameters)")
-        result = bench(tuple(args.bench_presets.split(",")), prompt_len=args.bench_prompt, new_tokens=args.bench_new,
-                       compile=args.compile, reps=args.bench_reps)
-        print(json.dumps(result))
-        sys.exit(0)
-    if not args.ckpt:
-        ap.error("--ckpt DIR is required (or use --bench)")
-    model, tok = load(args.ckpt, device, args.fp8)
-    if args.cuda_graphs and device != "cuda":
-        ap.error("--cuda-graphs needs a CUDA GPU")
-    engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile,
-                    cuda_graphs=args.cuda_graphs)
-    if args.chat:
-        chat_repl(engine, tok, args.max_tokens, args.temperature)
-        print(json.dumps({"mode": "chat", **engine.stats}))
-        sys.exit(0)
-    server = ChatServer(engine, tok, args.host, args.port, args.model_name,
-                        default_max_tokens=args.max_tokens, verbose=args.verbose)
-    print(f"serving {args.ckpt} on {server.url}  (POST /v2/chat, POST /v1/chat/completions, GET /v1/models)",
-          file=sys.stderr)
-    # Ctrl-C (SIGINT) stops the server cleanly, also when it was started as a background job (`serve.py ... &`
-    # from a script): a non-interactive shell starts those with SIGINT ignored, and Python keeps an inherited
-    # ignore, so `kill -INT` would do nothing. SIGTERM stops it the same way.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: signal.default_int_handler(signal.SIGINT, None))
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        engine.stop()
-    print(json.dumps({"mode": "server", "url": server.url, **engine.stats}))
+    result = bench(tuple(args.bench_presets.split(",")), prompt_len=args.bench_prompt, new_tokens=args.bench_new,
+                   compile=args.compile, reps=args.bench_reps)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import parallel as par
+import parity
 import pretrain as P
 from model import CommandA, ModelConfig
 
@@ -383,7 +384,7 @@ MICRO = ["--preset", "micro", "--vocab-size", "512", "--corpus-mb", "0.3", "--se
 
 
 def _pretrain(args, nproc=1):
-    return par.run_pretrain([*MICRO, *args], nproc, timeout=240, env={"OMP_NUM_THREADS": "1"})   # CPU + gloo
+    return parity.run_pretrain([*MICRO, *args], nproc, timeout=240, env={"OMP_NUM_THREADS": "1"})   # CPU + gloo
 
 
 @pytest.mark.slow
@@ -411,22 +412,23 @@ def test_pretrain_fp32_under_torchrun_matches_one_process_up_to_sum_order(tmp_pa
 
 @pytest.mark.slow
 def test_parity_cli_compares_layouts_with_the_one_process_noise_floor(tmp_path, monkeypatch):
-    """parallel.py --parity's harness: one process, the same with 2x micro-batches (the floor) and a torchrun
+    """tests/parity.py, the parity harness: one process, the same with 2x micro-batches (the floor) and a torchrun
     layout, per precision; a layout that computed another function would be orders of magnitude off."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert MICRO[-2:] == ["--max-steps", "4"]
     base = MICRO[:-2] + ["--max-steps", "3", "--seed", "0"]
-    rows = par.parity(base, batch_size=4, grad_accum=1, layouts=["dp=2"], out=str(tmp_path), precisions=("bf16",))
+    rows = parity.parity(base, batch_size=4, grad_accum=1, layouts=["dp=2"], out=str(tmp_path), precisions=("bf16",))
     assert [r["run"] for r in rows] == ["1 process", "1 process, 2x micro-batches (floor)", "dp=2"]
     ref, floor, dp = rows
     assert ref["max_abs_diff"] == 0 and len(dp["losses"]) == 3 and dp["processes"] == 2
     assert abs(dp["losses"][0] - ref["losses"][0]) < 1e-5    # before any update: a few ulps of bf16 GEMM order
     assert 0 < floor["max_abs_diff"] < 1e-3 and dp["max_abs_diff"] < 1e-3
     assert dp["vs_floor"] == pytest.approx(dp["max_abs_diff"] / floor["max_abs_diff"])
-    table = par.parity_table(rows)
+    table = parity.parity_table(rows)
     assert f"| bf16 | dp=2 | 2 | {'yes' if dp['first_step_bit_equal'] else 'no'} |" in table and "(reference)" in table
     with pytest.raises(ValueError, match="axis=degree"):
-        par._layout_flags("pp=2")
+        parity._layout_flags("pp=2")
+    assert (P.TINY["batch_size"], P.TINY.get("grad_accum", 1)) == (16, 1)   # the script's own copy of them
 
 
 def test_pretrain_layout_errors_are_clear(tmp_path):

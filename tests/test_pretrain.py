@@ -25,8 +25,15 @@ def run(args, env=None, timeout=300):
 
 
 def summary(proc):
+    """The last stdout line (short: the per-step series are in summary.json, which it names) and that file."""
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    line = proc.stdout.strip().splitlines()[-1]
+    short = json.loads(line)
+    assert len(line) < 2000 and "losses" not in short
+    with open(os.path.join(ROOT, short["summary"])) as f:
+        full = json.load(f)
+    assert {k: full[k] for k in short if k != "summary"} == {k: v for k, v in short.items() if k != "summary"}
+    return full
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""serve.py: the engine's caches, batching and sampling, and the HTTP server end to end on loopback."""
+"""serve.py: the engine's caches, batching and sampling; api.py: the HTTP server end to end on loopback."""
 import http.client
 import json
 import os
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from model import CommandA, ModelConfig
-from serve import ChatDecoder, ChatServer, Engine, WindowKVCache, sample_token
+from api import ChatDecoder, ChatServer
+from serve import Engine, WindowKVCache, sample_token
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -547,8 +548,8 @@ def test_cli_serves_a_saved_checkpoint(tmp_path, chat_model, tok):
     tok.save(str(tmp_path))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     # start it the way a script's background job starts: with SIGINT ignored (a non-interactive shell does
-    # that, and Python keeps an inherited ignore); serve.py must still stop on Ctrl-C / `kill -INT`
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", str(tmp_path), "--port", "0",
+    # that, and Python keeps an inherited ignore); api.py must still stop on Ctrl-C / `kill -INT`
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "api.py"), "--ckpt", str(tmp_path), "--port", "0",
                              "--max-len", "2048"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
@@ -567,20 +568,17 @@ def test_cli_serves_a_saved_checkpoint(tmp_path, chat_model, tok):
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGABRT)              # PYTHONFAULTHANDLER: every thread's stack to stderr
             out, err = proc.communicate()
-            pytest.fail(f"serve.py did not exit on SIGINT; stdout:\n{out[-1000:]}\nstderr:\n{err[-4000:]}")
+            pytest.fail(f"api.py did not exit on SIGINT; stdout:\n{out[-1000:]}\nstderr:\n{err[-4000:]}")
     assert json.loads(out.strip().splitlines()[-1])["mode"] == "server"
 
 
-def test_multi_turn_tool_use_in_api_shape_renders_like_the_tokenizer(server, tok):
-    api_msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
-                {"role": "assistant", "tool_plan": "I will look it up.", "tool_calls": [
-                    {"id": "c1", "type": "function", "function": {"name": "search", "arguments": '{"q": "Paris"}'}}]},
-                {"role": "tool", "tool_call_id": "c1", "content": [{"type": "document", "document": {
-                    "data": {"text": "Sunny, 21C"}}}]}]
-    ours = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": None, "thinking": "I will look it up.", "tool_calls": [
-                {"tool_call_id": "c1", "tool_name": "search", "parameters": {"q": "Paris"}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": [{"text": "Sunny, 21C"}]}]
-    n = len(tok.render_chat(ours, tools=[t["function"] for t in TOOLS]))
-    status, r = post(server, "/v2/chat", {"messages": api_msgs, "tools": TOOLS, "max_tokens": 2, "safety_mode": "STRICT"})
-    assert status == 200 and r["usage"]["tokens"]["input_tokens"] == n
+def test_serve_cli_hands_serving_to_api_and_keeps_bench():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--bench" in r.stdout and "api.py" in r.stdout
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--port", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--ckpt" in r.stderr and "api.py" in r.stderr         # api.py's own argparse
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--bench", "--bench-new", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--bench-new" in r.stderr
