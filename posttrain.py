@@ -140,6 +140,28 @@ def stage_data(args, tok, max_len):
     return train, val[:args.n_val], test
 
 
+@dataclass
+class StageRun:
+    """One stage from the command line: what every kind of stage reads."""
+    args: object
+    model: CommandA
+    tok: Tokenizer
+    device: torch.device
+    ac: dict              # autocast arguments
+    max_len: int
+    cfg: StageConfig
+    fp: str               # fingerprint: resume only what these settings and data made
+    train: list
+    val: list
+    test: list
+
+    def val_score(self) -> dict:
+        if not self.val:
+            return {"score": 0.0}
+        return {"score": sum(score_suites(self.model, self.tok, self.val, self.args.max_new).values()) /
+                max(1, len({e.suite for e in self.val}))}
+
+
 def run_stage(args) -> dict:
     t_start = time.time()
     model, tok = load_init(args.init)
@@ -147,13 +169,41 @@ def run_stage(args) -> dict:
         tok.preamble = args.preamble
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    ac = autocast_kw(device, args.fp32)
     # rows and KV caches of at most 4K tokens: the context of a real checkpoint (128K) would not fit memory
     max_len = args.seq_len or min(model.config.max_position_embeddings, 4096)
     cfg = StageConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                       warmup_frac=args.warmup_frac, clip=args.clip, eval_every=args.eval_every,
                       ckpt_every=args.ckpt_every, early_stop=args.early_stop, seed=args.seed, fp32=args.fp32)
     validate_stage(cfg)
+    claim_out_dir(args)
+    train, val, test = stage_data(args, tok, max_len)
+    fp = fingerprint_of(vars(args).get("stage"), os.path.abspath(args.init), args.seq_len, args.suites,
+                        args.n_train, args.seed, args.difficulty,
+                        tokenizer_fingerprint(tok), {k: v for k, v in vars(args).items() if k in STAGE_KEYS})
+    x = StageRun(args, model, tok, device, autocast_kw(device, args.fp32), max_len, cfg, fp, train, val, test)
+    result = {"stage": args.stage, "init": args.init, "suites": T.check_suites(args.suites)}
+    if args.stage == "rm":
+        return run_rm_stage(x, result, t_start)
+    before = score_suites(model, tok, test, args.max_new)
+    objective, loaders, evaluate, timing = (setup_sft if args.stage == "sft" else setup_policy_stage)(x, result)
+    t_train = time.time()
+    log = train_loop(model, objective, loaders, cfg, args.out, evaluate, args.resume, fp, f"{args.stage}")
+    train_seconds = time.time() - t_train
+    after = score_suites(model, tok, test, args.max_new)
+    result.update(before=before, after=after, seconds=round(time.time() - t_start, 1),
+                  train_seconds=round(log["seconds"], 1), steps=log["steps_done"])
+    if args.stage == "sft":
+        ntok = int(log["steps_done"] * args.batch_size * args.grad_accum * loaders["main"].packed.ids.shape[1])
+        result["tok_per_s"] = round(ntok / max(train_seconds, 1e-9))
+    if timing is not None:
+        result["timing"] = {"sample_s": round(timing["sample"], 1), "update_s": round(
+            train_seconds - timing["sample"], 1), "samples_per_s": round(timing["samples"] / max(train_seconds, 1e-9), 2)}
+    write_outputs(args.out, model, tok, result, log, f"{args.stage} on {','.join(result['suites'])}")
+    return result
+
+
+def claim_out_dir(args):
+    """--out must not hold a finished stage (unless --force) or an unfinished one (unless --resume / --force)."""
     if os.path.isfile(os.path.join(args.out, "result.json")) and not args.force:
         raise FileExistsError(f"{args.out} already holds a finished stage (result.json); use --force to "
                               f"overwrite or another --out")
@@ -167,143 +217,126 @@ def run_stage(args) -> dict:
             shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
         if os.path.exists(os.path.join(args.out, "result.json")):
             os.remove(os.path.join(args.out, "result.json"))
-    train, val, test = stage_data(args, tok, max_len)
-    fp = fingerprint_of(vars(args).get("stage"), os.path.abspath(args.init), args.seq_len, args.suites,
-                        args.n_train, args.seed, args.difficulty,
-                        tokenizer_fingerprint(tok), {k: v for k, v in vars(args).items() if k in STAGE_KEYS})
-    before = score_suites(model, tok, test, args.max_new) if args.stage != "rm" else None
-    rng_batches = dict(seed=args.seed)
-    result = {"stage": args.stage, "init": args.init, "suites": T.check_suites(args.suites)}
-    timing = None
 
-    if args.stage == "sft":
-        seqs, dropped = sft_sequences(tok, train, max_len, args.preamble_aug, args.seed)
-        if not seqs:
-            raise ValueError(f"every SFT example is longer than the context ({max_len} tokens)")
-        packed = D.pack_whole([s[0] for s in seqs], max_len, tok.pad_id, [s[1] for s in seqs])
-        loaders = {"main": D.Loader(packed, args.batch_size, **rng_batches)}
-        pre = None
-        if args.pretrain_mix > 0:
-            loaders["pretrain"] = pre = D.Loader(pretrain_rows(tok, 256, seed=args.seed), args.batch_size,
-                                                 seed=args.seed + 1)
-        objective = sft_objective(model, ac, args.l2_init, pre, args.pretrain_mix)
-        val_seqs = sft_sequences(tok, val, max_len)[0]
-        val_batch = packed_batch(val_seqs, max_len, tok.pad_id, device) if val_seqs else None
 
-        def evaluate():
-            out = {"score": sum(score_suites(model, tok, val, args.max_new).values()) / max(1, len(set(
-                e.suite for e in val)))} if val else {"score": 0.0}
-            if val_batch is not None:
-                with torch.no_grad(), torch.autocast(**ac):
-                    out["nll"] = completion_nll(model, val_batch).item()
-            return out
-        result.update(examples=len(seqs), dropped_too_long=dropped, rows=len(packed))
-        target = model
-    elif args.stage == "rm":
-        rm = RewardModel.from_lm(args.init).to(device)
-        low = reference_pairs(tok, train, args.seed)                        # stage 1: off-policy, easy
-        engine = make_engine(model, tok, max_len)
-        _, high, _ = best_of_n(engine, tok, train, args.n_samples, verifier_reward_fn(tok),
-                               max_new=args.max_new, seed=args.seed)           # stage 2: on-policy, verified
-        val_pairs = reference_pairs(tok, val, args.seed) + best_of_n(
-            engine, tok, val, args.n_samples, verifier_reward_fn(tok), max_new=args.max_new, seed=args.seed + 7)[1]
-        test_pairs = best_of_n(engine, tok, test, args.n_samples, verifier_reward_fn(tok), max_new=args.max_new,
-                               seed=args.seed + 13)[1] + reference_pairs(tok, test, args.seed)
-        check_pairs(low)
-        before = {"rm_accuracy_test": rm_accuracy(rm, tok, test_pairs, max_len, ac)}
-        model, target = None, rm
-        stages = [("low-quality pairs", low, args.stage1_steps)] + ([("high-quality pairs", high, args.steps)]
-                                                                     if high else [])
-        result.update(pairs_low=len(low), pairs_high=len(high), pairs_val=len(val_pairs),
-                      pairs_test=len(test_pairs))
-        logs = []
-        for i, (name, pairs, steps) in enumerate(stages):
-            c = StageConfig(**{**asdict(cfg), "steps": steps})
-            sub = os.path.join(args.out, f"stage{i + 1}")
-            lg = train_loop(rm, rm_objective(rm, tok, pairs, max_len, ac, args.margin, args.center),
-                            {"main": D.Loader(Indices(len(pairs)), args.batch_size, **rng_batches)}, c, sub,
-                            lambda: {"score": rm_accuracy(rm, tok, val_pairs, max_len, ac)} if val_pairs else
-                            {"score": 0.0}, args.resume, fp + str(i), f"rm {name}")
-            logs.append(lg)
-        log = {"loss": sum((l["loss"] for l in logs), []), "metrics": sum((l["metrics"] for l in logs), []),
-               "val": [dict(v, step=v["step"] + sum(len(x["loss"]) for x in logs[:j]))
-                       for j, l in enumerate(logs) for v in l["val"]], "seconds": sum(l["seconds"] for l in logs)}
-        after = {"rm_accuracy_test": rm_accuracy(rm, tok, test_pairs, max_len, ac)}
-        result.update(before=before, after=after, seconds=round(time.time() - t_start, 1),
-                      train_seconds=round(log["seconds"], 1))
-        write_outputs(args.out, rm, tok, result, log, "reward model: Bradley-Terry, two stages")
-        return result
-    else:
-        reward_fn = verifier_reward_fn(tok)
-        if args.rm:
-            rm = RewardModel.load(args.rm, tok).to(device)
-            check_same_architecture(model.config, rm.config, "reward model")
-            reward_fn = rm_reward_fn(rm, tok)
-        ref = copy.deepcopy(model).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        if args.ref:
-            check_same_tokenizer(tok, args.ref, "reference model")
-            ref = CommandA.from_pretrained(args.ref).to(device).eval()
-            check_same_architecture(model.config, ref.config, "reference model")
-        engine = make_engine(model, tok, max_len)
-        val_score = lambda: {"score": sum(score_suites(model, tok, val, args.max_new).values()) /  # noqa: E731
-                             max(1, len(set(e.suite for e in val)))} if val else {"score": 0.0}
-        if args.stage in ("pref", "bon"):
-            sft_data, pairs, stats = best_of_n(engine, tok, train, args.n_samples, reward_fn, args.temperature,
-                                               max_new=args.max_new, seed=args.seed,
-                                               min_best=None if args.rm else 0.5)
-            if args.stage == "pref" and len(pairs) < len(train) // 2:    # too few on-policy pairs: add clean ones
-                pairs += reference_pairs(tok, train, args.seed)
-            result.update(bon=stats)
-        if args.stage == "pref":
-            check_pairs(pairs)
-            refl = reference_logps(ref, tok, pairs, lambda p: pair_sequences(tok, p, args.loss), max_len, ac)
-            objective = pref_objective(model, tok, pairs, refl, args.loss, args.beta, max_len, ac,
-                                       not args.no_length_norm, sft_weight=args.sft_weight)
-            loaders = {"main": D.Loader(Indices(len(pairs)), args.batch_size, **rng_batches)}
-            result.update(pairs=len(pairs), loss=args.loss, beta=args.beta)
-        elif args.stage == "bon":
-            if not sft_data:
-                raise ValueError("best-of-N kept no completion (none reached the score threshold): nothing to "
-                                 "fine-tune on; try more --n-samples or an easier --difficulty")
-            packed = D.pack_whole([s[0] for s in sft_data], max_len, tok.pad_id, [s[1] for s in sft_data])
-            loaders = {"main": D.Loader(packed, args.batch_size, **rng_batches)}
-            objective = sft_objective(model, ac)
-        elif args.stage == "copg":
-            if args.online:
-                timing = {"sample": 0.0, "update_forward": 0.0, "samples": 0}
-                objective = copg_online_objective(model, ref, tok, train, args.beta, max_len, ac, reward_fn,
-                                                  args.max_new, 2, args.temperature, timing=timing)
-                loaders = {"main": D.Loader(Indices(len(train)), args.batch_size, **rng_batches)}
-            else:
-                comps = sample(engine, tok, train, args.k, args.temperature, args.max_new, args.seed)
-                rewards = reward_fn(train, comps)
-                groups = [{"seqs": [seq(ex.prompt_ids(tok), x) for x in c], "rewards": r}
-                          for ex, c, r in zip(train, comps, rewards) if max(r) > min(r)]
-                if not groups:
-                    raise ValueError("offline CoPG: every prompt's samples scored the same: no signal")
-                refl = reference_logps(ref, tok, groups, lambda g: g["seqs"], max_len, ac)
-                objective = copg_offline_objective(model, tok, groups, refl, args.beta, max_len, ac, args.sft_weight)
-                loaders = {"main": D.Loader(Indices(len(groups)), args.batch_size, **rng_batches)}
-                result.update(groups=len(groups), k=args.k)
-            result.update(online=args.online, beta=args.beta)
-        evaluate = val_score
-        target = model
-    t_train = time.time()
-    log = train_loop(target, objective, loaders, cfg, args.out, evaluate, args.resume, fp, f"{args.stage}")
-    train_seconds = time.time() - t_train
-    after = score_suites(model, tok, test, args.max_new)
+def setup_sft(x: StageRun, result: dict):
+    """SFT: whole conversations packed into rows, completion-only loss, optional drift control."""
+    args, tok = x.args, x.tok
+    seqs, dropped = sft_sequences(tok, x.train, x.max_len, args.preamble_aug, args.seed)
+    if not seqs:
+        raise ValueError(f"every SFT example is longer than the context ({x.max_len} tokens)")
+    packed = D.pack_whole([s[0] for s in seqs], x.max_len, tok.pad_id, [s[1] for s in seqs])
+    loaders = {"main": D.Loader(packed, args.batch_size, seed=args.seed)}
+    pre = None
+    if args.pretrain_mix > 0:
+        loaders["pretrain"] = pre = D.Loader(pretrain_rows(tok, 256, seed=args.seed), args.batch_size,
+                                             seed=args.seed + 1)
+    objective = sft_objective(x.model, x.ac, args.l2_init, pre, args.pretrain_mix)
+    val_seqs = sft_sequences(tok, x.val, x.max_len)[0]
+    val_batch = packed_batch(val_seqs, x.max_len, tok.pad_id, x.device) if val_seqs else None
+
+    def evaluate():
+        out = x.val_score()
+        if val_batch is not None:
+            with torch.no_grad(), torch.autocast(**x.ac):
+                out["nll"] = completion_nll(x.model, val_batch).item()
+        return out
+    result.update(examples=len(seqs), dropped_too_long=dropped, rows=len(packed))
+    return objective, loaders, evaluate, None
+
+
+def run_rm_stage(x: StageRun, result: dict, t_start: float) -> dict:
+    """The reward model: Bradley-Terry on clean off-policy pairs, then on the init model's verified samples."""
+    args, tok, max_len, ac = x.args, x.tok, x.max_len, x.ac
+    rm = RewardModel.from_lm(args.init).to(x.device)
+    low = reference_pairs(tok, x.train, args.seed)                        # stage 1: off-policy, easy
+    engine = make_engine(x.model, tok, max_len)
+    _, high, _ = best_of_n(engine, tok, x.train, args.n_samples, verifier_reward_fn(tok),
+                           max_new=args.max_new, seed=args.seed)           # stage 2: on-policy, verified
+    val_pairs = reference_pairs(tok, x.val, args.seed) + best_of_n(
+        engine, tok, x.val, args.n_samples, verifier_reward_fn(tok), max_new=args.max_new, seed=args.seed + 7)[1]
+    test_pairs = best_of_n(engine, tok, x.test, args.n_samples, verifier_reward_fn(tok), max_new=args.max_new,
+                           seed=args.seed + 13)[1] + reference_pairs(tok, x.test, args.seed)
+    check_pairs(low)
+    before = {"rm_accuracy_test": rm_accuracy(rm, tok, test_pairs, max_len, ac)}
+    stages = [("low-quality pairs", low, args.stage1_steps)] + ([("high-quality pairs", high, args.steps)]
+                                                                 if high else [])
+    result.update(pairs_low=len(low), pairs_high=len(high), pairs_val=len(val_pairs), pairs_test=len(test_pairs))
+    logs = []
+    for i, (name, pairs, steps) in enumerate(stages):
+        c = StageConfig(**{**asdict(x.cfg), "steps": steps})
+        sub = os.path.join(args.out, f"stage{i + 1}")
+        lg = train_loop(rm, rm_objective(rm, tok, pairs, max_len, ac, args.margin, args.center),
+                        {"main": D.Loader(Indices(len(pairs)), args.batch_size, seed=args.seed)}, c, sub,
+                        lambda: {"score": rm_accuracy(rm, tok, val_pairs, max_len, ac)} if val_pairs else
+                        {"score": 0.0}, args.resume, x.fp + str(i), f"rm {name}")
+        logs.append(lg)
+    log = {"loss": sum((l["loss"] for l in logs), []), "metrics": sum((l["metrics"] for l in logs), []),
+           "val": [dict(v, step=v["step"] + sum(len(y["loss"]) for y in logs[:j]))
+                   for j, l in enumerate(logs) for v in l["val"]], "seconds": sum(l["seconds"] for l in logs)}
+    after = {"rm_accuracy_test": rm_accuracy(rm, tok, test_pairs, max_len, ac)}
     result.update(before=before, after=after, seconds=round(time.time() - t_start, 1),
-                  train_seconds=round(log["seconds"], 1), steps=log["steps_done"])
-    if args.stage == "sft":
-        ntok = int(log["steps_done"] * args.batch_size * args.grad_accum * packed.ids.shape[1])
-        result["tok_per_s"] = round(ntok / max(train_seconds, 1e-9))
-    if timing is not None:
-        result["timing"] = {"sample_s": round(timing["sample"], 1), "update_s": round(
-            train_seconds - timing["sample"], 1), "samples_per_s": round(timing["samples"] / max(train_seconds, 1e-9), 2)}
-    write_outputs(args.out, target, tok, result, log, f"{args.stage} on {','.join(result['suites'])}")
+                  train_seconds=round(log["seconds"], 1))
+    write_outputs(args.out, rm, tok, result, log, "reward model: Bradley-Terry, two stages")
     return result
+
+
+def setup_policy_stage(x: StageRun, result: dict):
+    """pref / bon / copg: the policy samples (or not), is scored by the verifiers or --rm, and trains."""
+    args, tok, model, max_len, ac = x.args, x.tok, x.model, x.max_len, x.ac
+    reward_fn = verifier_reward_fn(tok)
+    if args.rm:
+        rm = RewardModel.load(args.rm, tok).to(x.device)
+        check_same_architecture(model.config, rm.config, "reward model")
+        reward_fn = rm_reward_fn(rm, tok)
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    if args.ref:
+        check_same_tokenizer(tok, args.ref, "reference model")
+        ref = CommandA.from_pretrained(args.ref).to(x.device).eval()
+        check_same_architecture(model.config, ref.config, "reference model")
+    engine = make_engine(model, tok, max_len)
+    batches, timing = dict(seed=args.seed), None
+    if args.stage in ("pref", "bon"):
+        sft_data, pairs, stats = best_of_n(engine, tok, x.train, args.n_samples, reward_fn, args.temperature,
+                                           max_new=args.max_new, seed=args.seed, min_best=None if args.rm else 0.5)
+        if args.stage == "pref" and len(pairs) < len(x.train) // 2:    # too few on-policy pairs: add clean ones
+            pairs += reference_pairs(tok, x.train, args.seed)
+        result.update(bon=stats)
+    if args.stage == "pref":
+        check_pairs(pairs)
+        refl = reference_logps(ref, tok, pairs, lambda p: pair_sequences(tok, p, args.loss), max_len, ac)
+        objective = pref_objective(model, tok, pairs, refl, args.loss, args.beta, max_len, ac,
+                                   not args.no_length_norm, sft_weight=args.sft_weight)
+        loaders = {"main": D.Loader(Indices(len(pairs)), args.batch_size, **batches)}
+        result.update(pairs=len(pairs), loss=args.loss, beta=args.beta)
+    elif args.stage == "bon":
+        if not sft_data:
+            raise ValueError("best-of-N kept no completion (none reached the score threshold): nothing to "
+                             "fine-tune on; try more --n-samples or an easier --difficulty")
+        packed = D.pack_whole([s[0] for s in sft_data], max_len, tok.pad_id, [s[1] for s in sft_data])
+        loaders = {"main": D.Loader(packed, args.batch_size, **batches)}
+        objective = sft_objective(model, ac)
+    else:                                    # copg
+        if args.online:
+            timing = {"sample": 0.0, "update_forward": 0.0, "samples": 0}
+            objective = copg_online_objective(model, ref, tok, x.train, args.beta, max_len, ac, reward_fn,
+                                              args.max_new, 2, args.temperature, timing=timing)
+            loaders = {"main": D.Loader(Indices(len(x.train)), args.batch_size, **batches)}
+        else:
+            comps = sample(engine, tok, x.train, args.k, args.temperature, args.max_new, args.seed)
+            rewards = reward_fn(x.train, comps)
+            groups = [{"seqs": [seq(ex.prompt_ids(tok), y) for y in c], "rewards": r}
+                      for ex, c, r in zip(x.train, comps, rewards) if max(r) > min(r)]
+            if not groups:
+                raise ValueError("offline CoPG: every prompt's samples scored the same: no signal")
+            refl = reference_logps(ref, tok, groups, lambda g: g["seqs"], max_len, ac)
+            objective = copg_offline_objective(model, tok, groups, refl, args.beta, max_len, ac, args.sft_weight)
+            loaders = {"main": D.Loader(Indices(len(groups)), args.batch_size, **batches)}
+            result.update(groups=len(groups), k=args.k)
+        result.update(online=args.online, beta=args.beta)
+    return objective, loaders, x.val_score, timing
 
 
 STAGE_KEYS = ("temperature", "sft_weight", "steps", "batch_size", "grad_accum", "lr", "loss", "beta", "online", "k", "n_samples", "l2_init",
@@ -622,9 +655,10 @@ def parse_final(text: str):
 
 
 def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict:
+    """The report's Figure 3: Instruct -> six SFT experts -> SFT soup -> reward model -> six RL experts -> RL
+    soup -> polishing, then the polished model against the RL soup, pairwise. A rerun skips finished stages."""
     P_ = Pipeline(init, out, cfg, verbose)
     os.makedirs(out, exist_ok=True)
-    c, tok = cfg, P_.tok
     t_all = time.time()
     bar = tqdm(total=16, desc="pipeline", disable=not verbose)
 
@@ -632,68 +666,80 @@ def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict
         r = P_.run(stage, fn)
         bar.update(1)
         return r
+    step("instruct", lambda: instruct(P_))                                                  # 1.
+    for domain in DOMAINS:                                                                  # 2.
+        step(f"sft expert {domain}", lambda d=domain: sft_expert(P_, d))
+    step("sft soup", lambda: P_.soup("sft soup", {d: f"sft expert {d}" for d in DOMAINS}))  # 3.
+    rm = reward_model(P_)
+    for domain in DOMAINS:                                                                  # 4.
+        step(f"rl expert {domain}", lambda d=domain: RL_EXPERTS[d](P_, P_.load("sft soup"), d, rm))
+    step("rl soup", lambda: P_.soup("rl soup", {d: f"rl expert {d}" for d in DOMAINS}))    # 5.
+    step("polished", lambda: polish(P_))                                                    # 6.
+    bar.close()
+    summary = {"stages": P_.results, "seconds": P_.seconds, "pairwise": pairwise_vs_rl_soup(P_, rm),
+               "refinement": P_.extra.get("rl expert math", {}).get("refinement", []),
+               "total_seconds": round(time.time() - t_all, 1)}
+    report(summary, out)
+    return summary
 
-    def mix(domain, own=None):
-        """An expert's SFT data: its domain's train split (or `own`) plus a cross_domain share of every other
-        suite's."""
-        own = own if own is not None else [e for s in EXPERT_SUITES[domain] for e in P_.train[s]]
-        rng = random.Random(f"{c.seed}|{domain}")
-        others = [e for s in EVAL_SUITES if s not in EXPERT_SUITES[domain] for e in P_.train[s]]
-        return own + rng.sample(others, min(len(others), int(c.cross_domain / (1 - c.cross_domain) * len(own))))
 
-    # 1. Instruct: SFT on every suite's train split, then preference tuning
-    def instruct():
-        m = copy.deepcopy(P_.base)
-        every = [e for s in EVAL_SUITES for e in P_.train[s]]
-        P_.sft(m, every, c.instruct_steps, os.path.join(P_.dir("instruct"), "sft"))
-        _, pairs, stats = P_.pairs(m, [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn
-                                       for e in P_.train[s][:c.sample_prompts]])
-        P_.pref(m, pairs, "dpo", c.instruct_pref_steps, os.path.join(P_.dir("instruct"), "pref"))
-        return m, {"pairs": len(pairs), "bon": stats}
-    step("instruct", instruct)
+def mix(P_, domain, own=None) -> list:
+    """An expert's SFT data: its domain's train split (or `own`) plus a cross_domain share of every other
+    suite's."""
+    c = P_.cfg
+    own = own if own is not None else [e for s in EXPERT_SUITES[domain] for e in P_.train[s]]
+    rng = random.Random(f"{c.seed}|{domain}")
+    others = [e for s in EVAL_SUITES if s not in EXPERT_SUITES[domain] for e in P_.train[s]]
+    return own + rng.sample(others, min(len(others), int(c.cross_domain / (1 - c.cross_domain) * len(own))))
 
-    # 2. Six SFT experts from Instruct
-    def sft_expert(domain):
-        def fn():
-            data = mix(domain)
-            d = P_.dir(f"sft expert {domain}")
-            if domain == "code":                          # top-k linear merge of seed runs
-                import merge as M
-                runs = [P_.sft(P_.load("instruct"), data, c.expert_steps, os.path.join(d, f"seed{i}"), seed=i)
-                        for i in range(c.code_seeds)]
-                score = lambda m: P_.val_score(m, ["code"])          # noqa: E731
-                merged, ranking = M.topk_merge(runs, score, c.code_topk, names=[f"seed{i}" for i in range(len(runs))])
-                return merged, {"seed_ranking": [(n, s) for n, s, _ in ranking], "k": c.code_topk}
-            if domain == "multilingual":                  # a uniform seed soup
-                import merge as M
-                runs = [P_.sft(P_.load("instruct"), data, c.expert_steps, os.path.join(d, f"seed{i}"), seed=i)
-                        for i in range(c.multilingual_seeds)]
-                return M.merge("soup", runs), {"seeds": c.multilingual_seeds}
-            if domain == "long_context":                  # short : long at 3 : 1 (the report's 16K : 256K)
-                long = T.SUITES["long_context"].generate(c.seed, max(1, len(P_.train["long_context"]) // 3),
-                                                         "train", difficulty=2)
-                long = [e for e in long if e.id not in {v.id for v in P_.val["long_context"]}]
-                return P_.sft(P_.load("instruct"), data + long, c.expert_steps, d, row_len=c.long_seq_len), \
-                    {"long": len(long)}
-            if domain == "rag":                           # reading a document first: see rag_examples
-                m = P_.sft(P_.load("instruct"), P_.fresh["rag"], c.rag_steps, os.path.join(d, "read"),
-                           row_len=c.rag_seq_len, batch=c.batch_size)
-                reading = P_.val_score(m, ["rag"])
-                P_.log(f"sft expert rag: after reading fresh documents, validation rag {reading['rag']:.2f}")
-                return P_.sft(m, data, c.expert_steps, d), {"rag_examples": len(P_.fresh["rag"]), "read_val": reading}
-            if domain == "math":                          # fresh examples, more steps: see math_examples
-                return P_.sft(P_.load("instruct"), mix(domain, P_.fresh["math"]), c.math_steps, d), \
-                    {"math_examples": len(P_.fresh["math"])}
-            return P_.sft(P_.load("instruct"), data, c.expert_steps, d), {}
-        return fn
-    for domain in DOMAINS:
-        step(f"sft expert {domain}", sft_expert(domain))
 
-    # 3. SFT soup: linear merge, expert weights searched on validation data with a per-domain floor
-    step("sft soup", lambda: P_.soup("sft soup", {d: f"sft expert {d}" for d in DOMAINS}))
+def instruct(P_):
+    """1. Instruct: SFT on every suite's train split, then preference tuning (DPO on its own samples)."""
+    c = P_.cfg
+    m = copy.deepcopy(P_.base)
+    every = [e for s in EVAL_SUITES for e in P_.train[s]]
+    P_.sft(m, every, c.instruct_steps, os.path.join(P_.dir("instruct"), "sft"))
+    _, pairs, stats = P_.pairs(m, [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn
+                                   for e in P_.train[s][:c.sample_prompts]])
+    P_.pref(m, pairs, "dpo", c.instruct_pref_steps, os.path.join(P_.dir("instruct"), "pref"))
+    return m, {"pairs": len(pairs), "bon": stats}
 
-    # the reward model: two Bradley-Terry stages on verifier-labelled pairs (clean off-policy, then on-policy)
-    rm_dir = os.path.join(out, "reward_model")
+
+def sft_expert(P_, domain):
+    """2. An SFT expert from Instruct, on its domain's data with some cross-domain data, as the report trains it."""
+    import merge as M
+    c = P_.cfg
+    data, d = mix(P_, domain), P_.dir(f"sft expert {domain}")
+    if domain in ("code", "multilingual"):            # seed runs: code keeps the top k, multilingual soups them all
+        n = c.code_seeds if domain == "code" else c.multilingual_seeds
+        runs = [P_.sft(P_.load("instruct"), data, c.expert_steps, os.path.join(d, f"seed{i}"), seed=i)
+                for i in range(n)]
+        if domain == "multilingual":
+            return M.merge("soup", runs), {"seeds": n}
+        merged, ranking = M.topk_merge(runs, lambda m: P_.val_score(m, ["code"]), c.code_topk,
+                                       names=[f"seed{i}" for i in range(n)])
+        return merged, {"seed_ranking": [(name, s) for name, s, _ in ranking], "k": c.code_topk}
+    if domain == "long_context":                      # short : long at 3 : 1 (the report's 16K : 256K)
+        long = T.SUITES["long_context"].generate(c.seed, max(1, len(P_.train["long_context"]) // 3), "train",
+                                                 difficulty=2)
+        long = [e for e in long if e.id not in {v.id for v in P_.val["long_context"]}]
+        return P_.sft(P_.load("instruct"), data + long, c.expert_steps, d, row_len=c.long_seq_len), {"long": len(long)}
+    if domain == "rag":                               # reading a document first: see rag_examples
+        m = P_.sft(P_.load("instruct"), P_.fresh["rag"], c.rag_steps, os.path.join(d, "read"), row_len=c.rag_seq_len,
+                   batch=c.batch_size)
+        reading = P_.val_score(m, ["rag"])
+        P_.log(f"sft expert rag: after reading fresh documents, validation rag {reading['rag']:.2f}")
+        return P_.sft(m, data, c.expert_steps, d), {"rag_examples": len(P_.fresh["rag"]), "read_val": reading}
+    if domain == "math":                              # fresh examples, more steps: see math_examples
+        return P_.sft(P_.load("instruct"), mix(P_, domain, P_.fresh["math"]), c.math_steps, d), \
+            {"math_examples": len(P_.fresh["math"])}
+    return P_.sft(P_.load("instruct"), data, c.expert_steps, d), {}
+
+
+def reward_model(P_) -> RewardModel:
+    """Two Bradley-Terry stages on verifier-labelled pairs (clean off-policy, then the SFT soup's own samples)."""
+    c, tok = P_.cfg, P_.tok
+    rm_dir = os.path.join(P_.out, "reward_model")
     if not P_.done("reward model"):
         soup = P_.load("sft soup")
         single = [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn for e in P_.train[s][:c.sample_prompts]]
@@ -709,141 +755,156 @@ def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict
             train_loop(rm, rm_objective(rm, tok, pairs, P_.max_len, P_.ac),
                        {"main": D.Loader(Indices(len(pairs)), c.batch_size, seed=c.seed)},
                        P_.stage_cfg(c.rm_steps, lr), os.path.join(rm_dir, f"stage{i + 1}"), resume=True,
-                       fingerprint=fingerprint_of(P_.fp, "rm", i, len(pairs)), desc=f"reward model {i + 1}", verbose=verbose)
+                       fingerprint=fingerprint_of(P_.fp, "rm", i, len(pairs)), desc=f"reward model {i + 1}",
+                       verbose=P_.verbose)
         val_pairs = reference_pairs(tok, [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn
                                           for e in P_.val[s]], c.seed)
         acc = rm_accuracy(rm, tok, val_pairs, P_.max_len, P_.ac)
         write_outputs(rm_dir, rm, tok, {"stage": "reward model", "val_accuracy": acc, "pairs": [len(low), len(high)],
                                         "pipeline_fingerprint": P_.fp}, None, "reward model")
         P_.log(f"reward model: validation pairwise accuracy {acc:.2f}")
-    rm = RewardModel.load(rm_dir, tok).to(P_.device)
+    return RewardModel.load(rm_dir, tok).to(P_.device)
 
-    # 4. Six RL experts from the soup, each with its domain's method
-    refine_log = []
 
-    def rl_expert(domain):
-        def fn():
-            m, d = P_.load("sft soup"), P_.dir(f"rl expert {domain}")
-            exs = [e for s in EXPERT_SUITES[domain] for e in P_.train[s][:c.rl_prompts]]
-            if domain == "math":       # preference pairs from own samples, in the reward-based refinement loop
-                for r in range(c.refine_rounds):
-                    _, pairs, stats = P_.pairs(m, exs, seed=10 + r)
-                    P_.pref(m, pairs, "dpo", c.rl_steps, os.path.join(d, f"round{r + 1}"))
-                    refine_log.append({"round": r + 1, "pairs": len(pairs), "sample_score": stats["mean_score"],
-                                       "val": P_.val_score(m, ["math"])["math"]})
-                    P_.log(f"refinement round {r + 1} (math): samples scored {stats['mean_score']:.3f}, "
-                           f"validation {refine_log[-1]['val']:.3f}")
-                return m, {"refinement": refine_log}
-            if domain == "code":       # offline CoPG + SFT rehearsal + SFT term + interpolation to the parent
-                import merge as M
-                groups = P_.groups(m, exs, k=c.n_samples, seed=20)
-                seqs, _ = sft_sequences(tok, exs, c.seq_len)
-                rehearsal = D.pack_whole([s[0] for s in seqs], c.seq_len, tok.pad_id, [s[1] for s in seqs])
-                if groups:
-                    P_.copg_offline(m, groups, c.rl_steps, d, sft_weight=0.5, rehearsal=rehearsal)
-                else:
-                    P_.log("rl expert code: SKIPPED CoPG: every prompt's samples scored the same (no signal)")
-                parent = P_.load("sft soup")
-                return M.merge("interpolate", [m], base=parent, eta=0.5), {"groups": len(groups), "eta": 0.5,
-                                                                            "skipped": not groups}
-            if domain == "safety":     # IPO + SFT, equal weight
-                _, pairs, _ = P_.pairs(m, exs, seed=30)
-                return P_.pref(m, pairs, "ipo_sft", c.rl_steps, d, sft_weight=0.0), {"pairs": len(pairs)}
-            if domain == "multilingual":   # best-of-N over every SFT expert's answers, judged by the RM
-                engines = [(P_.load(f"sft expert {x}"), x) for x in DOMAINS]
-                cands = [sample(make_engine(em, tok, P_.max_len), tok, exs, 1, 0.7, c.max_new, c.seed + 40)
-                         for em, _ in engines]
-                comps = [[cs[i][0] for cs in cands] for i in range(len(exs))]
-                rewards = rm_reward_fn(rm, tok)(exs, comps)
-                sft_data, pairs = [], []
-                for ex, cs, rs in zip(exs, comps, rewards):
-                    order = sorted(range(len(cs)), key=lambda i: -rs[i])
-                    b, w = cs[order[0]], cs[order[-1]]
-                    if b[-1:] == [tok.eot_id]:
-                        sft_data.append(seq(ex.prompt_ids(tok), b))
-                        if b != w:
-                            pairs.append({"prompt": ex.prompt_ids(tok), "chosen": b, "rejected": w})
-                P_.sft(m, exs, c.rl_steps, os.path.join(d, "sft"), lr=c.lr_rl * 10, extra_seqs=sft_data)
-                if pairs:
-                    P_.pref(m, pairs, "dpo", c.rl_steps, os.path.join(d, "pref"))
-                return m, {"bon_sft": len(sft_data), "pairs": len(pairs)}
-            if domain == "rag":        # offline CoPG on RAG answers and ReAct episodes
-                groups = P_.groups(m, exs, k=c.n_samples, seed=50)
-                if groups:
-                    P_.copg_offline(m, groups, c.rl_steps, d, sft_weight=0.5)
-                else:
-                    P_.log("rl expert rag: SKIPPED CoPG: every prompt's samples scored the same (no signal)")
-                return m, {"groups": len(groups), "skipped": not groups}
-            # long context: SFT + preference
-            P_.sft(m, exs, c.rl_steps, os.path.join(d, "sft"), lr=c.lr_rl * 10)
-            _, pairs, _ = P_.pairs(m, exs, seed=60)
-            P_.pref(m, pairs, "dpo", c.rl_steps, os.path.join(d, "pref"))
-            return m, {"pairs": len(pairs)}
-        return fn
-    for domain in DOMAINS:
-        step(f"rl expert {domain}", rl_expert(domain))
+# 4. The six RL experts, each from the SFT soup with its domain's method: fn(P_, soup, domain, rm) -> (model, extra)
 
-    # 5. RL soup
-    step("rl soup", lambda: P_.soup("rl soup", {d: f"rl expert {d}" for d in DOMAINS}))
+def _rl_prompts(P_, domain) -> list:
+    return [e for s in EXPERT_SUITES[domain] for e in P_.train[s][:P_.cfg.rl_prompts]]
 
-    # 6. Polishing: best-of-N SFT on a high-quality subset, then offline SRPO and online CoPG in alternation
-    #    for as long as the validation score keeps rising
-    def polish():
-        m = P_.load("rl soup")
-        d = P_.dir("polished")
-        every = [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn for e in P_.train[s][:c.sample_prompts]]
-        hq, _, stats = best_of_n(make_engine(m, tok, P_.max_len), tok, every, c.n_samples, verifier_reward_fn(tok),
-                                 0.7, c.max_new, c.seed + 70, min_best=1.0)   # the high-quality subset: fully correct
-        m.train()
-        # every step below is kept only if it raises the validation score, starting from the RL soup's own
-        start_val = best_val = sum(P_.val_score(m).values())
-        best_state, rounds = copy.deepcopy(m.state_dict()), []
-        if hq:
-            P_.sft(m, [], c.rl_steps, os.path.join(d, "bon_sft"), lr=c.lr_rl * 10, extra_seqs=hq)
-            v = sum(P_.val_score(m).values())
-            rounds.append({"round": 0, "step": "best-of-N SFT", "val_sum": v})
-            P_.log(f"polishing best-of-N SFT: validation sum {v:.3f} (RL soup {best_val:.3f})")
-            if v > best_val:
-                best_val, best_state = v, copy.deepcopy(m.state_dict())
-            else:
-                m.load_state_dict(best_state)
-        for r in range(c.polish_rounds):
-            _, pairs, _ = P_.pairs(m, every, seed=80 + r)
-            P_.pref(m, pairs, "srpo", c.polish_steps, os.path.join(d, f"srpo{r + 1}"), sft_weight=0.0)
-            ref = copy.deepcopy(m).eval()
-            obj = copg_online_objective(m, ref, tok, every, 0.1, P_.max_len, P_.ac, verifier_reward_fn(tok),
-                                        c.max_new, 2, 0.7)
-            train_loop(m, obj, {"main": D.Loader(Indices(len(every)), c.batch_size, seed=c.seed + r)},
-                       P_.stage_cfg(c.polish_steps, c.lr_rl), os.path.join(d, f"copg{r + 1}"), resume=True,
-                       fingerprint=fingerprint_of(P_.fp, "online", r), desc=f"polish copg {r + 1}", verbose=verbose)
-            v = sum(P_.val_score(m).values())
-            rounds.append({"round": r + 1, "val_sum": v})
-            P_.log(f"polishing round {r + 1}: validation sum {v:.3f} (best {best_val:.3f})")
-            if v <= best_val:
-                m.load_state_dict(best_state)          # keep the best round: the score stopped rising
-                break
+
+def rl_math(P_, m, domain, rm):
+    """Preference pairs from its own samples, scored by the verifier: the reward-based refinement loop."""
+    c, d, exs, log = P_.cfg, P_.dir(f"rl expert {domain}"), _rl_prompts(P_, domain), []
+    for r in range(c.refine_rounds):
+        _, pairs, stats = P_.pairs(m, exs, seed=10 + r)
+        P_.pref(m, pairs, "dpo", c.rl_steps, os.path.join(d, f"round{r + 1}"))
+        log.append({"round": r + 1, "pairs": len(pairs), "sample_score": stats["mean_score"],
+                    "val": P_.val_score(m, ["math"])["math"]})
+        P_.log(f"refinement round {r + 1} (math): samples scored {stats['mean_score']:.3f}, "
+               f"validation {log[-1]['val']:.3f}")
+    return m, {"refinement": log}
+
+
+def rl_code(P_, m, domain, rm):
+    """Offline CoPG on correctness rewards + SFT rehearsal + an SFT term + interpolation toward the parent."""
+    import merge as M
+    c, d, exs, tok = P_.cfg, P_.dir(f"rl expert {domain}"), _rl_prompts(P_, domain), P_.tok
+    groups = P_.groups(m, exs, k=c.n_samples, seed=20)
+    seqs, _ = sft_sequences(tok, exs, c.seq_len)
+    rehearsal = D.pack_whole([s[0] for s in seqs], c.seq_len, tok.pad_id, [s[1] for s in seqs])
+    if groups:
+        P_.copg_offline(m, groups, c.rl_steps, d, sft_weight=0.5, rehearsal=rehearsal)
+    else:
+        P_.log("rl expert code: SKIPPED CoPG: every prompt's samples scored the same (no signal)")
+    return M.merge("interpolate", [m], base=P_.load("sft soup"), eta=0.5), \
+        {"groups": len(groups), "eta": 0.5, "skipped": not groups}
+
+
+def rl_safety(P_, m, domain, rm):
+    """IPO + SFT with equal weight."""
+    _, pairs, _ = P_.pairs(m, _rl_prompts(P_, domain), seed=30)
+    return P_.pref(m, pairs, "ipo_sft", P_.cfg.rl_steps, P_.dir(f"rl expert {domain}"), sft_weight=0.0), \
+        {"pairs": len(pairs)}
+
+
+def rl_multilingual(P_, m, domain, rm):
+    """Best-of-N over every SFT expert's answers, judged by the reward model, then SFT + preference."""
+    c, d, exs, tok = P_.cfg, P_.dir(f"rl expert {domain}"), _rl_prompts(P_, domain), P_.tok
+    cands = [sample(make_engine(P_.load(f"sft expert {x}"), tok, P_.max_len), tok, exs, 1, 0.7, c.max_new,
+                    c.seed + 40) for x in DOMAINS]
+    comps = [[cs[i][0] for cs in cands] for i in range(len(exs))]
+    rewards = rm_reward_fn(rm, tok)(exs, comps)
+    sft_data, pairs = [], []
+    for ex, cs, rs in zip(exs, comps, rewards):
+        order = sorted(range(len(cs)), key=lambda i: -rs[i])
+        b, w = cs[order[0]], cs[order[-1]]
+        if b[-1:] == [tok.eot_id]:
+            sft_data.append(seq(ex.prompt_ids(tok), b))
+            if b != w:
+                pairs.append({"prompt": ex.prompt_ids(tok), "chosen": b, "rejected": w})
+    P_.sft(m, exs, c.rl_steps, os.path.join(d, "sft"), lr=c.lr_rl * 10, extra_seqs=sft_data)
+    if pairs:
+        P_.pref(m, pairs, "dpo", c.rl_steps, os.path.join(d, "pref"))
+    return m, {"bon_sft": len(sft_data), "pairs": len(pairs)}
+
+
+def rl_rag(P_, m, domain, rm):
+    """Offline CoPG on RAG answers and ReAct episodes."""
+    c = P_.cfg
+    groups = P_.groups(m, _rl_prompts(P_, domain), k=c.n_samples, seed=50)
+    if groups:
+        P_.copg_offline(m, groups, c.rl_steps, P_.dir(f"rl expert {domain}"), sft_weight=0.5)
+    else:
+        P_.log("rl expert rag: SKIPPED CoPG: every prompt's samples scored the same (no signal)")
+    return m, {"groups": len(groups), "skipped": not groups}
+
+
+def rl_long_context(P_, m, domain, rm):
+    """SFT + preference."""
+    c, d, exs = P_.cfg, P_.dir(f"rl expert {domain}"), _rl_prompts(P_, domain)
+    P_.sft(m, exs, c.rl_steps, os.path.join(d, "sft"), lr=c.lr_rl * 10)
+    _, pairs, _ = P_.pairs(m, exs, seed=60)
+    P_.pref(m, pairs, "dpo", c.rl_steps, os.path.join(d, "pref"))
+    return m, {"pairs": len(pairs)}
+
+
+RL_EXPERTS = {"code": rl_code, "safety": rl_safety, "rag": rl_rag, "math": rl_math, "multilingual": rl_multilingual,
+              "long_context": rl_long_context}
+
+
+def polish(P_):
+    """6. Best-of-N SFT on a high-quality subset, then offline SRPO and online CoPG in alternation, for as long
+    as the validation score keeps rising. Every step is kept only if it raises it, from the RL soup's own."""
+    c, tok = P_.cfg, P_.tok
+    m, d = P_.load("rl soup"), P_.dir("polished")
+    every = [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn for e in P_.train[s][:c.sample_prompts]]
+    hq, _, stats = best_of_n(make_engine(m, tok, P_.max_len), tok, every, c.n_samples, verifier_reward_fn(tok),
+                             0.7, c.max_new, c.seed + 70, min_best=1.0)   # the high-quality subset: fully correct
+    m.train()
+    start_val = best_val = sum(P_.val_score(m).values())
+    best_state, rounds = copy.deepcopy(m.state_dict()), []
+    if hq:
+        P_.sft(m, [], c.rl_steps, os.path.join(d, "bon_sft"), lr=c.lr_rl * 10, extra_seqs=hq)
+        v = sum(P_.val_score(m).values())
+        rounds.append({"round": 0, "step": "best-of-N SFT", "val_sum": v})
+        P_.log(f"polishing best-of-N SFT: validation sum {v:.3f} (RL soup {best_val:.3f})")
+        if v > best_val:
             best_val, best_state = v, copy.deepcopy(m.state_dict())
-        return m, {"bon": stats, "rounds": rounds, "start_val_sum": start_val, "val_sum": best_val}
-    step("polished", polish)
-    bar.close()
+        else:
+            m.load_state_dict(best_state)
+    for r in range(c.polish_rounds):
+        _, pairs, _ = P_.pairs(m, every, seed=80 + r)
+        P_.pref(m, pairs, "srpo", c.polish_steps, os.path.join(d, f"srpo{r + 1}"), sft_weight=0.0)
+        ref = copy.deepcopy(m).eval()
+        obj = copg_online_objective(m, ref, tok, every, 0.1, P_.max_len, P_.ac, verifier_reward_fn(tok),
+                                    c.max_new, 2, 0.7)
+        train_loop(m, obj, {"main": D.Loader(Indices(len(every)), c.batch_size, seed=c.seed + r)},
+                   P_.stage_cfg(c.polish_steps, c.lr_rl), os.path.join(d, f"copg{r + 1}"), resume=True,
+                   fingerprint=fingerprint_of(P_.fp, "online", r), desc=f"polish copg {r + 1}", verbose=P_.verbose)
+        v = sum(P_.val_score(m).values())
+        rounds.append({"round": r + 1, "val_sum": v})
+        P_.log(f"polishing round {r + 1}: validation sum {v:.3f} (best {best_val:.3f})")
+        if v <= best_val:
+            m.load_state_dict(best_state)          # keep the best round: the score stopped rising
+            break
+        best_val, best_state = v, copy.deepcopy(m.state_dict())
+    return m, {"bon": stats, "rounds": rounds, "start_val_sum": start_val, "val_sum": best_val}
 
-    # the report's pairwise evaluation: polished vs RL soup, judged by the verifiers and by the reward model
-    polished, rl_soup = P_.load("polished"), P_.load("rl soup")
+
+def pairwise_vs_rl_soup(P_, rm) -> dict:
+    """The report's pairwise evaluation: the polished model against the RL soup, on the test split, judged by
+    the verifiers and by the reward model (one generation pass per model, two judges)."""
+    c, tok = P_.cfg, P_.tok
     suites = [s for s in EVAL_SUITES if not T.SUITES[s].multi_turn]
 
     def rm_judge(ex, a, b):
         ra, rb = rm.score_conversations(tok, [(ex.messages + [parse_final(x) or {"role": "assistant", "content": ""}],
                                                ex.documents, ex.tools, ex.safety_mode) for x in (a, b)])
         return ra - rb
-    ra, rb = (T.evaluate_details(m, tok, suites, n=c.n_eval, seed=c.seed, max_new_tokens=c.max_new)
-              for m in (polished, rl_soup))                  # one generation pass per model, two judges
+    ra, rb = (T.evaluate_details(P_.load(stage), tok, suites, n=c.n_eval, seed=c.seed, max_new_tokens=c.max_new)
+              for stage in ("polished", "rl soup"))
     pw = {"verifiers": T.judge_pairs(ra, rb), "reward_model": T.judge_pairs(ra, rb, rm_judge)}
-    summary = {"stages": P_.results, "seconds": P_.seconds, "pairwise": {k: {"win": v["win"], "tie": v["tie"],
-               "loss": v["loss"], "win_rate": v["win_rate"]} for k, v in pw.items()},
-               "refinement": P_.extra.get("rl expert math", {}).get("refinement", refine_log),
-               "total_seconds": round(time.time() - t_all, 1)}
-    report(summary, out)
-    return summary
+    return {k: {"win": v["win"], "tie": v["tie"], "loss": v["loss"], "win_rate": v["win_rate"]} for k, v in pw.items()}
 
 
 def in_domain(scores: dict, d: str) -> float:

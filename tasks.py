@@ -1224,7 +1224,7 @@ def _load(ckpt: str):
         raise SystemExit(f"tasks.py: cannot load checkpoint {ckpt!r}: {type(e).__name__}: {e}")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     ap = argparse.ArgumentParser(description="Verifiable capability suites (Command A's expert domains) and the "
                                  "evaluation of a checkpoint on them.")
     ap.add_argument("--ckpt", help="checkpoint directory (config.json + safetensors + tokenizer.json)")
@@ -1238,7 +1238,7 @@ if __name__ == "__main__":
     ap.add_argument("--max-new-tokens", type=int, default=256, help="tokens per generated turn")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--out", default=None, help="where to write eval.json and eval.png (default: CKPT/eval)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.n = args.n if args.n is not None else (3 if args.show else 32)
     if args.n < 1 or args.max_new_tokens < 1 or args.difficulty < 1 or args.temperature < 0:
         ap.error("--n, --max-new-tokens and --difficulty must be >= 1, --temperature >= 0")
@@ -1251,7 +1251,7 @@ if __name__ == "__main__":
     if args.show:
         show(args.show, args.n, args.seed, args.split, min(args.difficulty, SUITES[args.show].max_difficulty))
         print(json.dumps({"suite": args.show, "shown": args.n}))
-        sys.exit(0)
+        return
     if not args.ckpt:
         ap.error("--ckpt DIR is required (or --show SUITE)")
     if not os.path.isdir(args.ckpt):
@@ -1276,7 +1276,7 @@ if __name__ == "__main__":
             print(f"{k:<14} {v['win']:6.2f} {v['tie']:6.2f} {v['loss']:6.2f}")
         atomic_write_json(os.path.join(out_dir, "pairwise.json"), res, indent=1)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items() if k != "per_suite"}))
-        sys.exit(0)
+        return
     scores, recs = evaluate(model, tok, names, args.n, args.seed, args.split, args.max_new_tokens,
                             difficulty=args.difficulty, temperature=args.temperature, details=True, progress=True)
     print(f"{'suite':<14} {'score':>6} {'n':>4} {'errors':>6}")
@@ -1295,3 +1295,7 @@ if __name__ == "__main__":
               f"difficulty {args.difficulty})")
     print(f"wrote {out_dir}/eval.json and eval.png ({report['seconds']} s)", file=sys.stderr)
     print(json.dumps({k: round(v, 4) for k, v in scores.items()}))
+
+
+if __name__ == "__main__":
+    main()
