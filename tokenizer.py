@@ -605,8 +605,11 @@ def parse_citations(text: str):
 def parse_completion(text: str) -> dict:
     """Parse a decoded completion (special tokens kept as text). Never raises on malformed output."""
     text = text.split(EOT, 1)[0]            # anything after the end of the turn is not the model's answer
-    if "<|CHATBOT_TOKEN|>" in text:         # tolerate a completion that still carries the turn header
-        text = text.rsplit("<|CHATBOT_TOKEN|>", 1)[1]
+    # tolerate a completion that still carries the turn header -- at its start only: a header the model writes
+    # later is part of its (malformed) answer, as a stream has already sent what came before it
+    head = text.find("<|CHATBOT_TOKEN|>")
+    if head != -1 and not text[:head].replace("<|START_OF_TURN_TOKEN|>", "").strip():
+        text = text[head + len("<|CHATBOT_TOKEN|>"):]
     out = {"thinking": _block(text, "<|START_THINKING|>", "<|END_THINKING|>"), "tool_calls": []}
     action = _block(text, "<|START_ACTION|>", "<|END_ACTION|>")
     if action is not None:

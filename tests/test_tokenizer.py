@@ -319,3 +319,22 @@ def test_cli_help_and_show_chat_end_with_json():
     out = subprocess.run([sys.executable, script, "--show-chat"], capture_output=True, text=True, check=True)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["vocab_size"] == 512 and 0 < summary["trained_tokens"] < summary["chat_tokens"]
+
+
+def test_parse_strips_a_turn_header_only_at_the_start():
+    """A completion may carry its turn header; a header the model writes mid-answer stays in the answer, so a
+    stream (which has already sent what came before it) and the final parse agree."""
+    assert parse_completion("<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Hi<|END_OF_TURN_TOKEN|>")["response"] == "Hi"
+    assert parse_completion("<|CHATBOT_TOKEN|>Hi")["response"] == "Hi"
+    mid = parse_completion("abc<|CHATBOT_TOKEN|>def")["response"]
+    assert mid.startswith("abc") and mid.endswith("def")
+
+
+def test_streamed_deltas_add_up_to_the_parse_with_a_header_mid_answer():
+    from api import ChatDecoder
+    tok = Tokenizer.train([open(T.__file__, encoding="utf-8").read()], vocab_size=400)
+    ids = tok.encode("ab ") + [tok.special_ids["<|CHATBOT_TOKEN|>"]] + tok.encode("cd ef")
+    dec = ChatDecoder(tok)
+    sent = "".join(d.get("response", "") for d in (dec.feed(t) for t in ids) if d)
+    final = tok.parse(ids)["response"]
+    assert final.startswith(sent) and sent.startswith("ab")
