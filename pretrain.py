@@ -477,6 +477,7 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
         if L.describe():
             print(L.describe())
     meter = Meter(mcfg, peak, cfg.log_every, verbose)
+    crash_at = int(os.environ.get("PRETRAIN_CRASH_AT_STEP", "0"))  # test hook: die like a killed job
     bar = tqdm(total=stop, initial=step, desc="pretrain", disable=not verbose, dynamic_ncols=True)
     model.train()
     while step < stop:
@@ -498,7 +499,7 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
         losses.append(loss_sum)               # full precision: resume and parity compare bits
         bar.update(1)
         meter.step(step, ntok, ph["seq_len"], loss_sum, lr, ph["name"], bar, force=step == stop)
-        if step == int(os.environ.get("PRETRAIN_CRASH_AT_STEP", "0")):   # test hook: die like a killed job
+        if step == crash_at:
             os._exit(17)
         evals, ckpts = step % cfg.eval_every == 0 or step == stop, step % cfg.ckpt_every == 0 or step == stop
         if evals or ckpts:                    # gathered on every rank; rank 0 evaluates and writes
