@@ -621,10 +621,13 @@ def parse_completion(text: str) -> dict:
             out["tool_calls"] = calls
         except ValueError as e:             # json.JSONDecodeError is a ValueError
             out["error"] = f"malformed action: {e}"
-    response = _block(text, "<|START_RESPONSE|>", "<|END_RESPONSE|>")
-    if response is None:                    # a model that ignored the format: its plain text is the answer
-        plain = out["thinking"] is None and action is None
-        response = re.sub("|".join(map(re.escape, SPECIAL_TOKENS)), "", text) if plain else ""
+    # Text before the first block is answer text too: a model that ignores the format writes only that, and
+    # one that opens a block mid-answer has already had that text streamed (the answer may only ever grow).
+    first = min([i for i in (text.find(t) for t in ("<|START_THINKING|>", "<|START_ACTION|>",
+                                                     "<|START_RESPONSE|>")) if i >= 0], default=len(text))
+    lead = re.sub("|".join(map(re.escape, SPECIAL_TOKENS)), "", text[:first])
+    lead = lead if lead.strip() else ""     # the newline some models write before their first block
+    response = lead + (_block(text, "<|START_RESPONSE|>", "<|END_RESPONSE|>") or "")
     out["response"], out["citations"] = parse_citations(response)
     return out
 

@@ -338,3 +338,20 @@ def test_streamed_deltas_add_up_to_the_parse_with_a_header_mid_answer():
     sent = "".join(d.get("response", "") for d in (dec.feed(t) for t in ids) if d)
     final = tok.parse(ids)["response"]
     assert final.startswith(sent) and sent.startswith("ab")
+
+
+@pytest.mark.parametrize("block", ["<|START_ACTION|>[{\"tool_name\"", "<|START_THINKING|>plan",
+                                   "<|START_RESPONSE|>more"])
+def test_text_before_a_block_stays_the_answer_so_a_stream_never_takes_back(block):
+    """A model that writes answer text and then opens a block: the text already streamed stays in the final
+    answer (it used to vanish when the block was an action or a plan). A well-formed completion is unchanged."""
+    from api import ChatDecoder
+    tok = Tokenizer.train([open(T.__file__, encoding="utf-8").read()], vocab_size=400)
+    name, rest = block.split("|>", 1)
+    ids = tok.encode("ab cd ") + [tok.special_ids[name + "|>"]] + tok.encode(rest)
+    dec = ChatDecoder(tok)
+    sent = "".join(d.get("response", "") for d in (dec.feed(t) for t in ids + [None]) if d)
+    final = tok.parse(ids)["response"]
+    assert sent.startswith("ab cd") and final.startswith(sent)
+    assert parse_completion("\n<|START_RESPONSE|>hi<|END_RESPONSE|>")["response"] == "hi"
+    assert parse_completion("<|START_THINKING|>p<|END_THINKING|><|START_ACTION|>[]<|END_ACTION|>")["response"] == ""
