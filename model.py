@@ -327,7 +327,10 @@ class Linear(nn.Linear):
         self.fp8 = fp8
 
     def forward(self, x):
-        return fp8_linear(x, self.weight) if self.fp8 else F.linear(x, self.weight)
+        w = self.weight
+        if hasattr(w, "to_local") and not hasattr(x, "to_local"):
+            w = w.to_local()  # a tensor-parallel DTensor (parallel.py) on a plain activation: this rank's shard
+        return fp8_linear(x, w) if self.fp8 else F.linear(x, w)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -382,34 +385,48 @@ def _flex_attention():
     return _FLEX
 
 
+def attend(q, k, v, mask):
+    """Softmax attention of q (B, nh, Tq, dh) over k, v (B, nkv, S, dh), GQA when nkv < nh. `mask` is a boolean
+    (.., Tq, S) allowed-mask (SDPA: fp32 softmax accumulation inside the kernel, scale 1/sqrt(dh)) or a
+    FlexAttention call built by CommandA._masks."""
+    if callable(mask):
+        return mask(q, k, v)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _same_kv(k, v):
+    return k, v
+
+
 class Attention(nn.Module):
     """GQA attention. Sliding layers: RoPE + window mask. Full layers: no positional encoding (NoPE)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx, self.kind = layer_idx, cfg.layer_types[layer_idx]
+        # heads held by this process; parallel.py's TP divides both by tp (whole KV groups per rank)
         self.nh, self.nkv, self.dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         H = cfg.hidden_size
         self.q_proj = Linear(H, self.nh * self.dh, cfg.fp8)   # head h = output rows h*dh ... h*dh+dh-1
         self.k_proj = Linear(H, self.nkv * self.dh, cfg.fp8)
         self.v_proj = Linear(H, self.nkv * self.dh, cfg.fp8)
         self.o_proj = Linear(self.nh * self.dh, H, cfg.fp8)
+        # where the keys live: one process holds all of them; parallel.py's SP all-gathers every rank's K/V here
+        self.gather_kv = _same_kv
 
     def forward(self, x, rope, mask, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.dh).transpose(1, 2)   # (B, nh, T, dh)
         k = self.k_proj(x).view(B, T, self.nkv, self.dh).transpose(1, 2)  # (B, nkv, T, dh)
         v = self.v_proj(x).view(B, T, self.nkv, self.dh).transpose(1, 2)
-        if self.kind == "sliding":   # RoPE before caching: cached sliding keys are already rotated
+        if self.kind == "sliding":   # RoPE at each token's own position, before K is cached or leaves this rank
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = self.gather_kv(k, v)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                     # (B, nkv, S, dh), S = keys held
-        if callable(mask):           # a FlexAttention BlockMask builder result
-            y = mask(q, k, v)
-        else:                        # SDPA: fp32 accumulation of softmax inside the kernel; scale 1/sqrt(dh)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                               enable_gqa=self.nkv != self.nh)
+        y = attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.dh))
 
 
@@ -435,10 +452,24 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.mlp = MLP(cfg)
+        # where the activations live: identity in one process. parallel.py's TP (Megatron-SP) all-gathers the
+        # sequence-sharded norm output here, and completes the branches' partial sums with ONE reduce-scatter.
+        self.gather_norm = _same
+        self.add_branches = residual_add
 
     def forward(self, h, rope, mask, cache=None):
-        n = self.input_layernorm(h)
-        return h + self.self_attn(n, rope, mask, cache) + self.mlp(n)
+        n = self.gather_norm(self.input_layernorm(h))
+        return self.add_branches(h, self.self_attn(n, rope, mask, cache), self.mlp(n))
+
+
+def _same(x):
+    return x
+
+
+def residual_add(h, attn, mlp):
+    """h + attn + mlp in HF's order: the fp32 residual takes each bf16 branch in turn (another order rounds
+    differently under autocast)."""
+    return h + attn + mlp
 
 
 class Decoder(nn.Module):  # named `model` inside CommandA so state_dict keys are HF's (model.layers.0....)
@@ -526,6 +557,31 @@ def plan_shards(nbytes: dict, max_shard_bytes: int) -> tuple[list[list[str]], li
     return shards, names
 
 
+def dense_masks(cfg: ModelConfig, q_pos, q_doc, kv_pos, kv_doc) -> dict:
+    """{layer kind: boolean (B, 1, Tq, S) mask} for queries at q_pos/q_doc (B, Tq) over keys at kv_pos/kv_doc
+    (B, S). One process: the same tokens on both sides; parallel.py's SP: this rank's queries, all keys."""
+    q_pos, kv_pos = q_pos[:, None, :, None], kv_pos[:, None, None, :]
+    q_doc, kv_doc = q_doc[:, None, :, None], kv_doc[:, None, None, :]
+    return {kind: attention_allowed(q_pos, kv_pos, q_doc, kv_doc, cfg.window_of(kind)) for kind in LAYER_KINDS}
+
+
+def output_logits(h, lm_head, cfg: ModelConfig, transposed=False):
+    """Final-norm hidden states (..., H) -> fp32 logits (..., V) = h @ E^T * logit_scale, with muP's output
+    multiplier 1/m riding on the scale. lm_head is the tied embedding E (V, H), or E^T (H, V) contiguous when
+    transposed (serve.py's decode step: the layout in which a one-row matmul is fastest on CPU)."""
+    y = h @ lm_head if transposed else F.linear(h, lm_head)
+    return y.float() * (cfg.logit_scale / cfg.width_mult)
+
+
+def nll_sum(logits, targets):
+    """Summed next-token loss over targets != -100 (padding, document boundaries, prompts carry no target), fp32
+    log-softmax. Summed in fp64, where a sum of fp32 losses is exact in any order: a batch split over ranks
+    (parallel.py) adds no rounding of its own to the logged loss."""
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                          reduction="none")
+    return nll.double().sum()
+
+
 class CommandA(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -578,11 +634,7 @@ class CommandA(nn.Module):
                 masks[kind] = (lambda q, k, v, bm=bm: flex(q, k, v, block_mask=bm,
                                                            enable_gqa=k.shape[1] != q.shape[1]))
             return masks
-        q_pos, kv_pos = position_ids[:, None, :, None], position_ids[:, None, None, :]  # (B, 1, T, 1), (B, 1, 1, T)
-        q_doc, kv_doc = doc_ids[:, None, :, None], doc_ids[:, None, None, :]
-        return {kind: attention_allowed(q_pos, kv_pos, q_doc, kv_doc,
-                                        self.config.window_of(kind))
-                for kind in LAYER_KINDS}
+        return dense_masks(self.config, position_ids, doc_ids, position_ids, doc_ids)
 
     def forward(self, input_ids, targets=None, position_ids=None, doc_ids=None, cache=None, logits_index=None,
                 return_hidden=False):
@@ -621,17 +673,11 @@ class CommandA(nn.Module):
         logits = self.lm_logits(h)
         if targets is None:
             return logits
-        # fp32 log-softmax; -100 marks tokens with no target (padding, document boundaries, prompts). The token
-        # mean is summed in fp64, where a sum of fp32 losses is exact in any order: a batch split over ranks
-        # (parallel.py) adds no rounding of its own to the logged loss.
-        nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                              reduction="none")
-        return (nll.double().sum() / (targets != -100).sum().clamp(min=1)).float()
+        return (nll_sum(logits, targets) / (targets != -100).sum().clamp(min=1)).float()
 
     def lm_logits(self, h):
-        """Final-norm hidden states (..., H) -> fp32 logits (..., V): the tied output embedding, with muP's
-        output multiplier 1/m riding on the logit scale."""
-        return F.linear(h, self.lm_head_weight).float() * (self.config.logit_scale / self.config.width_mult)
+        """Final-norm hidden states (..., H) -> fp32 logits (..., V): the tied output embedding."""
+        return output_logits(h, self.lm_head_weight, self.config)
 
     # --- HF checkpoints -------------------------------------------------------------------------------------
     def expected_shapes(self) -> dict[str, tuple]:

@@ -13,28 +13,31 @@ in the order torchtitan composes them (TP first, then FSDP per block and on the 
   fsdp  split the batch; shard params, grads and Adam state (ZeRO-3):
         all-gather before use, reduce-scatter gradients                        -> fully_shard on mesh dim 1
   sp    split the SEQUENCE over ranks for the whole block (norm, residual, MLP, loss); attention all-gathers
-        K/V along sp, so sliding windows and document masks stay exact        -> _AllGather in _attention()
+        K/V along sp, so sliding windows and document masks stay exact        -> Attention.gather_kv hook
   tp    Megatron TP: q/k/v/gate/up column-parallel, o/down row-parallel, heads and KV heads split
-        (parallelize_module: ColwiseParallel / RowwiseParallel place the weights), with Megatron's
-        sequence parallelism in the norm/residual region: ONE all-gather before the column-parallel
-        projections, ONE reduce-scatter after the row-parallel ones        -> _layer_forward()
+        (DTensor Shard(0) / Shard(1) weights), with Megatron's sequence parallelism in the norm/residual
+        region: ONE all-gather before the column-parallel projections, ONE reduce-scatter after the
+        row-parallel ones                                   -> DecoderLayer.gather_norm / add_branches hooks
 
 Command A's parallel block helps TP: attention and MLP read the same LayerNorm output and both add into the
 residual, so one all-gather feeds q, k, v, gate and up, and the two row-parallel partial sums are added
 BEFORE the single reduce-scatter (a sequential block needs 2 all-gathers + 2 reduce-scatters per layer).
 
-Library and hand-written parts: the mesh (init_device_mesh), the weight layouts (parallelize_module), FSDP2
+model.py states the layer math once; this file changes only where tensors live: which rows, tokens and heads
+a rank holds, and the collectives in the layer's hooks (identity in one process).
+
+Library and hand-written parts: the mesh (init_device_mesh), the weight layouts (distribute_tensor), FSDP2
 (fully_shard, HSDP on a 2-D mesh) and checkpoint gathering (torch.distributed.checkpoint.state_dict) are
 PyTorch's own. The Megatron-SP collectives are written out (_AllGather / _ReduceScatter, autograd-aware: the
 backward of an all-gather is a reduce-scatter and vice versa) because they are the strategy, and because the
 library's module hooks gather the norm output once per branch and reduce-scatter each branch's output (2 + 2
-per layer where the parallel block needs 1 + 1); tests check the written-out block against that
-parallelize_module path (SequenceParallel + PrepareModuleInput + Colwise/RowwiseParallel) on the same weights.
+per layer where the parallel block needs 1 + 1); tests check our block against that parallelize_module path
+(SequenceParallel + PrepareModuleInput + Colwise/RowwiseParallel) on the same weights.
 
 Numerics: every parallel layout computes the same function as one process; only the order of floating-point
 sums can differ (gradient reductions over ranks, row-parallel partial sums, GEMMs over fewer rows). Under bf16
-autocast the row-parallel partials are formed in fp32 and rounded to bf16 once after the reduction, as one
-device's GEMM rounds its fp32 accumulator once, and the loss is an fp64 token sum (exact in any order).
+autocast each row-parallel GEMM rounds its partial to bf16 (as NCCL-reduced TP does); the two branches' partials
+are summed and reduced in fp32 and rounded once; the loss is an fp64 token sum (exact in any order).
 `python tests/parity.py` measures the result ("Parity" below): on this repo's CPU, fp32 runs log the
 single-process losses bit for bit in all six layouts it tries; bf16 runs differ by <= 1.2e-5 after the first
 update, 1.1-1.9x what one process differs from itself when it takes the same batch as two micro-batches.
@@ -45,6 +48,7 @@ memory), Rajbhandari et al. 2020 (ZeRO), Zhao et al. 2023 (PyTorch FSDP), torcht
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -56,10 +60,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from model import PRESETS, CommandA, ModelConfig, attention_allowed, apply_rope, doc_ids_from_positions, \
-    fp8_linear, positions_from_doc_ids, rope_cos_sin
+from model import PRESETS, CommandA, ModelConfig, dense_masks, doc_ids_from_positions, nll_sum, \
+    positions_from_doc_ids, rope_cos_sin
 
 AXES = ("dp", "fsdp", "sp", "tp")
 # torch 2.13 renames the tensor collectives (*_single) and deprecates slicing flattened mesh dims; the GPU
@@ -228,68 +231,35 @@ def reduce_scatter_seq(x, P: ParallelState, axis: str, dim: int = 1):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The sharded forward: the same math as model.py, on this rank's rows, tokens and heads
+# The sharded forward: model.py's layers unchanged, on this rank's rows, tokens and heads. Only where tensors
+# live changes: per-rank head counts (gpt-fast's tp.py), model.py's Linear on its local weight shard, and the
+# layer's hooks (identity in one process) for the collectives below.
 
 
 def _local(w):
-    """A TP weight is a DTensor placed by parallelize_module; the matmul uses this rank's shard of it."""
+    """A TP weight is a DTensor (placed by parallelize); gradient arithmetic uses this rank's shard of it."""
     from torch.distributed.tensor import DTensor
     return w.to_local() if isinstance(w, DTensor) else w
 
 
-def _column(x, lin):
-    """Column-parallel: this rank's output features (heads / MLP columns); the input is the full activation."""
-    w = _local(lin.weight)
-    return fp8_linear(x, w) if lin.fp8 else F.linear(x, w)
+def _gather_kv(k, v, P: ParallelState):
+    """SP: the mask (window, documents) may reach keys held by any sp rank, so gather all of K and V (one
+    collective for both); the queries stay local. Exact for any window and document layout."""
+    nkv = k.shape[1]
+    kv = all_gather_seq(torch.cat([k, v], dim=1), P, "sp", dim=2)        # (B, 2 nkv/tp, T, dh)
+    return kv[:, :nkv], kv[:, nkv:]
 
 
-def _row(x, lin, tp):
-    """Row-parallel: this rank's input features; the result is a PARTIAL sum, completed by the reduce-scatter.
-    Under bf16 autocast the partials are fp32 (bf16 operands, fp32 accumulate), rounded to bf16 once after the
-    reduction -- what one device's GEMM does with its accumulator -- so TP changes nothing but fp32 sum order."""
-    w = _local(lin.weight)
-    if lin.fp8:
-        return fp8_linear(x, w).float()
-    dev = x.device.type
-    if tp > 1 and torch.is_autocast_enabled(dev):
-        low = torch.get_autocast_dtype(dev)
-        with torch.autocast(dev, enabled=False):
-            return F.linear(x.to(low).float(), w.to(low).float())
-    return F.linear(x, w).float()
+def _gather_norm(n, P: ParallelState):
+    """TP's sequence parallelism: the norm ran on this rank's tokens; ONE all-gather feeds q, k, v, gate and up."""
+    return all_gather_seq(n, P, "tp")                                    # (B, T/sp, H)
 
 
-def _attention(attn, n, rope, mask, P: ParallelState):
-    """GQA attention on this rank's heads (TP) for this rank's query tokens (SP), against ALL keys of the row."""
-    B, Tq, _ = n.shape
-    nh, nkv, dh = attn.nh // P.pc.tp, attn.nkv // P.pc.tp, attn.dh   # heads split: whole KV groups per rank
-    q = _column(n, attn.q_proj).view(B, Tq, nh, dh).transpose(1, 2)         # (B, nh/tp, Tq, dh)
-    k = _column(n, attn.k_proj).view(B, Tq, nkv, dh).transpose(1, 2)        # (B, nkv/tp, Tq, dh)
-    v = _column(n, attn.v_proj).view(B, Tq, nkv, dh).transpose(1, 2)
-    if attn.kind == "sliding":          # RoPE at each token's own position, before K leaves this rank
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if P.pc.sp > 1:
-        # SP: the mask (window, documents) may reach keys held by any sp rank, so gather all of K and V (one
-        # collective for both); the queries stay local. Exact for any window and document layout.
-        kv = all_gather_seq(torch.cat([k, v], dim=1), P, "sp", dim=2)        # (B, 2 nkv/tp, T, dh)
-        k, v = kv[:, :nkv], kv[:, nkv:]
-    y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=nkv != nh)
-    return _row(y.transpose(1, 2).reshape(B, Tq, nh * dh), attn.o_proj, P.pc.tp)
-
-
-def _mlp(mlp, n, P: ParallelState):
-    return _row(F.silu(_column(n, mlp.gate_proj)) * _column(n, mlp.up_proj), mlp.down_proj, P.pc.tp)
-
-
-def _layer_forward(self, h, rope, mask, cache=None):
-    """DecoderLayer.forward under SP/TP. h is this rank's slice of the residual stream, (B, T/(sp*tp), H)."""
-    P = self._parallel
-    n = self.input_layernorm(h)                         # norm on sequence-sharded tokens: no communication
-    if P.pc.tp > 1:
-        n = all_gather_seq(n, P, "tp")                  # (B, T/sp, H): ONE all-gather feeds q, k, v, gate, up
-    y = _attention(self.self_attn, n, rope, mask, P) + _mlp(self.mlp, n, P)   # parallel block: add partials
-    if P.pc.tp > 1:
-        y = reduce_scatter_seq(y, P, "tp")              # ONE reduce-scatter completes both branches' sums
+def _reduce_scatter_add(h, attn, mlp, P: ParallelState):
+    """The row-parallel o_proj and down_proj left partial sums: the parallel block adds them BEFORE the ONE
+    reduce-scatter that completes both and hands each rank its tokens back. The sum is carried in fp32 and
+    rounded once, after the reduction."""
+    y = reduce_scatter_seq(attn.float() + mlp.float(), P, "tp")
     return h + y.to(h.dtype)
 
 
@@ -312,23 +282,17 @@ def _model_forward(self, input_ids, targets=None, position_ids=None, doc_ids=Non
     n_targets = (targets != -100).sum().clamp(min=1)          # of the global batch: every rank knows it
     Bd, Ts, Tl = B // pc.data, T // pc.sp, T // (pc.sp * pc.tp)
     rows = slice(P.data_rank * Bd, (P.data_rank + 1) * Bd)                     # DP / FSDP: split the batch
-    s0 = P.rank["sp"] * Ts                                                      # SP: this rank's query tokens
-    t0 = s0 + P.rank["tp"] * Tl                                                 # TP's SP: this rank's residual
+    q = slice(P.rank["sp"] * Ts, (P.rank["sp"] + 1) * Ts)                      # SP: this rank's query tokens
+    mine = slice(q.start + P.rank["tp"] * Tl, q.start + (P.rank["tp"] + 1) * Tl)  # TP's SP: my residual tokens
     ids, tgt, pos, doc = input_ids[rows], targets[rows], position_ids[rows], doc_ids[rows]
 
-    h = self.model.embed_tokens(ids[:, t0:t0 + Tl])                             # (B/data, T/(sp*tp), H)
-    cos, sin = rope_cos_sin(pos[:, s0:s0 + Ts], cfg.head_dim, cfg.rope_theta, h.dtype)
-    q_pos, kv_pos = pos[:, None, s0:s0 + Ts, None], pos[:, None, None, :]       # rows: my queries; cols: all keys
-    q_doc, kv_doc = doc[:, None, s0:s0 + Ts, None], doc[:, None, None, :]
-    masks = {kind: attention_allowed(q_pos, kv_pos, q_doc, kv_doc, cfg.window_of(kind))
-             for kind in ("sliding", "full")}
+    h = self.model.embed_tokens(ids[:, mine])                                   # (B/data, T/(sp*tp), H)
+    rope = rope_cos_sin(pos[:, q], cfg.head_dim, cfg.rope_theta, h.dtype)
+    masks = dense_masks(cfg, pos[:, q], doc[:, q], pos, doc)                   # rows: my queries; cols: all keys
     for layer in self.model.layers:
-        h = layer(h, (cos, sin), masks[layer.self_attn.kind])
-    h = self.model.norm(h)
-    logits = F.linear(h, self.model.embed_tokens.weight).float() * (cfg.logit_scale / cfg.width_mult)
-    local = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt[:, t0:t0 + Tl].reshape(-1),
-                            ignore_index=-100, reduction="none").double().sum()  # this rank's tokens; fp64 as
-    total = local.detach().clone()                                                # model.py: exact in any order
+        h = layer(h, rope, masks[layer.self_attn.kind])
+    local = nll_sum(self.lm_logits(self.model.norm(h)), tgt[:, mine])         # this rank's tokens, in fp64
+    total = local.detach().clone()
     COLLECTIVES[("all_reduce", "world")] += 1
     dist.all_reduce(total)                            # every token lives on exactly one rank: the sum is the batch's
     scaled = local / n_targets * grad_scale(P)
@@ -346,38 +310,45 @@ def grad_scale(P: ParallelState) -> float:
 # Applying the strategies to a CommandA (in torchtitan's order: TP, then FSDP per block, then the root)
 
 
-def tp_plan():
-    """Megatron's layout as DTensor placements: column-parallel = weight Shard(0) (output features),
-    row-parallel = weight Shard(1) (input features). Head h's rows are contiguous, so Shard(0) of q_proj
-    gives each rank whole heads, and Shard(0) of k/v_proj whole KV heads (kv_heads % tp == 0)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-    col, row = ColwiseParallel, RowwiseParallel
-    return {"self_attn.q_proj": col(), "self_attn.k_proj": col(), "self_attn.v_proj": col(),
-            "self_attn.o_proj": row(), "mlp.gate_proj": col(), "mlp.up_proj": col(), "mlp.down_proj": row()}
+# Megatron's layout: column-parallel = weight rows (output features) split, row-parallel = weight columns (input
+# features) split. Head h's rows are contiguous, so splitting q_proj's rows gives each rank whole heads, and
+# k/v_proj's whole KV heads (kv_heads % tp == 0).
+TP_SHARD_DIM = {"self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0, "self_attn.o_proj": 1,
+                "mlp.gate_proj": 0, "mlp.up_proj": 0, "mlp.down_proj": 1}
+
+
+def shard_tp(layer, mesh, P: ParallelState):
+    """Place one DecoderLayer on the tp mesh: its Linears' weights become DTensor shards (model.py's Linear
+    multiplies by the local shard), its head counts per rank, its hooks the Megatron-SP collectives."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    for name, dim in TP_SHARD_DIM.items():
+        lin = layer.get_submodule(name)
+        lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.data, mesh, [Shard(dim)]))
+    layer.self_attn.nh //= P.pc.tp
+    layer.self_attn.nkv //= P.pc.tp
+    layer.gather_norm = functools.partial(_gather_norm, P=P)
+    layer.add_branches = functools.partial(_reduce_scatter_add, P=P)
 
 
 def parallelize(model: CommandA, pc: ParallelConfig, mesh=None) -> CommandA:
     """Shard `model` in place over the mesh and switch its forward to the sharded one. Call on every rank with
     the same (identically initialised or loaded) full model; build the optimizer afterwards."""
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import parallelize_module
 
     pc.validate(model.config, dist.get_world_size())
     device_type = next(model.parameters()).device.type
     mesh = mesh if mesh is not None else build_mesh(pc, device_type)
-    if pc.tp > 1:
-        for layer in model.model.layers:
-            parallelize_module(layer, mesh["tp"], tp_plan())
-    from torch.distributed.tensor import DTensor
-    tp_sharded = {n for n, p in model.named_parameters() if isinstance(p, DTensor)}   # before FSDP wraps all
     use_fsdp = pc.dp * pc.fsdp * pc.sp > 1
     P = ParallelState(pc=pc, mesh=mesh, groups={a: mesh.get_group(a) for a in AXES},
-                      rank={a: mesh.get_local_rank(a) for a in AXES}, tp_sharded=tp_sharded, fsdp=use_fsdp)
+                      rank={a: mesh.get_local_rank(a) for a in AXES}, tp_sharded=set(), fsdp=use_fsdp)
+    for i, layer in enumerate(model.model.layers):
+        if pc.tp > 1:
+            shard_tp(layer, mesh["tp"], P)
+            P.tp_sharded |= {f"model.layers.{i}.{name}.weight" for name in TP_SHARD_DIM}
+        if pc.sp > 1:
+            layer.self_attn.gather_kv = functools.partial(_gather_kv, P=P)
     model._parallel = P
-    model.forward = types.MethodType(_model_forward, model)        # the same module; its forward sharded
-    for layer in model.model.layers:
-        layer._parallel = P
-        layer.forward = types.MethodType(_layer_forward, layer)
+    model.forward = types.MethodType(_model_forward, model)   # the same module: its entry point splits the batch
     if use_fsdp:
         # HSDP: replicate over dp (dim 0), shard over fsdp x sp (dim 1). SP ranks hold the same weights but
         # different tokens, so they join the sharding group (torchtitan does the same for context parallel).

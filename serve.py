@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model import CommandA, ModelConfig, PRESETS, apply_rope, rope_cos_sin, tune_malloc
+from model import CommandA, ModelConfig, PRESETS, apply_rope, attend, output_logits, rope_cos_sin, tune_malloc
 
 # ----------------------------------------------------------------------------------------------------------
 # The window-aware KV cache
@@ -188,8 +188,8 @@ class FusedDecode:
     Two matmuls per layer instead of seven, about a dozen kernels per layer instead of ~70 through the generic
     forward (its mask building and cache bookkeeping are per-chunk work a decode step doesn't need). Weights
     are stored K x N contiguous, the layout in which a 1-row matmul is fastest on CPU (measured 2-3x over
-    F.linear's N x K for fp32 at N >= 3584). The math is model.py's: its LayerNorm numerics (fp32), its RoPE
-    functions, SDPA with GQA, tied logits times logit_scale; tests check it against the uncached model.
+    F.linear's N x K for fp32 at N >= 3584). Only the weights are concatenated: the norm modules, RoPE,
+    attention and output logits are model.py's own; tests check the step against the uncached model.
 
     The fused weights are a copy (one more model's worth of memory, so Engine uses this only below a size
     budget) rebuilt whenever a parameter changes in place (tensor._version), so an Engine sampling from a
@@ -217,17 +217,14 @@ class FusedDecode:
             w_in = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight,
                               m.up_proj.weight]).t().contiguous()
             w_out = torch.cat([a.o_proj.weight, m.down_proj.weight], dim=1).t().contiguous()
-            fresh.append((layer.input_layernorm.weight.float(), w_in, w_out))
-        fresh.append((self.model.model.norm.weight.float(), self.model.model.embed_tokens.weight.t().contiguous()))
+            fresh.append((w_in, w_out))
+        fresh.append((self.model.model.embed_tokens.weight.t().contiguous(),))  # the tied output embedding, (H, V)
         if self._versions is None:
-            self.layers = [(*t, layer.self_attn.kind) for t, layer in zip(fresh, self.model.model.layers)]
-            self.norm_w, self.lm_head = fresh[-1]                          # lm_head: tied embedding, (H, V)
+            self.weights = fresh
         else:
-            old = [t[:3] for t in self.layers] + [(self.norm_w, self.lm_head)]
-            for dst, src in zip(old, fresh):
+            for dst, src in zip(self.weights, fresh):
                 for d, s in zip(dst, src):
-                    if d is not s:
-                        d.copy_(s)
+                    d.copy_(s)
         self.embed = self.model.model.embed_tokens.weight
         self._versions = key
 
@@ -251,13 +248,12 @@ class FusedDecode:
         for kind, held in (("sliding", cache.pos["sliding"][:B]), ("full", cache.pos["full"][:B, :S])):
             ok = held >= 0
             masks[kind] = ok[:, None, None, :] if static or not bool(ok.all()) else None
-        dtype = self.embed.dtype
-        cos, sin = rope_cos_sin(pos[:, None], dh, cfg.rope_theta, dtype)  # (B, 1, 1, dh)
+        cos, sin = rope_cos_sin(pos[:, None], dh, cfg.rope_theta, self.embed.dtype)  # (B, 1, 1, dh)
         h = F.embedding(ids, self.embed)                                  # (B, H)
-        for i, (ln_w, w_in, w_out, kind) in enumerate(self.layers):
-            n = F.layer_norm(h.float(), (cfg.hidden_size,), ln_w, None, cfg.layer_norm_eps).to(dtype)
-            y = n @ w_in                                                  # (B, nq + 2 nk + 2 I)
+        for i, (layer, (w_in, w_out)) in enumerate(zip(self.model.model.layers, self.weights)):
+            y = layer.input_layernorm(h) @ w_in                           # (B, nq + 2 nk + 2 I)
             qk = y[:, :nq + nk].view(B, nh + nkv, 1, dh)
+            kind = layer.self_attn.kind
             if kind == "sliding":                                         # RoPE on q and k at once; NoPE on full
                 qk = apply_rope(qk, cos, sin)
             q, k = qk[:, :nh], qk[:, nh:]
@@ -270,13 +266,11 @@ class FusedDecode:
                 K, V = K[:B], V[:B]
             else:
                 K, V = K[:B, :, :S], V[:B, :, :S]
-            attn = F.scaled_dot_product_attention(q, K.to(dtype), V.to(dtype), attn_mask=masks[kind],
-                                                  enable_gqa=nkv != nh)  # (B, nh, 1, dh)
+            attn = attend(q, K, V, masks[kind])                           # (B, nh, 1, dh)
             g, u = y[:, nq + 2 * nk:nq + 2 * nk + I], y[:, nq + 2 * nk + I:]
             z = torch.cat([attn.reshape(B, nq), F.silu(g) * u], dim=1)   # [attn, swiglu] feeds [Wo^T; Wdown^T]
             h = torch.addmm(h, z, w_out)                                  # h + o_proj(attn) + down_proj(mlp)
-        n = F.layer_norm(h.float(), (cfg.hidden_size,), self.norm_w, None, cfg.layer_norm_eps).to(dtype)
-        return (n @ self.lm_head).float() * (cfg.logit_scale / cfg.width_mult)
+        return output_logits(self.model.model.norm(h), self.weights[-1][0], cfg, transposed=True)
 
 
 class StaticDecode:

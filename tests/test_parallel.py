@@ -158,11 +158,11 @@ def _checkpoint_round_trip(data):
 
 
 def _library_block_check():
-    """The written-out Megatron TP+SP block (_layer_forward: 1 all-gather, 1 reduce-scatter) against the same
+    """model.py's layer with parallel.py's Megatron TP+SP hooks (1 all-gather, 1 reduce-scatter) against the same
     layer sharded by parallelize_module with the library's SequenceParallel / Colwise / Rowwise styles and run
     through model.py's own DecoderLayer.forward: same outputs, same input and weight gradients."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (PrepareModuleInput, RowwiseParallel,
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                    SequenceParallel, parallelize_module)
     from model import rope_cos_sin, attention_allowed
     rank = dist.get_rank()
@@ -188,7 +188,7 @@ def _library_block_check():
         "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
                                         desired_input_layouts=(Replicate(), None, None, None)),
         "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        **{k: v for k, v in par.tp_plan().items() if not k.endswith(("o_proj", "down_proj"))},
+        **{k: ColwiseParallel() for k, dim in par.TP_SHARD_DIM.items() if dim == 0},
         "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)})
     lib.self_attn.nh //= 2
