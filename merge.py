@@ -16,17 +16,16 @@ lambda 1, density 1): task arithmetic (Ilharco et al. 2023), TIES (Yadav et al. 
 SLERP (Shoemake 1985; White 2016 for generative models). The formulas are SPEC section 7's, and its worked
 examples are the tests.
 
-Memory. A merge reads one tensor name at a time from every input (safetensors, sharded or not; only the
-headers are parsed up front), keeps running sums instead of stacking the inputs, and streams each merged
-tensor straight into its output shard, whose header is written first from the shapes known in advance.
+Memory. A merge reads one tensor name at a time from every input, keeps running sums instead of stacking the
+inputs, and streams each merged tensor straight into its output shard (shards.py does the reading and writing).
   - linear / soup / interpolate / task arithmetic are element-wise, so they go in row blocks (chunk_bytes,
     256 MB by default): peak memory is a few blocks, even for the 256000 x 12288 embedding of Command A;
   - TIES, DARE and SLERP need whole tensors (a magnitude threshold, a drop mask, an angle per tensor): peak
     is ~8 (TIES), ~4 (DARE), ~3 (SLERP) fp32 copies of the largest tensor, measured, whatever the number of
     models (running sums, not stacks). For Command A's 12.6 GB fp32 embedding that is ~100 GB for TIES,
     against 222 GB for one bf16 copy of the model.
-tests/test_merge.py measures both on a sharded checkpoint. All output goes to a temp directory next to --out
-that is renamed into place at the end: a failure leaves no half-written output.
+tests/test_merge.py measures both on a sharded checkpoint. The output appears only when complete: a failure
+leaves no half-written output.
 
 Evaluating merges, not merging, is the cost (the report says so): `search_weights` caches every score and
 `--rank-by` evaluates with tasks.py, imported only when asked for.
@@ -40,16 +39,17 @@ import math
 import numbers
 import os
 import shutil
-import struct
 import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from model import CommandA, ModelConfig, atomic_write_json, plan_shards, pyplot, save_figure, shard_paths, tune_malloc
+from model import CommandA, atomic_write_json, pyplot, save_figure, tune_malloc
+from shards import Checkpoint, CheckpointError, write_checkpoint
 
 METHODS = ("linear", "soup", "interpolate", "task_arithmetic", "ties", "dare", "dare_ties", "slerp")
 NEEDS_BASE = ("interpolate", "task_arithmetic", "ties", "dare", "dare_ties")
@@ -67,11 +67,6 @@ TASK_VECTOR = {"task_arithmetic": (None, False), "ties": ("magnitude", True), "d
 ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads", "num_key_value_heads", "sliding_window", "layer_types", "rope_theta",
              "logit_scale", "layer_norm_eps", "tie_word_embeddings")
-# files a checkpoint directory carries besides the weights that the merged model needs too
-AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-             "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
-ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-DTYPE_ST = {v: k for k, v in ST_DTYPE.items()}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIED = {"lm_head.weight": "model.embed_tokens.weight"}  # a tied copy must get the same DARE mask
 
@@ -584,91 +579,16 @@ def plot_search(result: dict | None, path: str, loo: dict | None = None, names=N
 
 
 # ----------------------------------------------------------------------------------------------------------
-# On disk: checkpoints read lazily, output written tensor by tensor
+# On disk: checkpoints checked against each other, then merged tensor by tensor (shards.py reads and writes)
 
 
-def _read_header(fpath: str) -> tuple[dict, int]:
-    """The safetensors header (8-byte little-endian length, then JSON) and where the data starts, each
-    tensor's byte range checked against its shape and the file size, so a truncated or foreign file is
-    refused before the merge starts. Reads no tensor data."""
+def _open_checkpoints(paths: list[str], labels: list[str]) -> tuple[list[Checkpoint], dict[str, tuple]]:
+    """The checkpoints, checked against each other (_check_checkpoints), and the tensor shapes they share."""
     try:
-        size = os.path.getsize(fpath)
-        with open(fpath, "rb") as f:
-            raw = f.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            if not 2 <= n <= min(size - 8, 100 * 2**20):
-                raise MergeError(f"{fpath} is not a safetensors file (bad header length)")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MergeError(f"{fpath}: unreadable safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise MergeError(f"{fpath}: the safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    for name, info in header.items():
-        try:
-            dt = DTYPE_ST.get(info["dtype"])
-            (b, e), shape = info["data_offsets"], [int(x) for x in info["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise MergeError(f"{fpath}: malformed header entry for tensor {name}") from None
-        if dt is None:
-            raise MergeError(f"{fpath}: tensor {name} has dtype {info['dtype']}; only floating-point tensors "
-                             f"(F32/BF16/F16/F64) can be merged")
-        if e - b != math.prod(shape) * dt.itemsize or b < 0:
-            raise MergeError(f"{fpath}: tensor {name}'s byte range does not match its shape {shape}")
-        if 8 + n + e > size:
-            raise MergeError(f"{fpath} is truncated: tensor {name} ends at byte {8 + n + e}, the file has {size}")
-    return header, 8 + n
-
-
-class Checkpoint:
-    """An HF checkpoint directory read lazily: config.json and the safetensors headers up front, each tensor
-    (or row block of one) only when asked for, read straight from its byte range in the shard. Plain reads,
-    not safetensors' mmap: a mapped shard keeps every page it touched resident until it is closed, and this
-    way an fp32 input is read once into the buffer the merge computes in."""
-
-    def __init__(self, path: str):
-        self.path = str(path)
-        cfg_file = os.path.join(self.path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise MergeError(f"{self.path} is not a checkpoint directory (no config.json)")
-        try:
-            with open(cfg_file) as f:
-                self.config = json.load(f)
-            self.model_config = ModelConfig.from_hf_dict(self.config)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise MergeError(f"{cfg_file}: not a usable Cohere2 config ({e!r})") from None
-        try:
-            files = shard_paths(self.path)
-        except (ValueError, FileNotFoundError) as e:
-            raise MergeError(str(e)) from None
-        self.meta, self.where = {}, {}  # name -> (dtype, shape); name -> (shard path, first data byte)
-        for fpath in files:
-            header, data_start = _read_header(fpath)
-            for name, info in header.items():
-                if name in self.where:
-                    raise MergeError(f"{fpath}: tensor {name} appears in more than one shard")
-                self.where[name] = (fpath, data_start + info["data_offsets"][0])
-                self.meta[name] = (DTYPE_ST[info["dtype"]], tuple(int(x) for x in info["shape"]))
-
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor (or rows [r0, r1) of it) as a private tensor in the compute dtype (fp32, or fp64)."""
-        dt, shape = self.meta[name]
-        fpath, offset = self.where[name]
-        r0, r1 = rows if rows is not None else (0, shape[0] if shape else 1)
-        row_bytes = math.prod(shape[1:]) * dt.itemsize
-        t = torch.empty((r1 - r0, *shape[1:]) if shape else (), dtype=dt)
-        buf = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own memory, as bytes (little-endian)
-        with open(fpath, "rb") as f:
-            f.seek(offset + r0 * row_bytes)
-            if f.readinto(buf) != buf.nbytes:
-                raise MergeError(f"{fpath}: short read of tensor {name} (file changed during the merge?)")
-        return t.to(_compute_dtype(dt))  # fp32 stays as read; bf16 / fp16 are widened once
-
-
-def _expected_shapes(c: Checkpoint) -> dict[str, tuple]:
-    """Tensor name -> shape that config.json implies, in HF's order (a model built on the meta device: free)."""
-    with torch.device("meta"):
-        return CommandA(c.model_config).expected_shapes()
+        ckpts = [Checkpoint(p) for p in paths]
+    except CheckpointError as e:
+        raise MergeError(str(e)) from None
+    return ckpts, _check_checkpoints(ckpts, labels)
 
 
 def _check_checkpoints(ckpts: list[Checkpoint], labels: list[str]) -> dict[str, tuple]:
@@ -681,7 +601,8 @@ def _check_checkpoints(ckpts: list[Checkpoint], labels: list[str]) -> dict[str, 
             raise MergeError(f"{label} ({c.path}) and {labels[0]} ({ref.path}) have different architectures: "
                              f"{k} = {c.config.get(k)!r} vs {ref.config.get(k)!r}" + (
                                  f" (and {len(diff) - 1} more field(s))" if len(diff) > 1 else ""))
-    expected = _expected_shapes(ref)
+    with torch.device("meta"):  # the shapes config.json implies, in HF's order (a model on the meta device: free)
+        expected = CommandA(ref.model_config).expected_shapes()
     for c, label in zip(ckpts, labels):
         missing = sorted(set(expected) - set(c.meta))
         if missing:
@@ -696,18 +617,12 @@ def _check_checkpoints(ckpts: list[Checkpoint], labels: list[str]) -> dict[str, 
     _check_same_tensors([(f"{label} ({c.path})", {k: s for k, (_, s) in c.meta.items()})
                          for c, label in zip(ckpts, labels)])
     # the same token ids must mean the same tokens, or averaging embedding rows averages different words
-    for fname in ("tokenizer.json",):
-        have = [(c, label) for c, label in zip(ckpts, labels) if os.path.isfile(os.path.join(c.path, fname))]
-        blobs = {label: _file_bytes(os.path.join(c.path, fname)) for c, label in have}
-        if len(set(blobs.values())) > 1:
-            raise MergeError(f"the models have different {fname} files ({', '.join(blobs)}): merged embeddings would "
-                             f"mix different tokens")
+    blobs = {label: Path(c.path, "tokenizer.json").read_bytes() for c, label in zip(ckpts, labels)
+             if os.path.isfile(os.path.join(c.path, "tokenizer.json"))}
+    if len(set(blobs.values())) > 1:
+        raise MergeError(f"the models have different tokenizer.json files ({', '.join(blobs)}): merged embeddings "
+                         f"would mix different tokens")
     return expected
-
-
-def _file_bytes(p):
-    with open(p, "rb") as f:
-        return f.read()
 
 
 def _check_out(out: str, inputs: list[str], overwrite: bool):
@@ -723,30 +638,9 @@ def _check_out(out: str, inputs: list[str], overwrite: bool):
             raise MergeError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
 
 
-def _write_safetensors_streaming(f, names, meta_out, produce, metadata, on_tensor):
-    """safetensors, written as a stream: the header (from shapes known in advance), then each tensor's bytes as
-    soon as it is computed. Only one output tensor exists at a time."""
-    header, off = {}, 0
-    for k in names:
-        dt, shape = meta_out[k]
-        n = math.prod(shape) * dt.itemsize
-        header[k] = {"dtype": ST_DTYPE[dt], "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
-    f.write(struct.pack("<Q", len(raw)) + raw)
-    for k in names:
-        dt, shape = meta_out[k]
-        written = 0
-        for block in produce(k):  # row blocks in order: row-major bytes concatenate into the whole tensor
-            block = block.to(dt).contiguous()
-            f.write(block.reshape(-1).view(torch.uint8).numpy().data)  # safetensors and the host: little-endian
-            written += block.numel()
-            on_tensor(k, block.numel() * block.element_size())
-            del block
-        if written != math.prod(shape):
-            raise RuntimeError(f"merge produced {written} entries for {k}, expected {math.prod(shape)}")
+def _read(ckpt: Checkpoint, name: str, rows) -> torch.Tensor:
+    t = ckpt.read(name, rows)
+    return t.to(_compute_dtype(t.dtype))  # fp32 stays as read; bf16 / fp16 are widened once
 
 
 def merge_checkpoints(cfg: MergeConfig, models: list[str], base: str | None, out: str, overwrite: bool = False,
@@ -759,8 +653,7 @@ def merge_checkpoints(cfg: MergeConfig, models: list[str], base: str | None, out
     paths = [str(p) for p in models] + ([str(base)] if base is not None else [])
     labels = [f"model {i}" for i in range(len(models))] + (["base"] if base is not None else [])
     _check_out(out, paths, overwrite)
-    ckpts = [Checkpoint(p) for p in paths]
-    expected = _check_checkpoints(ckpts, labels)
+    ckpts, expected = _open_checkpoints(paths, labels)
     experts, base_ckpt = ckpts[:len(models)], (ckpts[-1] if base is not None else None)
 
     w = cfg.resolved_weights(len(models))
@@ -768,10 +661,7 @@ def merge_checkpoints(cfg: MergeConfig, models: list[str], base: str | None, out
     ref = experts[0]
     # HF's layer order, then what real checkpoints may add (a tied lm_head copy, all-zero biases)
     names = list(expected) + sorted(set(ref.meta) - set(expected))
-    out_dt = {k: (DTYPES[cfg.dtype] if cfg.dtype else ref.meta[k][0]) for k in names}
-    meta_out = {k: (out_dt[k], ref.meta[k][1]) for k in names}
-    nbytes = {k: math.prod(s) * d.itemsize for k, (d, s) in meta_out.items()}
-    shards, fnames = plan_shards({k: nbytes[k] for k in names}, cfg.max_shard_bytes)
+    meta_out = {k: (DTYPES[cfg.dtype] if cfg.dtype else ref.meta[k][0], ref.meta[k][1]) for k in names}
 
     def produce(k):
         """Row blocks of merged tensor k; inputs are read lazily, one alive at a time."""
@@ -783,66 +673,20 @@ def merge_checkpoints(cfg: MergeConfig, models: list[str], base: str | None, out
             step = max(1, cfg.chunk_bytes // max(1, 4 * math.prod(shape[1:])))
         for r0 in range(0, rows, step):
             sl = None if step >= rows else (r0, min(rows, r0 + step))
-            ts = (experts[i].read(k, sl) for i in idx)
-            yield merge_tensor(cfg, k, ts, [w[i] for i in idx], base_ckpt.read(k, sl) if base_ckpt else None, idx)
+            ts = (_read(experts[i], k, sl) for i in idx)
+            yield merge_tensor(cfg, k, ts, [w[i] for i in idx], _read(base_ckpt, k, sl) if base_ckpt else None, idx)
 
-    out = os.path.abspath(out)
-    parent, leaf = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{leaf}.merging-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     record = {"method": cfg.method, "models": [os.path.abspath(p) for p in models],
               "base": os.path.abspath(base) if base else None, "weights": w,
               **{k: v for k, v in asdict(cfg).items() if k not in ("method", "weights")},
               "normalize": cfg.resolved_normalize()}
     t0 = time.time()
-    try:
-        os.makedirs(tmp)
-        bar = tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True, desc=f"merge {cfg.method}",
-                   disable=not progress)
-        for fname, shard in zip(fnames, shards):
-            with open(os.path.join(tmp, fname), "wb") as f:
-                _write_safetensors_streaming(f, shard, meta_out, produce, {"format": "pt", "merge": cfg.method},
-                                             lambda k, n: bar.update(n))
-                f.flush()
-                os.fsync(f.fileno())
-        bar.close()
-        if len(shards) > 1:
-            atomic_write_json(os.path.join(tmp, "model.safetensors.index.json"), {
-                "metadata": {"total_size": sum(nbytes.values())},
-                "weight_map": {k: fn for fn, s in zip(fnames, shards) for k in s}})
-        dts = {d for d, _ in meta_out.values()}
-        hf = {**ref.config, "torch_dtype": str(dts.pop()).replace("torch.", "") if len(dts) == 1 else
-              ref.config.get("torch_dtype")}
-        atomic_write_json(os.path.join(tmp, "config.json"), hf)
-        src = base_ckpt or ref  # tokenizer and generation files from the parent (or the first model)
-        for fname in AUX_FILES:
-            if os.path.isfile(os.path.join(src.path, fname)):
-                shutil.copyfile(os.path.join(src.path, fname), os.path.join(tmp, fname))
-        atomic_write_json(os.path.join(tmp, "merge.json"), record)  # provenance: what made this checkpoint
-        _swap_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": out, "method": cfg.method, "tensors": len(names), "shards": len(shards),
-            "bytes": sum(nbytes.values()), "seconds": round(time.time() - t0, 3), "weights": w}
-
-
-def _swap_into_place(tmp, out):
-    """Rename the finished directory onto `out`; an old `out` (allowed by --overwrite) is moved aside first
-    and deleted only after the new one is in place."""
-    old = None
-    if os.path.exists(out):
-        old = out + f".old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    try:
-        fd = os.open(os.path.dirname(out), os.O_RDONLY)
-        os.fsync(fd)  # make the rename itself durable
-        os.close(fd)
-    except OSError:
-        pass
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    done = write_checkpoint(out, meta_out, produce, ref.config, cfg.max_shard_bytes,
+                            files_from=(base_ckpt or ref).path,  # tokenizer files: the parent's, or the first model's
+                            extra_json={"merge.json": record},   # provenance: what made this checkpoint
+                            metadata={"merge": cfg.method}, desc=f"merge {cfg.method}", progress=progress)
+    return {"out": done["out"], "method": cfg.method, "tensors": len(names), "shards": done["shards"],
+            "bytes": done["bytes"], "seconds": round(time.time() - t0, 3), "weights": w}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -949,7 +793,7 @@ def main(argv=None):
     tune_malloc()  # keep freed tensor buffers for reuse: page-faulting each tensor back in costs ~3x here
     try:
         summary = _run(args)
-    except (MergeError, FileNotFoundError) as e:
+    except (MergeError, CheckpointError, FileNotFoundError) as e:  # CheckpointError: a shard changed mid-merge
         print(f"merge.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     print(json.dumps(summary))
@@ -990,8 +834,7 @@ def _run(args) -> dict:
         raise MergeError(f"--k must be in [1, {len(args.models)}], got {args.k}")
     inputs = args.models + ([args.base] if args.base else [])
     _check_out(args.out, inputs, args.overwrite)
-    ckpts = [Checkpoint(p) for p in inputs]
-    _check_checkpoints(ckpts, [f"model {i}" for i in range(len(args.models))] + (["base"] if args.base else []))
+    _open_checkpoints(inputs, [f"model {i}" for i in range(len(args.models))] + (["base"] if args.base else []))
     if not analysis:
         return merge(args.method, args.models, args.weights, args.base, args.out, overwrite=args.overwrite,
                      progress=progress, **kw)

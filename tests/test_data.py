@@ -1,4 +1,5 @@
-"""Tests for data.py: dedup, filters, quality classifier, packing, splits, loader, sources, mixes."""
+"""Tests for data.py and corpus.py (its sources): dedup, filters, quality classifier, packing, splits, loader,
+sources, mixes."""
 
 import json
 from collections import Counter
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import corpus
 import data
 from data import Document
 
@@ -434,7 +436,7 @@ def f():
     s = "a string that is not a docstring because it is assigned to a variable, even if very long..."
     return s
 '''
-    out = data._prose_from_source(src, 'mod', min_chars=150)
+    out = corpus._prose_from_source(src, 'mod', min_chars=150)
     assert len(out) == 3
     assert any(o.startswith('mod\n\nModule docstring') for o in out)
     assert any(o.startswith('mod.f\n\nFunction docstring') for o in out)
