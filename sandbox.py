@@ -1,7 +1,7 @@
 """
 Where model-written code runs (Command A, Cohere, arXiv 2504.00698: section 3's Code expert is trained and
-scored on programs it writes and executes; SPEC 4). tasks.py's verifiers call run_python_tests and run_sql;
-nothing else in the project executes model output.
+scored on programs it writes and executes; SPEC 4). tasks.py's code verifier calls run_python_tests and
+run_sql, agents.py's SQL tool calls run_sql; nothing else in the project executes model output.
 
 The sandbox: a separate Python process with CPU-time, address-space, file-size, open-file and process-count
 limits (setrlimit), an empty environment, a fresh temporary working directory, a wall-clock timeout that kills

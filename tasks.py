@@ -13,7 +13,7 @@ answer is checked by a program (a fact, a citation, a unit test, a query result,
   rag           2-5 short documents (injected as the report does),   the fact from the right document,
                 distractors with the same kind of fact               cited <co>..</co: 0:[i]> to it only
   tools         a question only tools can answer (calculator, key-   the final answer after a ReAct loop
-                value lookup, SQLite); run_react() drives the loop   (malformed calls score 0)
+                value lookup, SQLite); agents.run_react drives it    (malformed calls score 0)
   code          a small Python function / a SQL query                unit tests / query result, run in
                                                                      the sandbox (run_sandboxed)
   math          arithmetic word problems, 1 operation at difficulty  the final number (reasoning allowed)
@@ -27,10 +27,15 @@ answer is checked by a program (a fact, a citation, a unit test, a query result,
 
 `difficulty` (1 = easiest) scales numbers, steps, distractors and context lengths, so small models can learn
 the easy end on a CPU and bigger models have headroom. The easy end is sized for `tiny` (4 layers, width 128,
-a 64-token sliding window, one full-attention layer): rag 1 has two one-sentence documents and the reference
+a 64-token sliding window, one full-attention layer): rag 1 has one one-sentence document and the reference
 `<co>VALUE</co: 0:[i]>`; long_context 1 has one 2-digit code 60-120 filler words back (past the window) and
 the reference is the code alone; math 1 is one operation; multilingual 1 is 30 facts (six languages, 1-5);
 2-3 bring the distractors, the longer references, the longer contexts and the other languages.
+
+Where the parts live: suite.py holds what every suite shares (Example, the Suite contract, split_of and
+carve_val, reading a completion, the word lists); agents.py holds rag and tools, the tool environment and the
+ReAct loop (the report's "RAG, Tool Use and Agents"); sandbox.py runs model-written code. This file holds the
+other six suites, the registry SUITES, the evaluation (evaluate, pairwise) and the CLI.
 
 Splits: an example belongs to "train" or "test" by a hash of its split key, so the two never share a key
 whatever the seeds; a generator draws until it has n examples of its split. Where the answer is read from the
@@ -54,202 +59,30 @@ then repeated train prompts), math 0.55, safety 1.0, rag, long_context and multi
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import hashlib
 import json
-import math
-import operator
 import os
-import random
 import re
 import string
 import sys
 import tempfile
 import time
 import unicodedata
-from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from agents import RAG, Tools, run_react
 from sandbox import run_python_tests, run_sql
-from tokenizer import chat_segments, chat_text, parse_completion
-
-SPLITS = ("train", "test")
-TEST_FRACTION = 0.2           # share of each suite's example space that belongs to "test"
-MAX_COMPLETION_CHARS = 100_000  # longer completions are cut before parsing: gigantic outputs cost nothing
-
-# -----------------------------------------------------------------------------------------------------------
-# Examples, splits, and what every suite shares
+from suite import (ANIMALS, CATEGORIES, CITIES, COLORS, COUNTRIES, FRUITS, JOBS, NAMES, SPLITS, Example, Suite,
+                   assistant_text, numbers_in, response_of, words_of)
+from tokenizer import chat_text
 
 
-@dataclass
-class Example:
-    suite: str
-    id: str                      # stable: a hash of the content, so ids across seeds / splits compare
-    messages: list               # the prompt: [{"role": "system"|"user", "content": ...}]
-    reference: str               # the reference completion of the (last) assistant turn, as the model writes
-                                 # it: "<|START_RESPONSE|>...<|END_RESPONSE|>" (thinking/action blocks before)
-    turns: list                  # the reference assistant (and tool) messages: messages + turns is the whole
-                                 # conversation for SFT (tools: action turn, tool results, final answer)
-    documents: list | None = None
-    tools: list | None = None
-    safety_mode: str = "CONTEXTUAL"
-    difficulty: int = 1
-    check: dict = field(default_factory=dict)   # what the verifier needs (facts, tests, tables, ...)
-
-    def prompt_ids(self, tokenizer) -> list:
-        return tokenizer.render_chat(self.messages, self.documents, self.tools, self.safety_mode)
-
-    def sft_messages(self) -> list:
-        return self.messages + self.turns
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _unit_hash(text: str) -> float:
-    """A deterministic number in [0, 1) from text (the same on every machine and Python run)."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % 1000 / 1000
-
-
-def split_of(suite: str, key: str) -> str:
-    """A deterministic hash of the split key decides the split: no key, and so no prompt, can be in both.
-    The key is the content, or for suites whose answers are facts to learn, the phrasing (module docstring)."""
-    return "test" if _unit_hash(f"{suite}\x00{key}") < TEST_FRACTION else "train"
-
-
-def carve_val(examples: list, fraction: float = 0.2) -> tuple[list, list]:
-    """(train, val): a validation set carved from train-split examples by a hash of each example's id, so the
-    same examples land in val whatever the list's order or length, and repeats of an example stay together.
-    Val shares the train split's phrasings: it measures fit, the test split measures generalisation."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
-    train, val = [], []
-    for ex in examples:
-        (val if _unit_hash(f"val\x00{ex.id}") < fraction else train).append(ex)
-    return train, val
-
-
-def assistant_text(msg: dict) -> str:
-    """What the model writes for an assistant message (tokenizer.py renders it; no end-of-turn token)."""
-    segs = chat_segments([{"role": "user", "content": "."}, msg], add_generation_prompt=False)
-    body = [p for p, _, trained in segs if trained]
-    return "".join(body[:-1])                 # the last trained piece is <|END_OF_TURN_TOKEN|>
-
-
-def completion_text(completion) -> str:
-    """Model output as text, whatever arrived: bytes (invalid UTF-8 replaced), None, huge strings."""
-    if completion is None:
-        return ""
-    if isinstance(completion, (bytes, bytearray)):
-        completion = bytes(completion).decode("utf-8", errors="replace")
-    return str(completion)[:MAX_COMPLETION_CHARS]
-
-
-def response_of(completion) -> tuple[str, dict]:
-    parsed = parse_completion(completion_text(completion))
-    return parsed["response"].strip(), parsed
-
-
-_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def numbers_in(text: str) -> list:
-    out = []
-    for m in _NUM.findall(text):
-        try:
-            out.append(float(m.replace(",", "")))
-        except ValueError:
-            pass
-    return out
-
-
-def words_of(text: str) -> list:
-    """Lower-cased words: runs of letters, digits and combining marks (Devanagari vowel signs are marks)."""
-    out, cur = [], []
-    for ch in unicodedata.normalize("NFC", text).lower().replace("’", "'"):
-        if unicodedata.category(ch)[0] in "LNM" or (ch == "'" and cur):
-            cur.append(ch)
-        elif cur:
-            out.append("".join(cur).rstrip("'"))
-            cur = []
-    return out + (["".join(cur).rstrip("'")] if cur else [])
-
-
-class Suite:
-    """generate(seed, n, split, difficulty) -> examples; score(example, completion) -> [0, 1]."""
-    name = ""
-    max_difficulty = 3
-    multi_turn = False          # True: evaluation drives a tool loop (run_react) instead of one generation
-
-    def make(self, rng: random.Random, difficulty: int) -> dict:
-        """One candidate: {"key": content key, "messages", "turns" or "response", ...Example fields}, and
-        optionally "split_key" (default: the key), what split_of hashes: the phrasing where the answer is a
-        fact the model must learn, so that the fact is in train and test holds out the phrasing; or "split"
-        itself, where a suite holds out phrasings by a rule rather than by chance."""
-        raise NotImplementedError
-
-    def verify(self, ex: Example, completion: str) -> float:
-        raise NotImplementedError
-
-    def generate(self, seed: int, n: int, split: str = "train", difficulty: int = 1) -> list:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}: use one of {SPLITS}")
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative integer, got {n!r}")
-        if not isinstance(difficulty, int) or not 1 <= difficulty <= self.max_difficulty:
-            raise ValueError(f"{self.name}: difficulty must be an integer in 1..{self.max_difficulty}, "
-                             f"got {difficulty!r}")
-        # str seeds go through SHA-512 in random.seed: the same list on every machine and Python run
-        rng = random.Random(f"{self.name}|{seed}|{split}|{difficulty}")
-        out, seen, tries = [], set(), 0
-        while len(out) < n:
-            c = self.make(rng, difficulty)
-            tries += 1
-            # the suite's own holdout where it has one, else a hash of the split key (the content by default)
-            if (c.get("split") or split_of(self.name, c.get("split_key", c["key"]))) != split:
-                continue
-            if c["key"] in seen and tries < 200 * (n + 10):   # a small space runs out: then repeats are allowed
-                continue
-            seen.add(c["key"])
-            out.append(self._example(c, difficulty))
-        return out
-
-    def _example(self, c: dict, difficulty: int) -> Example:
-        turns = c.get("turns") or [{"role": "assistant", "content": c["response"],
-                                    **({"thinking": c["thinking"]} if c.get("thinking") else {})}]
-        ex_id = f"{self.name}-{hashlib.sha1(c['key'].encode()).hexdigest()[:12]}"
-        return Example(self.name, ex_id, c["messages"], assistant_text(turns[-1]), turns, c.get("documents"),
-                       c.get("tools"), c.get("safety_mode", "CONTEXTUAL"), difficulty, c.get("check", {}))
-
-    def score(self, example: Example, completion) -> float:
-        """The model's output can be anything; its mistakes score 0. A wrong example is the caller's: raise."""
-        if not isinstance(example, Example) or example.suite != self.name:
-            raise ValueError(f"{self.name}.score got an example of suite "
-                             f"{getattr(example, 'suite', type(example).__name__)!r}")
-        try:
-            s = float(self.verify(example, completion_text(completion)))
-        except Exception:              # garbage that slipped past a verifier's parsing: the model's mistake
-            return 0.0
-        return min(max(s, 0.0), 1.0) if math.isfinite(s) else 0.0
+def _resp(text: str) -> dict:
+    return {"response": text}
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Shared vocabularies (small on purpose: tiny models should be able to learn the easy end)
-
-FRUITS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum", "kiwi",
-          "lime", "melon", "fig", "apricot"]
-COLORS = ["red", "blue", "green", "yellow", "purple", "black", "white", "pink", "brown", "gray"]
-ANIMALS = ["cat", "dog", "horse", "cow", "sheep", "goat", "lion", "tiger", "bear", "wolf", "fox", "rabbit",
-           "mouse", "eagle", "owl"]
-COUNTRIES = ["France", "Spain", "Italy", "Germany", "Japan", "Brazil", "Canada", "Egypt", "India", "Mexico",
-             "Norway", "Peru", "Kenya", "Chile", "Greece"]
-CATEGORIES = {"fruits": FRUITS, "colors": COLORS, "animals": ANIMALS, "countries": COUNTRIES}
-NAMES = ["Ana", "Ben", "Chen", "Dana", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lea", "Mira",
-         "Noah", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara", "Uma", "Viktor", "Wen", "Yara", "Zoe"]
-CITIES = ["Oslo", "Lima", "Cairo", "Lyon", "Osaka", "Porto", "Quito", "Riga", "Seoul", "Turin", "Accra", "Bern"]
-JOBS = ["baker", "nurse", "pilot", "teacher", "farmer", "chemist", "lawyer", "painter"]
+# Languages: instruct's language preambles and the multilingual suite
 
 # The report's 23 languages (SPEC 5): two ways to ask for a number in words in the language itself, and the
 # words one..ten. The multilingual suite adds English framings and quote styles (MULTI_FRAMES, NUM_STYLES).
@@ -324,10 +157,6 @@ def says_number_in(text: str, lang: str, n: int) -> bool:
     text = unicodedata.normalize("NFC", text).replace("’", "'")
     found = word in text if lang in ("Japanese", "Chinese") else word in words_of(text)
     return found and in_script(text, lang)
-
-
-def _resp(text: str) -> dict:
-    return {"response": text}
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -441,263 +270,6 @@ class Instruct(Suite):
             w = words_of(r)
             return float(0 < len(w) <= c["k"] and c["fruit"] in w and not set(c["others"]) & set(w))
         return float(says_number_in(r, c["lang"], c["n"]))
-
-
-# -----------------------------------------------------------------------------------------------------------
-# rag: answer from the right document, cite it, ignore distractors
-
-_SYL = ["ka", "lo", "mi", "ra", "ven", "tor", "sa", "bel", "dun", "ri", "zo", "mar", "el", "quin", "ta", "nor"]
-RAG_FACTS = [  # (kind, fact sentence, question, value range)
-    ("river", "The {x} River is {v} km long.", "How long is the {x} River?", (50, 4000)),
-    ("mountain", "Mount {x} is {v} metres high.", "How high is Mount {x}?", (500, 8000)),
-    ("company", "{x} Ltd was founded in {v}.", "In which year was {x} Ltd founded?", (1850, 2020)),
-    ("town", "The town of {x} has {v} inhabitants.", "How many inhabitants does the town of {x} have?", (200, 90000)),
-]
-
-
-# documents per difficulty: the answer's and 0, 3, 4 distractors. Difficulty 1 has the answer's document alone:
-# the tiny model learns to copy a cited number from one document (1.00 on test after 600 fresh SFT steps), while
-# with one distractor it still scored 0.23 after 1,500 (matching the question's name to a title comes later).
-RAG_DOCS = {1: 1, 2: 4, 3: 5}
-
-
-def _name(rng, syllables: int) -> str:
-    return "".join(rng.choice(_SYL) for _ in range(syllables)).capitalize()
-
-
-class RAG(Suite):
-    """The answer is read from the documents: split by content (question and documents)."""
-    name = "rag"
-
-    def make(self, rng, d):
-        kind, fact, question, (lo, hi) = rng.choice(RAG_FACTS)
-        k = RAG_DOCS[d]
-        if d == 1:       # two-syllable names that differ from their first syllable on: telling them apart is easy
-            names = [(a + rng.choice(_SYL)).capitalize() for a in rng.sample(_SYL, k)]
-        else:
-            names = set()
-            while len(names) < k:
-                names.add(_name(rng, rng.randint(2, 3)))
-            names = sorted(names)
-            rng.shuffle(names)
-        if d == 1:       # two-digit values: one token each in the tiny BPE, so copying one is one attention hop
-            lo, hi = 10, 99
-        values = set()
-        while len(values) < k:
-            values.add(rng.randint(lo, hi))
-        values = list(values)
-        # difficulty 1: the fact sentence alone; 2-3 pad every document with the same second sentence
-        docs = [{"title": x, "text": fact.format(x=x, v=v) + (f" It is described in the {kind} records." if d > 1
-                                                                 else "")} for x, v in zip(names, values)]
-        i = rng.randrange(k)
-        messages = [{"role": "user", "content": question.format(x=names[i])}]
-        # difficulty 1's reference is the value alone, cited: copy a number and a document index, nothing else
-        span = str(values[i]) if d == 1 else fact.format(x=names[i], v=values[i]).rstrip(".")
-        return {"key": json.dumps([messages, docs]), "messages": messages, "documents": docs,
-                "check": {"value": values[i], "doc": i, "others": values[:i] + values[i + 1:]},
-                **_resp(f"<co>{span}</co: 0:[{i}]>" + ("" if d == 1 else "."))}
-
-    def verify(self, ex, completion):
-        r, parsed = response_of(completion)
-        c = ex.check
-        nums = numbers_in(r)
-        if c["value"] not in nums or any(v in nums for v in c["others"]):
-            return 0.0                                      # wrong fact (or hedging with a distractor's)
-        cites = parsed["citations"]
-        cited = {s for ci in cites for s in map(tuple, ci["sources"])}
-        grounded = any(c["value"] in numbers_in(ci["text"]) and ("0", c["doc"]) in map(tuple, ci["sources"])
-                       for ci in cites)
-        return float(grounded and cited == {("0", c["doc"])})
-
-
-# -----------------------------------------------------------------------------------------------------------
-# tools: real tools and the ReAct loop
-
-
-def calculator(expression: str):
-    """Arithmetic only (numbers, + - * / // % **, parentheses), by walking the AST: nothing is executed."""
-    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
-    if not isinstance(expression, str) or len(expression) > 200:
-        raise ValueError("expression must be a string of at most 200 characters")
-
-    def ev(node):
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            v = ev(node.operand)
-            return -v if isinstance(node.op, ast.USub) else v
-        if isinstance(node, ast.BinOp) and type(node.op) in ops:
-            a, b = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and (abs(b) > 64 or abs(a) > 1e6):
-                raise ValueError("exponent too large")
-            return ops[type(node.op)](a, b)
-        raise ValueError(f"unsupported syntax: {type(node).__name__}")
-    v = ev(ast.parse(expression.replace("^", "**"), mode="eval"))
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if abs(v) > 1e18:
-        raise ValueError("result too large")
-    return v
-
-
-TOOL_SPECS = {
-    "calculator": {"name": "calculator", "description": "Evaluate an arithmetic expression, e.g. 17*23+4.",
-                   "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                                  "required": ["expression"]}},
-    "lookup": {"name": "lookup", "description": "Look up the price of an item by its code, e.g. X-123.",
-               "parameters": {"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]}},
-    "sql": {"name": "sql", "description": "Run a read-only SQLite query on the table "
-            "orders(id INTEGER, customer TEXT, status TEXT, amount INTEGER).",
-            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
-}
-ORDERS_SCHEMA = "CREATE TABLE orders (id INTEGER, customer TEXT, status TEXT, amount INTEGER);"
-STATUSES = ["shipped", "pending", "cancelled", "returned"]
-
-
-def execute_tool(call: dict, env: dict) -> tuple[dict, bool]:
-    """Run one validated call against the example's environment -> (result, is_error)."""
-    name, p = call["tool_name"], call["parameters"]
-    try:
-        if name == "calculator":
-            return {"result": calculator(p["expression"])}, False
-        if name == "lookup":
-            if p["key"] not in env["prices"]:
-                return {"error": f"no item with code {p['key']}"}, True
-            return {"price": env["prices"][p["key"]]}, False
-        res = run_sql(ORDERS_SCHEMA, {"orders": env["orders"]}, [p["query"]], limit=20)[0]
-        return (res, "error" in res)
-    except (ValueError, ArithmeticError, SyntaxError, TypeError, RecursionError, OverflowError) as e:
-        return {"error": f"{type(e).__name__}: {e}"[:200]}, True
-
-
-def validate_call(call, tools: list) -> str | None:
-    """Why a tool call is malformed (None if it is fine): unknown tool, missing or non-string parameters."""
-    specs = {t["name"]: t for t in tools}
-    if not isinstance(call, dict) or call.get("tool_name") not in specs:
-        return f"unknown tool {call.get('tool_name') if isinstance(call, dict) else call!r}"
-    params, spec = call.get("parameters"), specs[call["tool_name"]]["parameters"]
-    if not isinstance(params, dict) or set(params) != set(spec["required"]):
-        return f"{call['tool_name']}: parameters must be exactly {spec['required']}"
-    if not all(isinstance(v, str) for v in params.values()):
-        return f"{call['tool_name']}: parameters must be strings"
-    return None
-
-
-class Tools(Suite):
-    name = "tools"
-    multi_turn = True
-
-    def make(self, rng, d):
-        codes = sorted({f"{rng.choice('ABCDEFGHJKLMNPQRSTUVWXYZ')}-{rng.randint(100, 999)}" for _ in range(6)})
-        env = {"prices": {k: rng.randint(2, 99) for k in codes},
-               "orders": [[i + 1, rng.choice(NAMES), rng.choice(STATUSES), rng.randint(5, 500)]
-                          for i in range(rng.randint(6, 12))]}
-        kinds = ["calculator", "lookup", "sql"] + (["lookup+calculator"] if d >= 2 else [])
-        kind = rng.choice(kinds)
-        steps = []                                            # [(thinking, call)] of the reference trajectory
-        if kind == "calculator":
-            a, b, c = rng.randint(11, 10 ** (d + 1)), rng.randint(11, 10 ** (d + 1)), rng.randint(1, 999)
-            user, expr = f"What is {a} * {b} + {c}?", f"{a}*{b}+{c}"
-            steps.append(("I will compute it with the calculator.", ("calculator", {"expression": expr})))
-            answer = a * b + c
-        elif kind == "sql":
-            s = rng.choice(STATUSES)
-            user = f"How many orders have the status '{s}'?"
-            steps.append(("I will count them with a SQL query.",
-                          ("sql", {"query": f"SELECT COUNT(*) FROM orders WHERE status = '{s}'"})))
-            answer = sum(o[2] == s for o in env["orders"])
-        else:
-            key = rng.choice(codes)
-            steps.append((f"I will look up the price of {key}.", ("lookup", {"key": key})))
-            answer = env["prices"][key]
-            user = f"What is the price of item {key}?"
-            if kind == "lookup+calculator":
-                q = rng.randint(3, 40)
-                user = f"What do {q} units of item {key} cost in total?"
-                steps.append((f"Now I multiply the price by {q}.",
-                              ("calculator", {"expression": f"{answer}*{q}"})))
-                answer *= q
-        tools = [TOOL_SPECS[t] for t in ("calculator", "lookup", "sql")]
-        messages = [{"role": "user", "content": user}]
-        turns = []
-        for j, (thought, (tool, params)) in enumerate(steps):
-            call = {"tool_call_id": "0", "tool_name": tool, "parameters": params}
-            result, _ = execute_tool(call, env) if tool != "sql" else ({"rows": [[answer]]}, False)
-            turns += [{"role": "assistant", "thinking": thought, "tool_calls": [call]},
-                      {"role": "tool", "tool_call_id": "0", "content": result}]
-        turns.append({"role": "assistant", "content": f"The answer is {answer}."})
-        return {"key": json.dumps([messages, env]), "messages": messages, "tools": tools, "turns": turns,
-                "check": {"answer": answer, "env": env, "kind": kind}}
-
-    def verify(self, ex, completion):
-        """Scores the final turn of an episode (run_react ends failed episodes with an empty one)."""
-        r, parsed = response_of(completion)
-        if parsed["tool_calls"] or parsed.get("error"):
-            return 0.0                               # still acting, or a malformed action: no answer given
-        nums = numbers_in(r)
-        return float(bool(nums) and nums[-1] == ex.check["answer"])
-
-
-@dataclass
-class Episode:
-    example: Example
-    messages: list                 # the conversation so far (prompt + assistant and tool turns)
-    final: str = ""                # the last assistant turn's text; "" when the episode failed
-    steps: int = 0
-    error: str | None = None
-    done: bool = False
-
-
-def run_react(engine, tokenizer, examples: list, max_steps: int = 4, max_new_tokens: int = 128,
-              temperature: float = 0.0, seed: int | None = 0) -> list:
-    """The ReAct loop, batched: every live episode generates one assistant turn per round; tool calls are
-    validated, executed against the example's tools, and fed back as a tool-result turn; a turn without
-    calls is the final answer. Malformed output ends the episode (final "", score 0), never the harness."""
-    eps = [Episode(ex, list(ex.messages)) for ex in examples]
-    for step in range(max_steps):
-        live = [e for e in eps if not e.done]
-        if not live:
-            break
-        prompts, runnable = [], []
-        for e in live:
-            ids = tokenizer.render_chat(e.messages, e.example.documents, e.example.tools, e.example.safety_mode)
-            if len(ids) + max_new_tokens > engine.max_len:
-                e.done, e.error = True, f"conversation ({len(ids)} tokens) exceeds the context"
-                continue
-            prompts.append(ids)
-            runnable.append(e)
-        if not prompts:
-            break
-        outs = engine.generate(prompts, max_new_tokens, temperature=temperature,
-                               seed=None if seed is None else seed + 1000 * step)
-        for e, out in zip(runnable, outs):
-            text = completion_text(tokenizer.decode(out))
-            parsed = parse_completion(text)
-            e.steps += 1
-            if parsed.get("error"):
-                e.done, e.error = True, parsed["error"]
-                continue
-            if not parsed["tool_calls"]:
-                e.done, e.final = True, text
-                continue
-            bad = next((why for why in (validate_call(c, e.example.tools) for c in parsed["tool_calls"]) if why), None)
-            if bad:
-                e.done, e.error = True, f"malformed tool call: {bad}"
-                continue
-            calls = [{"tool_call_id": str(c.get("tool_call_id", j)), "tool_name": c["tool_name"],
-                      "parameters": c["parameters"]} for j, c in enumerate(parsed["tool_calls"])]
-            e.messages.append({"role": "assistant", "thinking": parsed["thinking"] or "", "tool_calls": calls})
-            for c in calls:
-                result, is_err = execute_tool(c, e.example.check["env"])
-                e.messages.append({"role": "tool", "tool_call_id": c["tool_call_id"], "content": result,
-                                   "is_error": True if is_err else None})
-    for e in eps:
-        if not e.done:
-            e.done, e.error = True, e.error or f"no final answer within {max_steps} steps"
-    return eps
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -1087,9 +659,10 @@ def complete(engine, tokenizer, examples: list, max_new_tokens: int = 256, tempe
     if not examples:
         return []
     if SUITES[examples[0].suite].multi_turn:
+        eps = run_react(engine, tokenizer, examples, max_new_tokens=max_new_tokens, temperature=temperature,
+                        seed=seed)
         return [{"completion": e.final, "error": e.error, "steps": e.steps,
-                 "transcript": e.messages[len(e.example.messages):]} for e in run_react(engine, tokenizer, examples, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, seed=seed)]
+                 "transcript": e.messages[len(e.example.messages):]} for e in eps]
     recs, prompts, where = [], [], []
     for i, ex in enumerate(examples):
         ids = ex.prompt_ids(tokenizer)

@@ -1,7 +1,7 @@
-"""tasks.py: every verifier accepts its reference and rejects planted wrong answers (hostile code scores 0;
-tests/test_sandbox.py tests the sandbox itself), splits are disjoint and generation deterministic, the ReAct
-loop survives malformed calls, evaluate / pairwise end to end (oracle engine), and the CLI on a micro
-checkpoint."""
+"""tasks.py, with suite.py and agents.py: every verifier accepts its reference and rejects planted wrong answers
+(hostile code scores 0; tests/test_sandbox.py tests the sandbox itself), splits are disjoint and generation
+deterministic, the ReAct loop survives malformed calls, evaluate / pairwise end to end (oracle engine), and the
+CLI on a micro checkpoint."""
 import dataclasses
 import json
 import os
@@ -12,7 +12,9 @@ import time
 
 import pytest
 
+import agents
 import tasks as T
+from suite import carve_val
 from tasks import SUITES, assistant_text
 from tokenizer import Tokenizer
 
@@ -37,7 +39,8 @@ def resp(text):
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [open(os.path.join(ROOT, f), encoding="utf-8").read() for f in ("tokenizer.py", "tasks.py")]
+    texts = [open(os.path.join(ROOT, f), encoding="utf-8").read()
+             for f in ("tokenizer.py", "suite.py", "tasks.py", "agents.py")]   # every suite's source
     return Tokenizer.train(texts, vocab_size=512)
 
 
@@ -165,10 +168,10 @@ def test_tools_verifier_and_calculator():
     assert score(ex, resp(f"The answer is {a + 1}.")) == 0
     action = '<|START_ACTION|>[{"tool_call_id": "0", "tool_name": "calculator", "parameters": {}}]<|END_ACTION|>'
     assert score(ex, action + resp(f"The answer is {a}.")) == 0                          # still acting
-    assert T.calculator("2*(3+4)-5/5") == 13
+    assert agents.calculator("2*(3+4)-5/5") == 13
     for bad in ("__import__('os').system('id')", "2**10**10", "x + 1", "[1] * 10", "1" * 300):
         with pytest.raises((ValueError, SyntaxError)):
-            T.calculator(bad)
+            agents.calculator(bad)
 
 
 def test_garbage_completions_score_zero_and_never_crash():
@@ -236,16 +239,16 @@ def test_facts_in_test_are_taught_in_train_under_other_phrasings(name, difficult
 
 def test_carve_val_is_a_deterministic_disjoint_partition():
     exs = SUITES["math"].generate(0, 200, "train")
-    train, val = T.carve_val(exs, 0.2)
+    train, val = carve_val(exs, 0.2)
     assert len(train) + len(val) == len(exs) and not {e.id for e in train} & {e.id for e in val}
     assert 20 <= len(val) <= 60
-    again = T.carve_val(list(reversed(exs)), 0.2)                     # by id: order does not matter
+    again = carve_val(list(reversed(exs)), 0.2)                       # by id: order does not matter
     assert {e.id for e in again[1]} == {e.id for e in val}
-    more = T.carve_val(exs + SUITES["math"].generate(1, 50, "train"), 0.2)[1]   # nor does what else is there
+    more = carve_val(exs + SUITES["math"].generate(1, 50, "train"), 0.2)[1]     # nor does what else is there
     assert {e.id for e in val} <= {e.id for e in more}
-    assert T.carve_val(exs, 0.0) == (exs, []) and T.carve_val(exs, 1.0) == ([], exs)
+    assert carve_val(exs, 0.0) == (exs, []) and carve_val(exs, 1.0) == ([], exs)
     with pytest.raises(ValueError, match="fraction"):
-        T.carve_val(exs, 1.5)
+        carve_val(exs, 1.5)
 
 
 @pytest.mark.parametrize("name", list(SUITES))
@@ -362,7 +365,7 @@ def test_react_loop_scores_malformed_calls_zero(tok):
     eng = Scripted(tok, default=call)
     [e] = T.run_react(eng, tok, [ex], max_steps=2)
     assert e.error and "steps" in e.error and e.messages[-1]["is_error"] is True
-    r, err = T.execute_tool({"tool_name": "sql", "parameters": {"query": "DROP TABLE orders"}}, ex.check["env"])
+    r, err = agents.execute_tool({"tool_name": "sql", "parameters": {"query": "DROP TABLE orders"}}, ex.check["env"])
     assert err and "error" in r
 
 
