@@ -395,8 +395,8 @@ def attend(q, k, v, mask):
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
-def _same_kv(k, v):
-    return k, v
+def _same(*x):  # the hooks' one-process default: tensors stay where they are
+    return x if len(x) > 1 else x[0]
 
 
 class Attention(nn.Module):
@@ -413,7 +413,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(H, self.nkv * self.dh, cfg.fp8)
         self.o_proj = Linear(self.nh * self.dh, H, cfg.fp8)
         # where the keys live: one process holds all of them; parallel.py's SP all-gathers every rank's K/V here
-        self.gather_kv = _same_kv
+        self.gather_kv = _same
 
     def forward(self, x, rope, mask, cache=None):
         B, T, _ = x.shape
@@ -462,13 +462,7 @@ class DecoderLayer(nn.Module):
         return self.add_branches(h, self.self_attn(n, rope, mask, cache), self.mlp(n))
 
 
-def _same(x):
-    return x
-
-
-def residual_add(h, attn, mlp):
-    """h + attn + mlp in HF's order: the fp32 residual takes each bf16 branch in turn (another order rounds
-    differently under autocast)."""
+def residual_add(h, attn, mlp):  # HF's order: the fp32 residual takes each bf16 branch in turn
     return h + attn + mlp
 
 
@@ -758,7 +752,7 @@ class CommandA(nn.Module):
         if len(shards) > 1:
             idx = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                    "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-            atomic_write(index, lambda p: _dump_json(idx, p))
+            atomic_write_json(index, idx)
         elif os.path.exists(index):
             os.remove(index)
         for stale in os.listdir(path):  # shards of an earlier, differently sharded save
@@ -767,12 +761,7 @@ class CommandA(nn.Module):
         any_t = next(iter(tensors.values()))
         hf = {**self.config.to_hf_dict(), "torch_dtype": str(any_t.dtype).replace("torch.", ""),
               **(extra_config or {})}
-        atomic_write(os.path.join(path, "config.json"), lambda p: _dump_json(hf, p))
-
-
-def _dump_json(obj, p, indent=2):
-    with open(p, "w") as f:
-        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        atomic_write_json(os.path.join(path, "config.json"), hf)
 
 
 # Every file the project writes goes through atomic_write (tokenizer.py, torch-free, keeps a small copy).
@@ -790,15 +779,15 @@ def atomic_write(final_path: str, write_fn):
             os.remove(tmp)
 
 
-def atomic_write_json(path: str, obj, indent=2):
-    atomic_write(path, lambda p: _dump_json(obj, p, indent))
-
-
 def atomic_write_text(path: str, text: str):
     def write(p):
         with open(p, "w", encoding="utf-8") as f:
             f.write(text)
     atomic_write(path, write)
+
+
+def atomic_write_json(path: str, obj, indent=2):
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False))
 
 
 def pyplot():
