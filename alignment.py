@@ -1,19 +1,10 @@
 """
 The post-training methods of Command A (report section 3), each a function beside its equation, and the one
-training loop that runs them all. posttrain.py composes them into the report's pipeline (Figure 3) and runs
-any one of them from the command line.
-
-  SFT            token-mean NLL on what the assistant wrote (prompt and tool-result tokens carry no loss),
-                 whole conversations packed into rows with document masks, preamble augmentation (the same
-                 example under varied system preambles and safety modes), drift control (an L2 pull toward
-                 the initial weights and/or rows of pretraining data mixed in).
-  reward model   the CommandA trunk + a scalar head read at the last non-pad token; Bradley-Terry with an
-                 optional margin and centering; two stages (lower-quality pairs, then higher-quality ones).
-  offline pref.  DPO, IPO (length-normalized or not), SLiC-HF (and its hinge-norm form), SRPO (one network as
-                 generator and self-refiner), IPO + SFT (the safety expert); reference log-probs computed once.
-  CoPG           (Flet-Berliac et al. 2024) offline from k scored samples per prompt, and online with 2
-                 generations per prompt sampled by serve.Engine from the current policy (= RLOO with k = 2).
-  best-of-N      sample N, score by a verifier or the RM, keep the best (SFT data) and best-vs-worst (pairs).
+training loop that runs them all: SFT (completion-only NLL on packed conversations, preamble augmentation, drift
+control), the reward model (Bradley-Terry, two stages), the offline preference losses (DPO, IPO, SLiC-HF and its
+hinge form, SRPO, IPO + SFT), CoPG (offline from k scored samples per prompt; online from 2 generations per
+prompt by serve.Engine, = RLOO with k = 2), best-of-N, and CoPG's bandit. posttrain.py composes them into the
+report's pipeline (Figure 3) and runs any one of them from the command line.
 
 Notation (SPEC 6, which has every formula with its check values): logp(y|x) is summed over completion tokens
 only; h(y) = logp_theta(y|x) - logp_ref(y|x); Delta = h(y_w) - h(y_l). Every loss takes per-example tensors
@@ -41,7 +32,7 @@ from tqdm import tqdm
 
 import data as D
 import tasks as T
-from model import CommandA, ModelConfig, bf16_is_fast, pyplot, save_figure
+from model import CommandA, ModelConfig, atomic_write_json, pyplot, save_figure
 from pretrain import read_train_state, restore_rngs, write_train_state   # one checkpoint format for both loops
 from tokenizer import Tokenizer
 
@@ -132,8 +123,7 @@ def sequence_logps(model: CommandA, batch: dict, n_seqs: int | None = None):
     row, pads -1). Returns (logp [n_seqs], length [n_seqs]) in fp32, differentiable through logp.
     The hidden states of every token are computed (attention needs them), but the vocabulary projection and
     log-softmax only at the completion tokens: a chat row is mostly preamble and prompt."""
-    h = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
-              return_hidden=True)
+    h = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"], return_hidden=True)
     sel = batch["targets"] != -100
     logits = model.lm_logits(h[sel])                                  # [M, V] fp32
     lp = -F.cross_entropy(logits, batch["targets"][sel], reduction="none")
@@ -142,15 +132,6 @@ def sequence_logps(model: CommandA, batch: dict, n_seqs: int | None = None):
     logp = torch.zeros(n, device=lp.device, dtype=lp.dtype).index_add(0, seq, lp)
     length = torch.zeros(n, device=lp.device).index_add(0, seq, torch.ones_like(lp))
     return logp, length
-
-
-def policy_and_ref_logps(policy, ref, batch, n_seqs, autocast_kw):
-    """One forward with gradients for the policy, one without for the reference (SPEC 6's h = logp - logp_ref)."""
-    with torch.autocast(**autocast_kw):
-        logp, length = sequence_logps(policy, batch, n_seqs)
-        with torch.no_grad():
-            ref_logp, _ = sequence_logps(ref, batch, n_seqs)
-    return logp, ref_logp, length
 
 
 def packed_batch(seqs: list, seq_len: int, pad_id: int, device="cpu") -> dict:
@@ -209,8 +190,7 @@ def completion_ids(tok: Tokenizer, ex: T.Example, turn: dict | None = None) -> l
     """The tokens the model writes for an assistant message (the reference's by default), EOT included."""
     turn = turn if turn is not None else ex.turns[-1]
     prompt = ex.prompt_ids(tok)
-    ids, _ = tok.render_chat(ex.messages + [turn], ex.documents, ex.tools, ex.safety_mode,
-                             add_generation_prompt=False, return_mask=True)
+    ids, _ = render(tok, ex, [turn])
     assert ids[:len(prompt)] == prompt, "the generation prompt must be a prefix of the rendered conversation"
     return ids[len(prompt):]
 
@@ -274,8 +254,7 @@ def load_examples(suites, n, split, seed=0, difficulty=1) -> list:
 
 
 def make_engine(model, tok, max_len=None):
-    return T.make_engine(model, tok, max_batch=32,
-                         max_len=max_len or min(model.config.max_position_embeddings, 4096))
+    return T.make_engine(model, tok, max_batch=32, max_len=max_len or min(model.config.max_position_embeddings, 4096))
 
 
 def sample(engine, tok, examples, n, temperature=1.0, max_new=96, seed=0, top_k=None):
@@ -289,11 +268,6 @@ def sample(engine, tok, examples, n, temperature=1.0, max_new=96, seed=0, top_k=
     outs = engine.generate(prompts, max_new, temperature=temperature, top_k=top_k, seed=seed)
     outs = [o + [tok.eot_id] if len(o) < max_new else o for o in outs]
     return [outs[i * n:(i + 1) * n] for i in range(len(examples))]
-
-
-def verifier_rewards(tok, examples, completions) -> list:
-    """tasks.py's verifier score in [0, 1] of every completion: [[float]]."""
-    return [[T.SUITES[ex.suite].score(ex, tok.decode(c)) for c in cs] for ex, cs in zip(examples, completions)]
 
 
 def score_suites(model, tok, examples, max_new=96) -> dict:
@@ -338,8 +312,7 @@ class RewardModel(CommandA):
 
     def rewards(self, batch: dict, n_seqs: int | None = None) -> torch.Tensor:
         """[n_seqs] rewards of the sequences of a packed or padded batch (doc_ids number them, pads are -1)."""
-        h = self(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"],
-                 return_hidden=True)
+        h = self(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"], return_hidden=True)
         doc = batch["doc_ids"].reshape(-1)
         n = int(n_seqs if n_seqs is not None else int(doc.max()) + 1)
         flat = torch.arange(doc.numel(), device=doc.device)
@@ -351,20 +324,23 @@ class RewardModel(CommandA):
         return self.score(h.reshape(-1, h.shape[-1])[last]).float().squeeze(-1)
 
     @torch.no_grad()
-    def score_conversations(self, tok: Tokenizer, conversations: list, batch_size: int = 16) -> list:
-        """Rewards of whole conversations [(messages, documents, tools, safety_mode) or messages], batched."""
-        out, device = [], next(self.parameters()).device
-        was = self.training
+    def score_sequences(self, seqs: list, pad_id: int, batch_size: int = 16) -> list:
+        """Rewards of sequences [(ids, mask)], one padded row each, in batches (the train/eval mode is kept)."""
+        was, device, out = self.training, next(self.parameters()).device, []
         self.eval()
-        for i in range(0, len(conversations), batch_size):
-            seqs = []
-            for c in conversations[i:i + batch_size]:
-                msgs, docs, tools, mode = (c, None, None, "CONTEXTUAL") if isinstance(c, list) else c
-                ids = tok.render_chat(msgs, docs, tools, mode, add_generation_prompt=False)
-                seqs.append((ids, [0] * len(ids)))
-            out += self.rewards(padded_batch(seqs, tok.pad_id, device=device), len(seqs)).tolist()
+        for i in range(0, len(seqs), batch_size):
+            out += self.rewards(padded_batch(seqs[i:i + batch_size], pad_id, device=device)).tolist()
         self.train(was)
         return out
+
+    def score_conversations(self, tok: Tokenizer, conversations: list, batch_size: int = 16) -> list:
+        """Rewards of whole conversations [(messages, documents, tools, safety_mode) or messages], batched."""
+        seqs = []
+        for c in conversations:
+            msgs, docs, tools, mode = (c, None, None, "CONTEXTUAL") if isinstance(c, list) else c
+            ids = tok.render_chat(msgs, docs, tools, mode, add_generation_prompt=False)
+            seqs.append((ids, [0] * len(ids)))
+        return self.score_sequences(seqs, tok.pad_id, batch_size)
 
     def save(self, path: str, tok: Tokenizer):
         self.save_pretrained(path, extra_config={"architectures": ["Cohere2ForSequenceClassification"],
@@ -432,15 +408,14 @@ class StageConfig:
     seed: int = 0
     fp32: bool = False                # bf16 autocast off
 
-
-def validate_stage(cfg: StageConfig):
-    for name in ("steps", "batch_size", "grad_accum", "eval_every", "ckpt_every"):
-        if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(cfg, name)!r}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)) or not (cfg.clip > 0 and math.isfinite(cfg.clip)):
-        raise ValueError("--lr and --clip must be positive numbers")
-    if not 0 <= cfg.warmup_frac < 1:
-        raise ValueError("--warmup-frac must be in [0, 1)")
+    def __post_init__(self):          # the messages name the flags: posttrain.py's stages are built from them
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "ckpt_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.clip > 0 and math.isfinite(self.clip)):
+            raise ValueError("--lr and --clip must be positive numbers")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError("--warmup-frac must be in [0, 1)")
 
 
 def lr_at(step: int, cfg: StageConfig) -> float:
@@ -450,23 +425,13 @@ def lr_at(step: int, cfg: StageConfig) -> float:
     return cfg.lr * (1 - 0.9 * (step - warm) / max(1, cfg.steps - warm))
 
 
-class Indices:
-    """A 'dataset' of item indices, so data.Loader's exactly resumable shuffling serves pairs and prompts too."""
+class Indices(list):
+    """Item indices 0..n-1 as a 'dataset': data.Loader's exactly resumable shuffling serves pairs and prompts."""
     def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self):
-        return self.n
+        super().__init__(range(n))
 
     def batch(self, rows):
         return list(rows)
-
-
-def save_state(out, model, opt, step, loaders, log, cfg, fingerprint):
-    """OUT/checkpoint through pretrain.py's writer: a kill leaves the previous one or this one, never a mix."""
-    write_train_state(out, model, step, opt.state_dict(),
-                      {"config": asdict(cfg), "fingerprint": fingerprint, "log": log,
-                       "loaders": {k: l.state_dict() for k, l in loaders.items()}})
 
 
 def load_state(out, model, opt, loaders, cfg, fingerprint):
@@ -500,7 +465,6 @@ def train_loop(model, objective, loaders: dict, cfg: StageConfig, out: str, eval
     objective's metrics, validation every eval_every steps (and early stopping on it, if asked), atomic
     checkpoints with exact resume. objective(batch) -> (loss, {metric: float}); loaders["main"] feeds it
     (other loaders, e.g. pretraining rows, are saved and resumed alongside). Returns the log."""
-    validate_stage(cfg)
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -557,8 +521,10 @@ def train_loop(model, objective, loaders: dict, cfg: StageConfig, out: str, eval
                 stop_early = cfg.early_stop > 0 and since_best >= cfg.early_stop
             model.train()
         log["seconds"] = time.time() - t0
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_early:
-            save_state(out, model, opt, step, loaders, log, cfg, fingerprint)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_early:   # a kill leaves this one or the last
+            meta = {"config": asdict(cfg), "fingerprint": fingerprint, "log": log,
+                    "loaders": {k: l.state_dict() for k, l in loaders.items()}}
+            write_train_state(out, model, step, opt.state_dict(), meta)
         if stop_early:
             bar.write(f"{desc}: validation score has not improved for {cfg.early_stop} evaluations: stopping")
             break
@@ -567,10 +533,29 @@ def train_loop(model, objective, loaders: dict, cfg: StageConfig, out: str, eval
     return log
 
 
-def autocast_kw(device, fp32=False) -> dict:
-    """bf16 autocast where bf16 matmuls are fast (GPUs, CPUs with AVX512-BF16/AMX); fp32 elsewhere."""
-    device = torch.device(device)
-    return {"device_type": device.type, "dtype": torch.bfloat16, "enabled": not fp32 and bf16_is_fast(device)}
+def plot_curves(path, log, title):
+    """train_loop's log as a picture: the loss, the objective's metrics, the validation scores."""
+    plt = pyplot()
+    keys = sorted({k for m in log["metrics"] for k in m})
+    fig, axes = plt.subplots(1, 2 + bool(keys), figsize=(5 * (2 + bool(keys)), 3.6))
+    axes[0].plot(range(1, len(log["loss"]) + 1), log["loss"], lw=0.8)
+    axes[0].set_title("training loss")
+    axes[0].set_xlabel("step")
+    if keys:
+        for k in keys:
+            axes[1].plot([m.get(k, np.nan) for m in log["metrics"]], lw=0.8, label=k)
+        axes[1].legend(fontsize=8)
+        axes[1].set_title("training metrics")
+        axes[1].set_xlabel("step")
+    ax = axes[-1]
+    for k in sorted({k for v in log["val"] for k in v} - {"step"}):
+        ax.plot([v["step"] for v in log["val"]], [v.get(k, np.nan) for v in log["val"]], "o-", label=k)
+    ax.legend(fontsize=8)
+    ax.set_title("validation (carved from the train split)")
+    ax.set_xlabel("step")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -730,7 +715,7 @@ def copg_online_objective(model, ref, tok, examples, beta, seq_len, ac, reward_f
                           temperature=1.0, timing=None):
     """Online CoPG (report 3.3.4, polishing): k = 2 generations per prompt sampled by serve.Engine from the
     CURRENT policy, scored, then the CoPG step. On-policy this is RLOO with k = 2 on R - beta h; the mean of
-    h over the samples estimates KL(pi || pi_ref). timing accumulates sampling vs update seconds."""
+    h over the samples estimates KL(pi || pi_ref). timing accumulates the seconds spent sampling, and samples."""
     engine = make_engine(model, tok, seq_len)
     device = next(model.parameters()).device
 
@@ -743,13 +728,15 @@ def copg_online_objective(model, ref, tok, examples, beta, seq_len, ac, reward_f
         model.train()                               # the Engine put it in eval mode
         t1 = time.time()
         seqs = [seq(ex.prompt_ids(tok), c) for ex, cs in zip(exs, comps) for c in cs]
-        lp, ref_lp, _ = policy_and_ref_logps(model, ref, packed_batch(seqs, seq_len, tok.pad_id, device),
-                                             len(seqs), ac)
+        batch = packed_batch(seqs, seq_len, tok.pad_id, device)
+        with torch.autocast(**ac):
+            lp, _ = sequence_logps(model, batch, len(seqs))
+            with torch.no_grad():                   # the reference: no graph (SPEC 6's h = logp - logp_ref)
+                ref_lp, _ = sequence_logps(ref, batch, len(seqs))
         h = (lp - ref_lp).view(len(idx), k)
         loss = copg_loss(R, h, beta).mean()
         if timing is not None:
             timing["sample"] += t1 - t0
-            timing["update_forward"] += time.time() - t1
             timing["samples"] += len(seqs)
         return loss, {"reward": R.mean().item(), "kl": h.mean().item()}
     return objective
@@ -808,19 +795,17 @@ def reference_pairs(tok, examples, seed=0) -> list:
 def rm_reward_fn(rm, tok):
     """Rewards of sampled completions by the reward model (policy and RM share the tokenizer: checked)."""
     def fn(examples, comps):
-        seqs = [seq(ex.prompt_ids(tok), c) for ex, cs in zip(examples, comps) for c in cs]
-        device, r = next(rm.parameters()).device, []
-        rm.eval()
-        with torch.no_grad():
-            for i in range(0, len(seqs), 16):
-                r += rm.rewards(padded_batch(seqs[i:i + 16], tok.pad_id, device=device)).tolist()
+        r = rm.score_sequences([seq(ex.prompt_ids(tok), c) for ex, cs in zip(examples, comps) for c in cs], tok.pad_id)
         k = len(comps[0])
         return [r[i * k:(i + 1) * k] for i in range(len(examples))]
     return fn
 
 
 def verifier_reward_fn(tok):
-    return lambda examples, comps: verifier_rewards(tok, examples, comps)
+    """tasks.py's verifier score in [0, 1] of every completion: fn(examples, comps) -> [[float]]."""
+    def fn(examples, comps):
+        return [[T.SUITES[ex.suite].score(ex, tok.decode(c)) for c in cs] for ex, cs in zip(examples, comps)]
+    return fn
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -829,10 +814,6 @@ def verifier_reward_fn(tok):
 
 BANDIT_R = (2.5, 2.0, 1.0)
 BANDIT_MU = {"mu1": (0.1, 0.2, 0.7), "mu2": (0.05, 0.05, 0.9)}
-
-
-def kl(p, q) -> float:
-    return max(0.0, float((p * (p / q).log()).sum()))          # >= 0; rounding can give -1e-17 at p = q
 
 
 def bandit(iters=3000, beta=0.5, batch=256, lr=0.05, seed=0, method="copg"):
@@ -869,7 +850,8 @@ def bandit(iters=3000, beta=0.5, batch=256, lr=0.05, seed=0, method="copg"):
             if it % 10 == 0 or it == iters - 1:
                 trace.append(torch.softmax(logits.detach(), 0).tolist())
         pi = torch.softmax(logits.detach(), 0)
-        out[name] = {"pi": [round(x, 6) for x in pi.tolist()], "trace": trace, "kl_to_pi_star": kl(pi_star, pi)}
+        kl = max(0.0, float((pi_star * (pi_star / pi).log()).sum()))      # >= 0; rounding can give -1e-17 at pi*
+        out[name] = {"pi": [round(x, 6) for x in pi.tolist()], "trace": trace, "kl_to_pi_star": kl}
     return out, pi_star.tolist()
 
 
@@ -893,3 +875,25 @@ def plot_bandit(path, copg, dpo, pi_star, beta):
                  f"pi* = pi_ref exp(R/beta)/Z; DPO on the same rewards does not", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def run_bandit(iters: int, beta: float, out: str) -> dict:
+    """`posttrain.py bandit`: CoPG and DPO from both behaviour policies, a table on stdout, OUT/bandit.png and
+    OUT/bandit.json (the summary it returns)."""
+    copg, pi_star = bandit(iters, beta)
+    dpo, _ = bandit(iters, beta, method="dpo")
+    os.makedirs(out, exist_ok=True)
+    plot_bandit(os.path.join(out, "bandit.png"), copg, dpo, pi_star, beta)
+    print(f"pi* = pi_ref exp(R/beta)/Z = {[round(x, 4) for x in pi_star]}")
+    print(f"{'behaviour':10s}{'method':>7s}  {'final pi':30s}{'KL(pi*||pi)':>12s}")
+    for name in BANDIT_MU:
+        for label, res in (("CoPG", copg), ("DPO", dpo)):
+            print(f"{name:10s}{label:>7s}  {str([round(x, 4) for x in res[name]['pi']]):30s}"
+                  f"{res[name]['kl_to_pi_star']:12.2e}")
+
+    def final(res):                  # the traces stay in the plot
+        return {k: {"pi": v["pi"], "kl_to_pi_star": v["kl_to_pi_star"]} for k, v in res.items()}
+    summary = {**final(copg), "pi_star": pi_star, "dpo": final(dpo)}
+    atomic_write_json(os.path.join(out, "bandit.json"), summary, indent=None)
+    print(f"wrote {out}/bandit.png")
+    return summary

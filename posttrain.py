@@ -11,22 +11,15 @@ polished one, and every method of alignment.py runnable on its own.
     python posttrain.py bandit                                                        # CoPG's 3-armed bandit
     python posttrain.py bench                                                         # SFT vs pretraining tok/s
 
-The pipeline, in the report's order (each stage a directory of OUT: HF checkpoint + tokenizer + result.json;
-a rerun skips finished stages and resumes a killed one):
-  1. Instruct: SFT on every suite's train split, then preference tuning;
-  2. six SFT experts from Instruct (code: top-k merge of seed runs; multilingual: a seed soup; long context:
-     short and long sequences at 3:1), each on its domain plus a share of the others;
-  3. the SFT soup: merge.py's linear merge, expert weights searched on a validation set carved from the train
-     split, with a per-domain floor;
-  4. six RL experts from the soup (math: preference pairs from its own samples in the reward-based refinement
-     loop; code: offline CoPG + SFT rehearsal + an SFT term + interpolation to the parent; safety: IPO + SFT;
-     multilingual: best-of-N over every expert's answers judged by the reward model, then SFT + preference;
-     RAG/agents: offline CoPG on answers and ReAct episodes; long context: SFT + preference);
-  5. the RL soup; 6. polishing: best-of-N SFT, then offline SRPO and online CoPG in alternation while the
-     validation score rises. Then the pairwise evaluation of polished vs RL soup (verifiers and reward model).
-Scores are always on the test split, which no stage trains on. At tiny scale the pipeline renders chats with the
-compact system preamble (PipelineConfig.preamble; tokenizer.system_preamble), recorded in every stage's
-tokenizer.json.
+The pipeline, in the report's order, each stage a directory of OUT (HF checkpoint + tokenizer + result.json; a
+rerun skips finished stages and resumes a killed one): 1. Instruct: SFT on every suite, then preference tuning;
+2. six SFT experts from Instruct, each on its domain plus a share of the others; 3. the SFT soup: merge.py's
+linear merge, weights searched on validation with a per-domain floor; 4. six RL experts from the soup, each with
+its domain's method (rl_math ... rl_long_context); 5. the RL soup; 6. polishing: best-of-N SFT, then offline SRPO
+and online CoPG in alternation while the validation score rises. Then polished vs RL soup, pairwise (verifiers
+and reward model). Scores are always on the test split, which no stage trains on (validation is carved from the
+train split). At tiny scale chats use the compact system preamble (PipelineConfig.preamble), recorded in every
+stage's tokenizer.json.
 """
 from __future__ import annotations
 
@@ -47,17 +40,22 @@ import torch
 from tqdm import tqdm
 
 import data as D
+import merge as M
 import tasks as T
-from alignment import (  # noqa: F401  (the losses are part of posttrain's public interface, SPEC 9)
-    BANDIT_MU, PREF_LOSSES, Indices, RewardModel, StageConfig, autocast_kw, bandit, best_of_n, bt_loss, check_pairs,
-    check_same_architecture, check_same_tokenizer, completion_nll, copg_loss, copg_offline_objective,
-    copg_online_objective, dpo_loss, has_state, hinge_loss, ipo_loss, ipo_sft_loss, load_examples, make_engine,
-    packed_batch, pair_sequences, plot_bandit, pref_objective, pretrain_rows, reference_logps, reference_pairs,
-    render, rm_accuracy, rm_objective, rm_reward_fn, sample, score_suites, seq, sequence_logps,
-    sft_objective, sft_sequences, slic_loss, split_train_val, srpo_loss, tokenizer_fingerprint, train_loop,
-    validate_stage, verifier_reward_fn, verifier_rewards)
+from alignment import (
+    PREF_LOSSES, Indices, RewardModel, StageConfig, best_of_n, bt_loss, check_pairs, check_same_architecture,
+    check_same_tokenizer, completion_nll, copg_loss, copg_offline_objective, copg_online_objective, dpo_loss,
+    has_state, hinge_loss, ipo_loss, ipo_sft_loss, load_examples, make_engine, packed_batch, pair_sequences,
+    plot_curves, pref_objective, pretrain_rows, reference_logps, reference_pairs, render, rm_accuracy, rm_objective,
+    rm_reward_fn, run_bandit, sample, score_suites, seq, sequence_logps, sft_objective, sft_sequences, slic_loss,
+    split_train_val, srpo_loss, tokenizer_fingerprint, train_loop, verifier_reward_fn)
 from model import CommandA, atomic_write_json, atomic_write_text, pyplot, save_figure
+from pretrain import precision
 from tokenizer import Tokenizer, parse_completion
+
+# SPEC 9: the losses are part of posttrain's public interface (they live in alignment.py)
+__all__ = ["dpo_loss", "ipo_loss", "hinge_loss", "slic_loss", "srpo_loss", "ipo_sft_loss", "bt_loss", "copg_loss",
+           "sequence_logps"]
 
 # ----------------------------------------------------------------------------------------------------------
 # One stage from a checkpoint: data from tasks.py's train split (a validation set carved from it), scores on
@@ -98,35 +96,11 @@ def write_outputs(out, model, tok, result, log, plot_title):
     atomic_write_json(os.path.join(out, "result.json"), result, indent=1)
 
 
-def plot_curves(path, log, title):
-    plt = pyplot()
-    keys = sorted({k for m in log["metrics"] for k in m})
-    fig, axes = plt.subplots(1, 2 + bool(keys), figsize=(5 * (2 + bool(keys)), 3.6))
-    axes[0].plot(range(1, len(log["loss"]) + 1), log["loss"], lw=0.8)
-    axes[0].set_title("training loss")
-    axes[0].set_xlabel("step")
-    if keys:
-        for k in keys:
-            axes[1].plot([m.get(k, np.nan) for m in log["metrics"]], lw=0.8, label=k)
-        axes[1].legend(fontsize=8)
-        axes[1].set_title("training metrics")
-        axes[1].set_xlabel("step")
-    ax = axes[-1]
-    for k in sorted({k for v in log["val"] for k in v} - {"step"}):
-        ax.plot([v["step"] for v in log["val"]], [v.get(k, np.nan) for v in log["val"]], "o-", label=k)
-    ax.legend(fontsize=8)
-    ax.set_title("validation (carved from the train split)")
-    ax.set_xlabel("step")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
 def fingerprint_of(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_data(args, tok, max_len):
+def stage_data(args):
     """Train (minus validation) and test examples of the chosen suites, and a check that the test split never
     leaks into training (tasks.py splits by content hash; this re-checks the ids)."""
     train = load_examples(args.suites, args.n_train, "train", args.seed, args.difficulty)
@@ -158,8 +132,14 @@ class StageRun:
     def val_score(self) -> dict:
         if not self.val:
             return {"score": 0.0}
-        return {"score": sum(score_suites(self.model, self.tok, self.val, self.args.max_new).values()) /
-                max(1, len({e.suite for e in self.val}))}
+        scores = score_suites(self.model, self.tok, self.val, self.args.max_new)
+        return {"score": sum(scores.values()) / len(scores)}        # the mean over the suites
+
+
+# the flags that change what a stage trains: resuming with other values would mix two runs
+STAGE_KEYS = ("temperature", "sft_weight", "steps", "batch_size", "grad_accum", "lr", "loss", "beta", "online", "k",
+              "n_samples", "l2_init", "pretrain_mix", "preamble_aug", "margin", "center", "stage1_steps", "rm", "ref",
+              "no_length_norm", "max_new", "val_fraction", "n_val")
 
 
 def run_stage(args) -> dict:
@@ -171,23 +151,22 @@ def run_stage(args) -> dict:
     model.to(device)
     # rows and KV caches of at most 4K tokens: the context of a real checkpoint (128K) would not fit memory
     max_len = args.seq_len or min(model.config.max_position_embeddings, 4096)
-    cfg = StageConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                      warmup_frac=args.warmup_frac, clip=args.clip, eval_every=args.eval_every,
-                      ckpt_every=args.ckpt_every, early_stop=args.early_stop, seed=args.seed, fp32=args.fp32)
-    validate_stage(cfg)
+    # the common flags are StageConfig's fields; it refuses bad values (a ValueError: exit status 2)
+    cfg = StageConfig(**{k: v for k, v in vars(args).items() if k in StageConfig.__dataclass_fields__})
     claim_out_dir(args)
-    train, val, test = stage_data(args, tok, max_len)
-    fp = fingerprint_of(vars(args).get("stage"), os.path.abspath(args.init), args.seq_len, args.suites,
-                        args.n_train, args.seed, args.difficulty,
-                        tokenizer_fingerprint(tok), {k: v for k, v in vars(args).items() if k in STAGE_KEYS})
-    x = StageRun(args, model, tok, device, autocast_kw(device, args.fp32), max_len, cfg, fp, train, val, test)
+    train, val, test = stage_data(args)
+    fp = fingerprint_of(args.stage, os.path.abspath(args.init), args.seq_len, args.suites, args.n_train, args.seed,
+                        args.difficulty, tokenizer_fingerprint(tok),
+                        {k: v for k, v in vars(args).items() if k in STAGE_KEYS})
+    ac = precision(device, args.fp32, verbose=False)
+    x = StageRun(args, model, tok, device, ac, max_len, cfg, fp, train, val, test)
     result = {"stage": args.stage, "init": args.init, "suites": T.check_suites(args.suites)}
     if args.stage == "rm":
         return run_rm_stage(x, result, t_start)
     before = score_suites(model, tok, test, args.max_new)
     objective, loaders, evaluate, timing = (setup_sft if args.stage == "sft" else setup_policy_stage)(x, result)
     t_train = time.time()
-    log = train_loop(model, objective, loaders, cfg, args.out, evaluate, args.resume, fp, f"{args.stage}")
+    log = train_loop(model, objective, loaders, cfg, args.out, evaluate, args.resume, fp, args.stage)
     train_seconds = time.time() - t_train
     after = score_suites(model, tok, test, args.max_new)
     result.update(before=before, after=after, seconds=round(time.time() - t_start, 1),
@@ -249,31 +228,34 @@ def run_rm_stage(x: StageRun, result: dict, t_start: float) -> dict:
     """The reward model: Bradley-Terry on clean off-policy pairs, then on the init model's verified samples."""
     args, tok, max_len, ac = x.args, x.tok, x.max_len, x.ac
     rm = RewardModel.from_lm(args.init).to(x.device)
-    low = reference_pairs(tok, x.train, args.seed)                        # stage 1: off-policy, easy
     engine = make_engine(x.model, tok, max_len)
-    _, high, _ = best_of_n(engine, tok, x.train, args.n_samples, verifier_reward_fn(tok),
-                           max_new=args.max_new, seed=args.seed)           # stage 2: on-policy, verified
-    val_pairs = reference_pairs(tok, x.val, args.seed) + best_of_n(
-        engine, tok, x.val, args.n_samples, verifier_reward_fn(tok), max_new=args.max_new, seed=args.seed + 7)[1]
-    test_pairs = best_of_n(engine, tok, x.test, args.n_samples, verifier_reward_fn(tok), max_new=args.max_new,
-                           seed=args.seed + 13)[1] + reference_pairs(tok, x.test, args.seed)
+
+    def verified_pairs(examples, seed):                  # on-policy: best vs worst of the init model's samples
+        return best_of_n(engine, tok, examples, args.n_samples, verifier_reward_fn(tok), max_new=args.max_new,
+                         seed=seed)[1]
+    low = reference_pairs(tok, x.train, args.seed)                        # stage 1: off-policy, easy
+    high = verified_pairs(x.train, args.seed)                             # stage 2: on-policy, verified
+    val_pairs = reference_pairs(tok, x.val, args.seed) + verified_pairs(x.val, args.seed + 7)
+    test_pairs = verified_pairs(x.test, args.seed + 13) + reference_pairs(tok, x.test, args.seed)
     check_pairs(low)
     before = {"rm_accuracy_test": rm_accuracy(rm, tok, test_pairs, max_len, ac)}
     stages = [("low-quality pairs", low, args.stage1_steps)] + ([("high-quality pairs", high, args.steps)]
                                                                  if high else [])
     result.update(pairs_low=len(low), pairs_high=len(high), pairs_val=len(val_pairs), pairs_test=len(test_pairs))
-    logs = []
+
+    def evaluate():
+        return {"score": rm_accuracy(rm, tok, val_pairs, max_len, ac) if val_pairs else 0.0}
+    log = {"loss": [], "metrics": [], "val": [], "seconds": 0.0}          # both stages, steps counted on
     for i, (name, pairs, steps) in enumerate(stages):
         c = StageConfig(**{**asdict(x.cfg), "steps": steps})
         sub = os.path.join(args.out, f"stage{i + 1}")
         lg = train_loop(rm, rm_objective(rm, tok, pairs, max_len, ac, args.margin, args.center),
-                        {"main": D.Loader(Indices(len(pairs)), args.batch_size, seed=args.seed)}, c, sub,
-                        lambda: {"score": rm_accuracy(rm, tok, val_pairs, max_len, ac)} if val_pairs else
-                        {"score": 0.0}, args.resume, x.fp + str(i), f"rm {name}")
-        logs.append(lg)
-    log = {"loss": sum((l["loss"] for l in logs), []), "metrics": sum((l["metrics"] for l in logs), []),
-           "val": [dict(v, step=v["step"] + sum(len(y["loss"]) for y in logs[:j]))
-                   for j, l in enumerate(logs) for v in l["val"]], "seconds": sum(l["seconds"] for l in logs)}
+                        {"main": D.Loader(Indices(len(pairs)), args.batch_size, seed=args.seed)}, c, sub, evaluate,
+                        args.resume, x.fp + str(i), f"rm {name}")
+        log["val"] += [dict(v, step=v["step"] + len(log["loss"])) for v in lg["val"]]
+        log["loss"] += lg["loss"]
+        log["metrics"] += lg["metrics"]
+        log["seconds"] += lg["seconds"]
     after = {"rm_accuracy_test": rm_accuracy(rm, tok, test_pairs, max_len, ac)}
     result.update(before=before, after=after, seconds=round(time.time() - t_start, 1),
                   train_seconds=round(log["seconds"], 1))
@@ -289,15 +271,18 @@ def setup_policy_stage(x: StageRun, result: dict):
         rm = RewardModel.load(args.rm, tok).to(x.device)
         check_same_architecture(model.config, rm.config, "reward model")
         reward_fn = rm_reward_fn(rm, tok)
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
     if args.ref:
         check_same_tokenizer(tok, args.ref, "reference model")
-        ref = CommandA.from_pretrained(args.ref).to(x.device).eval()
+        ref = CommandA.from_pretrained(args.ref).to(x.device)
         check_same_architecture(model.config, ref.config, "reference model")
+    else:
+        ref = copy.deepcopy(model)
+    ref.eval().requires_grad_(False)
     engine = make_engine(model, tok, max_len)
-    batches, timing = dict(seed=args.seed), None
+    timing = None
+
+    def loader(n):                           # pairs, prompts or groups, by index
+        return {"main": D.Loader(Indices(n), args.batch_size, seed=args.seed)}
     if args.stage in ("pref", "bon"):
         sft_data, pairs, stats = best_of_n(engine, tok, x.train, args.n_samples, reward_fn, args.temperature,
                                            max_new=args.max_new, seed=args.seed, min_best=None if args.rm else 0.5)
@@ -309,39 +294,33 @@ def setup_policy_stage(x: StageRun, result: dict):
         refl = reference_logps(ref, tok, pairs, lambda p: pair_sequences(tok, p, args.loss), max_len, ac)
         objective = pref_objective(model, tok, pairs, refl, args.loss, args.beta, max_len, ac,
                                    not args.no_length_norm, sft_weight=args.sft_weight)
-        loaders = {"main": D.Loader(Indices(len(pairs)), args.batch_size, **batches)}
+        loaders = loader(len(pairs))
         result.update(pairs=len(pairs), loss=args.loss, beta=args.beta)
     elif args.stage == "bon":
         if not sft_data:
             raise ValueError("best-of-N kept no completion (none reached the score threshold): nothing to "
                              "fine-tune on; try more --n-samples or an easier --difficulty")
         packed = D.pack_whole([s[0] for s in sft_data], max_len, tok.pad_id, [s[1] for s in sft_data])
-        loaders = {"main": D.Loader(packed, args.batch_size, **batches)}
+        loaders = {"main": D.Loader(packed, args.batch_size, seed=args.seed)}
         objective = sft_objective(model, ac)
-    else:                                    # copg
-        if args.online:
-            timing = {"sample": 0.0, "update_forward": 0.0, "samples": 0}
-            objective = copg_online_objective(model, ref, tok, x.train, args.beta, max_len, ac, reward_fn,
-                                              args.max_new, 2, args.temperature, timing=timing)
-            loaders = {"main": D.Loader(Indices(len(x.train)), args.batch_size, **batches)}
-        else:
-            comps = sample(engine, tok, x.train, args.k, args.temperature, args.max_new, args.seed)
-            rewards = reward_fn(x.train, comps)
-            groups = [{"seqs": [seq(ex.prompt_ids(tok), y) for y in c], "rewards": r}
-                      for ex, c, r in zip(x.train, comps, rewards) if max(r) > min(r)]
-            if not groups:
-                raise ValueError("offline CoPG: every prompt's samples scored the same: no signal")
-            refl = reference_logps(ref, tok, groups, lambda g: g["seqs"], max_len, ac)
-            objective = copg_offline_objective(model, tok, groups, refl, args.beta, max_len, ac, args.sft_weight)
-            loaders = {"main": D.Loader(Indices(len(groups)), args.batch_size, **batches)}
-            result.update(groups=len(groups), k=args.k)
+    elif args.online:                        # copg: 2 samples per prompt from the current policy, every step
+        timing = {"sample": 0.0, "samples": 0}
+        objective = copg_online_objective(model, ref, tok, x.train, args.beta, max_len, ac, reward_fn,
+                                          args.max_new, 2, args.temperature, timing=timing)
+        loaders = loader(len(x.train))
+    else:                                    # copg offline: k samples per prompt from the init model, once
+        comps = sample(engine, tok, x.train, args.k, args.temperature, args.max_new, args.seed)
+        groups = [{"seqs": [seq(ex.prompt_ids(tok), y) for y in c], "rewards": r}
+                  for ex, c, r in zip(x.train, comps, reward_fn(x.train, comps)) if max(r) > min(r)]
+        if not groups:
+            raise ValueError("offline CoPG: every prompt's samples scored the same: no signal")
+        refl = reference_logps(ref, tok, groups, lambda g: g["seqs"], max_len, ac)
+        objective = copg_offline_objective(model, tok, groups, refl, args.beta, max_len, ac, args.sft_weight)
+        loaders = loader(len(groups))
+        result.update(groups=len(groups), k=args.k)
+    if args.stage == "copg":
         result.update(online=args.online, beta=args.beta)
     return objective, loaders, x.val_score, timing
-
-
-STAGE_KEYS = ("temperature", "sft_weight", "steps", "batch_size", "grad_accum", "lr", "loss", "beta", "online", "k", "n_samples", "l2_init",
-              "pretrain_mix", "preamble_aug", "margin", "center", "stage1_steps", "rm", "ref", "no_length_norm",
-              "max_new", "val_fraction", "n_val")
 
 
 def print_table(result):
@@ -353,8 +332,7 @@ def print_table(result):
 
 # ----------------------------------------------------------------------------------------------------------
 # The pipeline (report Figure 3): base -> Instruct -> six SFT experts -> SFT soup -> six RL experts -> RL soup
-# -> polishing. Every stage is a directory OUT/<stage> (an HF checkpoint + tokenizer + result.json, written
-# last); a rerun skips finished stages and resumes a killed one from its checkpoint.
+# -> polishing, every stage a directory OUT/<stage> (module docstring)
 
 
 DOMAINS = ("code", "safety", "rag", "math", "multilingual", "long_context")
@@ -432,7 +410,7 @@ class Pipeline:
         self.base.to(self.device)
         # what a finished stage was made from: another --init or configuration must not reuse it
         self.fp = fingerprint_of(asdict(cfg), os.path.abspath(init), tokenizer_fingerprint(self.tok))
-        self.ac = autocast_kw(self.device)
+        self.ac = precision(self.device, False, verbose=False)
         self.max_len = min(cfg.context, self.base.config.max_position_embeddings)
         train = {s: T.SUITES[s].generate(cfg.seed, cfg.n_train, "train") for s in EVAL_SUITES}
         self.train, self.val = {}, {}
@@ -503,9 +481,22 @@ class Pipeline:
         return score_suites(model, self.tok, [e for d in domains for s in EXPERT_SUITES.get(d, [d])
                                               for e in self.val[s]], self.cfg.max_new)
 
+    def single_turn(self, split: dict, n=None) -> list:
+        """Every single-turn suite's examples of a split (the first n of each): what the samplers prompt with."""
+        return [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn for e in split[s][:n]]
+
     def stage_cfg(self, steps, lr, seed=0, batch_size=None) -> StageConfig:
         return StageConfig(steps=max(1, steps), batch_size=batch_size or self.cfg.batch_size, lr=lr, eval_every=10 ** 9,
                            ckpt_every=max(1, steps // 4), seed=self.cfg.seed + seed)
+
+    def fit(self, model, objective, data, out, steps, lr, key: tuple, seed=0, batch=None, desc=None, more=None):
+        """train_loop as the pipeline runs it: `data` (rows, or Indices of pairs / groups) shuffled by the seed,
+        a killed run resumed when the pipeline's fingerprint and `key` say it is the same one."""
+        batch = batch or self.cfg.batch_size
+        loaders = {"main": D.Loader(data, batch, seed=self.cfg.seed + seed), **(more or {})}
+        train_loop(model, objective, loaders, self.stage_cfg(steps, lr, seed, batch), out, resume=True,
+                   fingerprint=fingerprint_of(self.fp, *key), desc=desc or os.path.basename(out), verbose=self.verbose)
+        return model
 
     # --- the methods, as the pipeline uses them ------------------------------------------------------------
     def sft(self, model, examples, steps, out, seed=0, lr=None, extra_seqs=(), row_len=None, batch=None):
@@ -519,45 +510,34 @@ class Pipeline:
         if not seqs:
             raise ValueError(f"{out}: no SFT data (empty domain?)")
         packed = D.pack_whole([s[0] for s in seqs], row_len, self.tok.pad_id, [s[1] for s in seqs])
-        train_loop(model, sft_objective(model, self.ac), {"main": D.Loader(packed, batch, seed=self.cfg.seed + seed)},
-                   self.stage_cfg(steps, lr or self.cfg.lr_sft, seed, batch), out, resume=True,
-                   fingerprint=fingerprint_of(self.fp, "sft", len(seqs), steps, seed), desc=os.path.basename(out),
-                   verbose=self.verbose)
-        return model
+        return self.fit(model, sft_objective(model, self.ac), packed, out, steps, lr or self.cfg.lr_sft,
+                        ("sft", len(seqs), steps, seed), seed, batch)
 
     def pref(self, model, pairs, loss, steps, out, beta=0.1, sft_weight=1.0):
         check_pairs(pairs)
-        ref = copy.deepcopy(model).eval()
-        refl = reference_logps(ref, self.tok, pairs, lambda p: pair_sequences(self.tok, p, loss), self.max_len,
+        # the reference is the model as it enters this stage: its log-probs, computed before the first update
+        refl = reference_logps(model, self.tok, pairs, lambda p: pair_sequences(self.tok, p, loss), self.max_len,
                                self.ac)
-        del ref
         obj = pref_objective(model, self.tok, pairs, refl, loss, beta, self.max_len, self.ac, sft_weight=sft_weight)
-        train_loop(model, obj, {"main": D.Loader(Indices(len(pairs)), self.cfg.batch_size, seed=self.cfg.seed)},
-                   self.stage_cfg(steps, self.cfg.lr_rl), out, resume=True,
-                   fingerprint=fingerprint_of(self.fp, loss, len(pairs), steps), desc=os.path.basename(out),
-                   verbose=self.verbose)
-        return model
+        return self.fit(model, obj, Indices(len(pairs)), out, steps, self.cfg.lr_rl, (loss, len(pairs), steps))
 
-    def pairs(self, model, examples, reward_fn=None, seed=0):
-        """On-policy pairs (best vs worst of n samples, scored by the verifiers or `reward_fn`), plus clean
+    def pairs(self, model, examples, seed=0):
+        """On-policy pairs (best vs worst of n samples, scored by the verifiers) and best-of-N's stats, plus clean
         off-policy ones (the reference vs another example's reference) where sampling found too few."""
         engine = make_engine(model, self.tok, self.max_len)
-        sft, pairs, stats = best_of_n(engine, self.tok, examples, self.cfg.n_samples,
-                                      reward_fn or verifier_reward_fn(self.tok), 0.7, self.cfg.max_new,
-                                      self.cfg.seed + seed)
+        _, pairs, stats = best_of_n(engine, self.tok, examples, self.cfg.n_samples, verifier_reward_fn(self.tok), 0.7,
+                                    self.cfg.max_new, self.cfg.seed + seed)
         model.train()
         if len(pairs) < len(examples) // 2:
             pairs += reference_pairs(self.tok, examples, self.cfg.seed + seed)
-        return sft, pairs, stats
+        return pairs, stats
 
     def copg_offline(self, model, groups, steps, out, beta=0.1, sft_weight=0.0, rehearsal=None):
-        ref = copy.deepcopy(model).eval()
-        refl = reference_logps(ref, self.tok, groups, lambda g: g["seqs"], self.max_len, self.ac)
-        del ref
+        refl = reference_logps(model, self.tok, groups, lambda g: g["seqs"], self.max_len, self.ac)   # as in pref
         obj = copg_offline_objective(model, self.tok, groups, refl, beta, self.max_len, self.ac, sft_weight)
-        loaders = {"main": D.Loader(Indices(len(groups)), self.cfg.batch_size, seed=self.cfg.seed)}
+        more = {}
         if rehearsal is not None:       # SFT rehearsal: one batch of reference SFT rows with every RL batch
-            loaders["sft"] = rehearse = D.Loader(rehearsal, max(1, self.cfg.batch_size // 2), seed=self.cfg.seed)
+            more["sft"] = rehearse = D.Loader(rehearsal, max(1, self.cfg.batch_size // 2), seed=self.cfg.seed)
 
             def with_rehearsal(idx, base=obj):
                 loss, m = base(idx)
@@ -565,51 +545,37 @@ class Pipeline:
                     nll = completion_nll(model, next(rehearse))
                 return loss + nll, {**m, "rehearsal_nll": nll.item()}
             obj = with_rehearsal
-        train_loop(model, obj, loaders, self.stage_cfg(steps, self.cfg.lr_rl), out, resume=True,
-                   fingerprint=fingerprint_of(self.fp, "copg", len(groups), steps), desc=os.path.basename(out),
-                   verbose=self.verbose)
-        return model
+        return self.fit(model, obj, Indices(len(groups)), out, steps, self.cfg.lr_rl, ("copg", len(groups), steps),
+                        more=more)
 
     def groups(self, model, examples, k, seed=0) -> list:
         """k scored samples per prompt as whole sequences (ReAct episodes for multi-turn suites), kept where the
         rewards differ: CoPG's offline data."""
-        engine = make_engine(model, self.tok, self.max_len)
-        out = []
-        multi = [e for e in examples if T.SUITES[e.suite].multi_turn]
+        engine, tok = make_engine(model, self.tok, self.max_len), self.tok
         single = [e for e in examples if not T.SUITES[e.suite].multi_turn]
+        multi = [e for e in examples if T.SUITES[e.suite].multi_turn]
+        groups = []
         if single:
-            comps = sample(engine, self.tok, single, k, 0.7, self.cfg.max_new, self.cfg.seed + seed)
-            for ex, cs, rs in zip(single, comps, verifier_rewards(self.tok, single, comps)):
-                if max(rs) > min(rs):
-                    p = ex.prompt_ids(self.tok)
-                    out.append({"seqs": [seq(p, c) for c in cs], "rewards": rs})
+            comps = sample(engine, tok, single, k, 0.7, self.cfg.max_new, self.cfg.seed + seed)
+            for ex, cs, rs in zip(single, comps, verifier_reward_fn(tok)(single, comps)):
+                groups.append({"seqs": [seq(ex.prompt_ids(tok), c) for c in cs], "rewards": rs})
+        episodes = [{"seqs": [], "rewards": []} for _ in multi]
         for j in range(k if multi else 0):          # ReAct episodes: k independent rollouts per prompt
-            eps = T.run_react(engine, self.tok, multi, max_new_tokens=self.cfg.max_new, temperature=0.7,
+            eps = T.run_react(engine, tok, multi, max_new_tokens=self.cfg.max_new, temperature=0.7,
                               seed=self.cfg.seed + seed + 7919 * j)
-            for i, e in enumerate(eps):
-                turns = e.messages[len(e.example.messages):]
+            for g, e in zip(episodes, eps):
                 final = parse_final(e.final)
-                if final is not None:
-                    turns = turns + [final]
-                s = render(self.tok, e.example, turns) if any(t["role"] == "assistant" for t in turns) else None
-                r = T.SUITES[e.example.suite].score(e.example, e.final) if not e.error else 0.0
-                if j == 0:
-                    out.append({"seqs": [s], "rewards": [r], "_multi": i})
-                else:
-                    g = next(x for x in out if x.get("_multi") == i)
-                    g["seqs"].append(s), g["rewards"].append(r)
+                turns = e.messages[len(e.example.messages):] + ([final] if final else [])
+                trained = any(t["role"] == "assistant" for t in turns)      # else nothing carries a loss
+                g["seqs"].append(render(tok, e.example, turns) if trained else None)
+                g["rewards"].append(T.SUITES[e.example.suite].score(e.example, e.final) if not e.error else 0.0)
         model.train()
-        keep = []
-        for g in out:
-            if all(s is not None and len(s[0]) <= self.max_len for s in g["seqs"]) and max(g["rewards"]) > \
-                    min(g["rewards"]):
-                keep.append({"seqs": g["seqs"], "rewards": g["rewards"]})
-        return keep
+        return [g for g in groups + episodes if max(g["rewards"]) > min(g["rewards"]) and
+                all(s is not None and len(s[0]) <= self.max_len for s in g["seqs"])]
 
     def soup(self, name, experts: dict) -> tuple:
         """merge.py's linear merge, weights by its search on validation scores with a per-domain floor (floor x
         each expert's own validation score in its domain)."""
-        import merge as M
         names = list(experts)
         models = [self.load(experts[n]) for n in names]
         own = {n: self.val_score(m, [n]) for n, m in zip(names, models)}   # each expert on its own suites
@@ -655,8 +621,7 @@ def parse_final(text: str):
 
 
 def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict:
-    """The report's Figure 3: Instruct -> six SFT experts -> SFT soup -> reward model -> six RL experts -> RL
-    soup -> polishing, then the polished model against the RL soup, pairwise. A rerun skips finished stages."""
+    """The report's Figure 3, stage by stage (module docstring), then the polished model against the RL soup."""
     P_ = Pipeline(init, out, cfg, verbose)
     os.makedirs(out, exist_ok=True)
     t_all = time.time()
@@ -699,15 +664,13 @@ def instruct(P_):
     m = copy.deepcopy(P_.base)
     every = [e for s in EVAL_SUITES for e in P_.train[s]]
     P_.sft(m, every, c.instruct_steps, os.path.join(P_.dir("instruct"), "sft"))
-    _, pairs, stats = P_.pairs(m, [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn
-                                   for e in P_.train[s][:c.sample_prompts]])
+    pairs, stats = P_.pairs(m, P_.single_turn(P_.train, c.sample_prompts))
     P_.pref(m, pairs, "dpo", c.instruct_pref_steps, os.path.join(P_.dir("instruct"), "pref"))
     return m, {"pairs": len(pairs), "bon": stats}
 
 
 def sft_expert(P_, domain):
     """2. An SFT expert from Instruct, on its domain's data with some cross-domain data, as the report trains it."""
-    import merge as M
     c = P_.cfg
     data, d = mix(P_, domain), P_.dir(f"sft expert {domain}")
     if domain in ("code", "multilingual"):            # seed runs: code keeps the top k, multilingual soups them all
@@ -741,10 +704,9 @@ def reward_model(P_) -> RewardModel:
     c, tok = P_.cfg, P_.tok
     rm_dir = os.path.join(P_.out, "reward_model")
     if not P_.done("reward model"):
-        soup = P_.load("sft soup")
-        single = [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn for e in P_.train[s][:c.sample_prompts]]
+        single = P_.single_turn(P_.train, c.sample_prompts)
         low = reference_pairs(tok, single, c.seed)
-        _, high, _ = best_of_n(make_engine(soup, tok, P_.max_len), tok, single, c.n_samples,
+        _, high, _ = best_of_n(make_engine(P_.load("sft soup"), tok, P_.max_len), tok, single, c.n_samples,
                                verifier_reward_fn(tok), 0.7, c.max_new, c.seed + 1)   # on-policy only
         if not high:
             high = low                                    # the model never varies: stage 2 repeats stage 1
@@ -752,14 +714,10 @@ def reward_model(P_) -> RewardModel:
         rm = RewardModel.from_lm(P_.dir("sft soup")).to(P_.device)
         for i, (pairs, lr) in enumerate(((low, 3e-4), (high, 1e-4))):
             check_pairs(pairs)
-            train_loop(rm, rm_objective(rm, tok, pairs, P_.max_len, P_.ac),
-                       {"main": D.Loader(Indices(len(pairs)), c.batch_size, seed=c.seed)},
-                       P_.stage_cfg(c.rm_steps, lr), os.path.join(rm_dir, f"stage{i + 1}"), resume=True,
-                       fingerprint=fingerprint_of(P_.fp, "rm", i, len(pairs)), desc=f"reward model {i + 1}",
-                       verbose=P_.verbose)
-        val_pairs = reference_pairs(tok, [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn
-                                          for e in P_.val[s]], c.seed)
-        acc = rm_accuracy(rm, tok, val_pairs, P_.max_len, P_.ac)
+            P_.fit(rm, rm_objective(rm, tok, pairs, P_.max_len, P_.ac), Indices(len(pairs)),
+                   os.path.join(rm_dir, f"stage{i + 1}"), c.rm_steps, lr, ("rm", i, len(pairs)),
+                   desc=f"reward model {i + 1}")
+        acc = rm_accuracy(rm, tok, reference_pairs(tok, P_.single_turn(P_.val), c.seed), P_.max_len, P_.ac)
         write_outputs(rm_dir, rm, tok, {"stage": "reward model", "val_accuracy": acc, "pairs": [len(low), len(high)],
                                         "pipeline_fingerprint": P_.fp}, None, "reward model")
         P_.log(f"reward model: validation pairwise accuracy {acc:.2f}")
@@ -776,7 +734,7 @@ def rl_math(P_, m, domain, rm):
     """Preference pairs from its own samples, scored by the verifier: the reward-based refinement loop."""
     c, d, exs, log = P_.cfg, P_.dir(f"rl expert {domain}"), _rl_prompts(P_, domain), []
     for r in range(c.refine_rounds):
-        _, pairs, stats = P_.pairs(m, exs, seed=10 + r)
+        pairs, stats = P_.pairs(m, exs, seed=10 + r)
         P_.pref(m, pairs, "dpo", c.rl_steps, os.path.join(d, f"round{r + 1}"))
         log.append({"round": r + 1, "pairs": len(pairs), "sample_score": stats["mean_score"],
                     "val": P_.val_score(m, ["math"])["math"]})
@@ -787,7 +745,6 @@ def rl_math(P_, m, domain, rm):
 
 def rl_code(P_, m, domain, rm):
     """Offline CoPG on correctness rewards + SFT rehearsal + an SFT term + interpolation toward the parent."""
-    import merge as M
     c, d, exs, tok = P_.cfg, P_.dir(f"rl expert {domain}"), _rl_prompts(P_, domain), P_.tok
     groups = P_.groups(m, exs, k=c.n_samples, seed=20)
     seqs, _ = sft_sequences(tok, exs, c.seq_len)
@@ -802,7 +759,7 @@ def rl_code(P_, m, domain, rm):
 
 def rl_safety(P_, m, domain, rm):
     """IPO + SFT with equal weight."""
-    _, pairs, _ = P_.pairs(m, _rl_prompts(P_, domain), seed=30)
+    pairs, _ = P_.pairs(m, _rl_prompts(P_, domain), seed=30)
     return P_.pref(m, pairs, "ipo_sft", P_.cfg.rl_steps, P_.dir(f"rl expert {domain}"), sft_weight=0.0), \
         {"pairs": len(pairs)}
 
@@ -843,7 +800,7 @@ def rl_long_context(P_, m, domain, rm):
     """SFT + preference."""
     c, d, exs = P_.cfg, P_.dir(f"rl expert {domain}"), _rl_prompts(P_, domain)
     P_.sft(m, exs, c.rl_steps, os.path.join(d, "sft"), lr=c.lr_rl * 10)
-    _, pairs, _ = P_.pairs(m, exs, seed=60)
+    pairs, _ = P_.pairs(m, exs, seed=60)
     P_.pref(m, pairs, "dpo", c.rl_steps, os.path.join(d, "pref"))
     return m, {"pairs": len(pairs)}
 
@@ -857,7 +814,7 @@ def polish(P_):
     as the validation score keeps rising. Every step is kept only if it raises it, from the RL soup's own."""
     c, tok = P_.cfg, P_.tok
     m, d = P_.load("rl soup"), P_.dir("polished")
-    every = [e for s in EVAL_SUITES if not T.SUITES[s].multi_turn for e in P_.train[s][:c.sample_prompts]]
+    every = P_.single_turn(P_.train, c.sample_prompts)
     hq, _, stats = best_of_n(make_engine(m, tok, P_.max_len), tok, every, c.n_samples, verifier_reward_fn(tok),
                              0.7, c.max_new, c.seed + 70, min_best=1.0)   # the high-quality subset: fully correct
     m.train()
@@ -873,7 +830,7 @@ def polish(P_):
         else:
             m.load_state_dict(best_state)
     for r in range(c.polish_rounds):
-        _, pairs, _ = P_.pairs(m, every, seed=80 + r)
+        pairs, _ = P_.pairs(m, every, seed=80 + r)
         P_.pref(m, pairs, "srpo", c.polish_steps, os.path.join(d, f"srpo{r + 1}"), sft_weight=0.0)
         ref = copy.deepcopy(m).eval()
         obj = copg_online_objective(m, ref, tok, every, 0.1, P_.max_len, P_.ac, verifier_reward_fn(tok),
@@ -913,14 +870,11 @@ def in_domain(scores: dict, d: str) -> float:
 
 
 def retention(stages: dict) -> dict:
-    """Each expert's in-domain score kept by the soups: soup score / expert score."""
-    out = {}
-    for kind in ("sft", "rl"):
-        for d in DOMAINS:
-            e = in_domain(stages.get(f"{kind} expert {d}", {}), d)
-            sp = in_domain(stages.get(f"{kind} soup", {}), d)
-            out.setdefault(kind, {})[d] = None if not e else round(sp / e, 3)
-    return out
+    """Each expert's in-domain score kept by the soups: soup score / expert score (None for an expert at 0)."""
+    def kept(kind, d):
+        expert = in_domain(stages.get(f"{kind} expert {d}", {}), d)
+        return round(in_domain(stages.get(f"{kind} soup", {}), d) / expert, 3) if expert else None
+    return {kind: {d: kept(kind, d) for d in DOMAINS} for kind in ("sft", "rl")}
 
 
 def findings(summary) -> list[tuple[str, str, str]]:
@@ -946,7 +900,7 @@ def findings(summary) -> list[tuple[str, str, str]]:
             ours = "no expert scores above 0"
         rows.append((claim, "within ~1.8% of the experts on average; code least preserved", ours))
     rl = [d for d in DOMAINS if dom(f"rl expert {d}", d) > dom("sft soup", d)]
-    mean = lambda stage: sum(st[stage].values()) / len(st[stage])
+    mean = lambda stage: sum(st[stage].values()) / len(st[stage])  # noqa: E731
     rows.append(("RL raises each domain over the SFT soup", "yes",
                  f"{len(rl)} of 6 RL experts above the SFT soup in-domain ({', '.join(rl) or 'none'}); "
                  f"mean over suites: SFT soup {mean('sft soup'):.3f}, RL soup {mean('rl soup'):.3f}"))
@@ -961,8 +915,7 @@ def report(summary, out):
     lines = ["| stage | " + " | ".join(suites) + " | seconds |", "|---|" + "---:|" * (len(suites) + 1)]
     for st, sc in stages.items():
         lines.append(f"| {st} | " + " | ".join(f"{sc[s]:.2f}" for s in suites) + f" | {summary['seconds'][st]:.0f} |")
-    ret = retention(stages)
-    summary["retention"] = ret
+    summary["retention"] = ret = retention(stages)
     lines += ["", "| retention (soup / expert, in-domain) | " + " | ".join(DOMAINS) + " |", "|---|" + "---:|" * len(DOMAINS)]
     for k, v in ret.items():
         lines.append(f"| {k} soup | " + " | ".join("-" if v[d] is None else f"{v[d]:.2f}" for d in DOMAINS) + " |")
@@ -994,7 +947,6 @@ def heatmap(stages, path):
     fig.tight_layout()
     save_figure(fig, path)
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Benchmark: SFT vs pretraining throughput on the same model, and where online CoPG's time goes
 
@@ -1006,48 +958,47 @@ def bench(init: str, seq_len=1024, batch=4, rounds=3, steps=3, copg_steps=3, sui
     tokens/s counts every row position (padding included for SFT: pack_whole pads the row ends). Then a few
     online CoPG steps (2 samples per prompt from serve.Engine) with the time split into sampling and update."""
     model, tok = load_init(init)
-    ac = autocast_kw("cpu")
+    ac = precision(torch.device("cpu"), False, verbose=False)
     exs = T.SUITES[suite].generate(seed, 64, "train")
     seqs, _ = sft_sequences(tok, exs, seq_len - 1)
     sft_rows = D.pack_whole([s[0] for s in seqs], seq_len, tok.pad_id, [s[1] for s in seqs])
     pre_rows = pretrain_rows(tok, seq_len, n_docs=200, seed=seed)
+    sft_batch, pre_batch = (rows.batch(list(range(min(batch, len(rows))))) for rows in (sft_rows, pre_rows))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    sft_batch = sft_rows.batch(list(range(min(batch, len(sft_rows)))))
-    pre_batch = pre_rows.batch(list(range(min(batch, len(pre_rows)))))
 
-    def pretrain_step():
+    def forward_backward(name):
         with torch.autocast(**ac):
-            loss = model(pre_batch["input_ids"], targets=pre_batch["targets"], doc_ids=pre_batch["doc_ids"])
+            if name == "sft":
+                loss = completion_nll(model, sft_batch)
+            else:
+                loss = model(pre_batch["input_ids"], targets=pre_batch["targets"], doc_ids=pre_batch["doc_ids"])
         loss.backward()
 
-    def sft_step():
-        with torch.autocast(**ac):
-            loss = completion_nll(model, sft_batch)
-        loss.backward()
+    def update():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     best = {"pretrain": math.inf, "sft": math.inf}
     for _ in tqdm(range(rounds), desc="bench rounds"):
-        for name, fn in (("pretrain", pretrain_step), ("sft", sft_step)):
-            fn()                                              # warm
+        for name in best:
+            forward_backward(name)                            # warm
             t0 = time.perf_counter()
             for _ in range(steps):
-                fn()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                forward_backward(name)
+                update()
             best[name] = min(best[name], (time.perf_counter() - t0) / steps)
     ntok = batch * seq_len
     out = {"pretrain_tok_s": round(ntok / best["pretrain"]), "sft_tok_s": round(ntok / best["sft"]),
            "sft_real_tok_frac": round(float((sft_rows.doc_ids[:batch] >= 0).mean()), 3),
            "completion_tok_frac": round(float(sft_rows.loss_mask[:batch].mean()), 3)}
     out["sft_vs_pretrain"] = round(out["sft_tok_s"] / out["pretrain_tok_s"], 2)
-    ref = copy.deepcopy(model).eval()
-    timing = {"sample": 0.0, "update_forward": 0.0, "samples": 0}
-    obj = copg_online_objective(model, ref, tok, exs, 0.1, 2048, ac, verifier_reward_fn(tok), 64, 2, timing=timing)
+    timing = {"sample": 0.0, "samples": 0}
+    obj = copg_online_objective(model, copy.deepcopy(model).eval(), tok, exs, 0.1, 2048, ac, verifier_reward_fn(tok),
+                                64, 2, timing=timing)
     t0 = time.perf_counter()
     for i in tqdm(range(copg_steps), desc="online CoPG"):
         loss, _ = obj(list(range(i * 8, i * 8 + 8)))
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update()
     total = time.perf_counter() - t0
     out.update(copg_samples_s=round(timing["samples"] / total, 2), copg_sample_frac=round(timing["sample"] / total, 3),
                copg_update_frac=round(1 - timing["sample"] / total, 3), copg_prompts_per_step=8)
@@ -1135,55 +1086,7 @@ def build_parser():
     return ap
 
 
-def main(argv=None):
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    if args.stage is None:
-        if args.tiny == args.micro:
-            ap.error("give a stage (sft, rm, pref, copg, bon, bench, bandit) or exactly one of --tiny / --micro")
-        cfg = MICRO_PIPELINE if args.micro else TINY_PIPELINE
-        out = args.pipeline_out or ("out/posttrain_micro" if args.micro else "out/posttrain")
-        try:
-            summary = run_pipeline(args.pipeline_init, out, cfg)
-        except (FileNotFoundError, ValueError, FloatingPointError) as e:
-            print(f"posttrain.py: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        print(f"wrote {out}/pipeline.md, {out}/pipeline.png and a checkpoint per stage")
-        print(json.dumps({k: summary[k] for k in ("stages", "seconds", "pairwise", "retention", "refinement")}))
-        return summary
-    if args.stage == "bench":
-        try:
-            res = bench(args.init, args.seq_len, args.batch_size, args.rounds)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"posttrain.py bench: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        print(f"pretraining {res['pretrain_tok_s']:,} tok/s | SFT {res['sft_tok_s']:,} tok/s "
-              f"({res['sft_vs_pretrain']}x; {100 * res['sft_real_tok_frac']:.0f}% of SFT row positions are real "
-              f"tokens, {100 * res['completion_tok_frac']:.1f}% carry loss)")
-        print(f"online CoPG: {res['copg_samples_s']} samples/s; {100 * res['copg_sample_frac']:.0f}% of the time "
-              f"sampling, {100 * res['copg_update_frac']:.0f}% scoring + update")
-        print(json.dumps(res))
-        return res
-    if args.stage == "bandit":
-        if args.iters < 1 or not args.beta > 0:
-            ap.error("--iters must be >= 1 and --beta > 0")
-        copg, pi_star = bandit(args.iters, args.beta)
-        dpo, _ = bandit(args.iters, args.beta, method="dpo")
-        os.makedirs(args.out, exist_ok=True)
-        plot_bandit(os.path.join(args.out, "bandit.png"), copg, dpo, pi_star, args.beta)
-        print(f"pi* = pi_ref exp(R/beta)/Z = {[round(x, 4) for x in pi_star]}")
-        print(f"{'behaviour':10s}{'method':>7s}  {'final pi':30s}{'KL(pi*||pi)':>12s}")
-        for name in BANDIT_MU:
-            for label, res in (("CoPG", copg), ("DPO", dpo)):
-                print(f"{name:10s}{label:>7s}  {str([round(x, 4) for x in res[name]['pi']]):30s}"
-                      f"{res[name]['kl_to_pi_star']:12.2e}")
-        summary = {**{k: {"pi": v["pi"], "kl_to_pi_star": v["kl_to_pi_star"]} for k, v in copg.items()},
-                   "pi_star": pi_star, "dpo": {k: {"pi": v["pi"], "kl_to_pi_star": v["kl_to_pi_star"]}
-                                               for k, v in dpo.items()}}
-        atomic_write_json(os.path.join(args.out, "bandit.json"), summary, indent=None)
-        print(f"wrote {args.out}/bandit.png")
-        print(json.dumps(summary))
-        return summary
+def check_stage_args(ap, args):
     for name in ("n_train", "n_eval", "max_new"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -1197,11 +1100,41 @@ def main(argv=None):
         ap.error("--temperature must be > 0")
     if getattr(args, "k", 2) < 2:
         ap.error("--k must be >= 2 (CoPG compares samples of the same prompt)")
-    try:
+
+
+def main(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.stage is None and args.tiny == args.micro:
+        ap.error("give a stage (sft, rm, pref, copg, bon, bench, bandit) or exactly one of --tiny / --micro")
+    if args.stage == "bandit" and (args.iters < 1 or not args.beta > 0):
+        ap.error("--iters must be >= 1 and --beta > 0")
+    if args.stage not in (None, "bench", "bandit"):
+        check_stage_args(ap, args)
+    try:                                     # a bad input is one line on stderr and exit status 2, no traceback
+        if args.stage is None:
+            out = args.pipeline_out or ("out/posttrain_micro" if args.micro else "out/posttrain")
+            summary = run_pipeline(args.pipeline_init, out, MICRO_PIPELINE if args.micro else TINY_PIPELINE)
+            print(f"wrote {out}/pipeline.md, {out}/pipeline.png and a checkpoint per stage")
+            print(json.dumps({k: summary[k] for k in ("stages", "seconds", "pairwise", "retention", "refinement")}))
+            return summary
+        if args.stage == "bench":
+            res = bench(args.init, args.seq_len, args.batch_size, args.rounds)
+            print(f"pretraining {res['pretrain_tok_s']:,} tok/s | SFT {res['sft_tok_s']:,} tok/s "
+                  f"({res['sft_vs_pretrain']}x; {100 * res['sft_real_tok_frac']:.0f}% of SFT row positions are real "
+                  f"tokens, {100 * res['completion_tok_frac']:.1f}% carry loss)")
+            print(f"online CoPG: {res['copg_samples_s']} samples/s; {100 * res['copg_sample_frac']:.0f}% of the time "
+                  f"sampling, {100 * res['copg_update_frac']:.0f}% scoring + update")
+            print(json.dumps(res))
+            return res
+        if args.stage == "bandit":
+            summary = run_bandit(args.iters, args.beta, args.out)
+            print(json.dumps(summary))
+            return summary
         T.check_suites(args.suites)
         result = run_stage(args)
     except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
-        print(f"posttrain.py {args.stage}: error: {e}", file=sys.stderr)
+        print(f"posttrain.py{' ' + args.stage if args.stage else ''}: error: {e}", file=sys.stderr)
         sys.exit(2)
     print_table(result)
     print(f"wrote {args.out} (checkpoint, curves.png, result.json)")
