@@ -33,7 +33,7 @@ from tqdm import tqdm
 import data as D
 import tasks as T
 from model import CommandA, ModelConfig, atomic_write_json, pyplot, save_figure
-from pretrain import read_train_state, restore_rngs, write_train_state   # one checkpoint format for both loops
+from pretrain import apply_update, read_train_state, restore_rngs, write_train_state   # one checkpoint format for both loops
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------
@@ -495,13 +495,8 @@ def train_loop(model, objective, loaders: dict, cfg: StageConfig, out: str, eval
             loss_sum += loss.item() / cfg.grad_accum
             for k, v in metrics.items():
                 msum[k] = msum.get(k, 0.0) + v / cfg.grad_accum
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        if not torch.isfinite(gnorm):
-            bar.close()
-            raise FloatingPointError(f"{desc}: non-finite gradient norm at step {step + 1}, before the update; "
-                                     f"the last good checkpoint is in {out}/checkpoint. Lower --lr.")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        apply_update(opt, torch.nn.utils.clip_grad_norm_(params, cfg.clip), f"{desc}, step {step + 1}",
+                     f"{out}/checkpoint", bar)
         step += 1
         log["loss"].append(loss_sum)
         log["metrics"].append({k: round(v, 5) for k, v in msum.items()})

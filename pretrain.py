@@ -247,6 +247,17 @@ def data_fingerprint(packed: dict) -> str:
 # Checkpoints: atomic directory swap; weights as safetensors, the rest loaded with weights_only=True
 
 
+def apply_update(opt, gnorm, where: str, ckpt_dir: str, bar):
+    """The optimizer step, unless the clipped gradient's norm is not finite: then stop BEFORE the update, so the
+    last checkpoint is still the last good state."""
+    if not torch.isfinite(gnorm):
+        bar.close()
+        raise FloatingPointError(f"{where}: non-finite gradient norm, stopping before the update; the last good "
+                                 f"checkpoint is in {ckpt_dir}. Lower --lr.")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def write_train_state(out, model, step: int, optimizer_state: dict, meta: dict):
     """OUT/checkpoint, swapped in whole: the weights (safetensors) and train_state.pt (the optimizer, the RNGs,
     `meta` as JSON), every file fsynced before the swap makes it visible. A kill leaves the previous checkpoint
@@ -488,13 +499,7 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
         micro = [next(loaders[ph["name"]]) for _ in range(cfg.grad_accum)]
         loss_sum, ntok = forward_backward(model, micro, L.device, autocast_kw, f"step {step + 1} in phase "
                                           f"{ph['name']}", f"{out}/checkpoint", cfg, bar)
-        gnorm = L.clip_grads(model, cfg.clip)
-        if not torch.isfinite(gnorm):
-            bar.close()
-            raise FloatingPointError(f"non-finite gradient norm at step {step + 1}: stopping before the update; "
-                                     f"the last good checkpoint is in {out}/checkpoint. Lower --lr.")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        apply_update(opt, L.clip_grads(model, cfg.clip), f"step {step + 1}", f"{out}/checkpoint", bar)
         step += 1
         losses.append(loss_sum)               # full precision: resume and parity compare bits
         bar.update(1)
