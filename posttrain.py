@@ -347,7 +347,7 @@ class PipelineConfig:
     n_val: int = 16                   # validation examples per suite (soup weight search, polishing's stop)
     n_eval: int = 64                  # test examples per suite (the reported table)
     max_new: int = 48                 # tokens per evaluated / sampled completion
-    preamble: str = "compact"         # chat format (tokenizer.system_preamble): "compact" drops the fixed
+    preamble: str = "compact"         # chat format (chat.system_preamble): "compact" drops the fixed
                                       # ~350-token prose of "full" (7.5x the compute per example, measured);
                                       # every stage's tokenizer.json records it, so serve.py renders the same
     seq_len: int = 512                # packed SFT row length (every difficulty-1 conversation fits)

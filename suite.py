@@ -19,7 +19,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from tokenizer import chat_segments, parse_completion
+from chat import chat_segments, parse_completion
 
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.2           # share of each suite's example space that belongs to "test"

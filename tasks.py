@@ -773,7 +773,7 @@ def bar_chart(scores: dict, path: str, title: str):
 
 
 def show(suite: str, n: int, seed: int, split: str, difficulty: int):
-    from tokenizer import DEFAULT_PREAMBLE, TOOL_USE_PREAMBLE
+    from chat import DEFAULT_PREAMBLE, TOOL_USE_PREAMBLE
     for ex in SUITES[suite].generate(seed, n, split, difficulty=difficulty):
         print(f"=== {ex.id}  (split {split}, difficulty {difficulty}, safety_mode {ex.safety_mode})")
         text = chat_text(ex.messages, ex.documents, ex.tools, ex.safety_mode)

@@ -288,14 +288,17 @@ def test_save_load_gives_identical_encodings(tok, tmp_path, corpus):
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == ["tokenizer.json", "tokenizer_config.json"]  # no temp files left behind
     cfg = json.loads((tmp_path / "ckpt" / "tokenizer_config.json").read_text())
-    assert cfg["bos_token"] == "<BOS_TOKEN>" and cfg["pad_token"] == "<PAD>"
+    assert cfg["bos_token"] == "<BOS_TOKEN>" and cfg["pad_token"] == "<PAD>" and "chat_template" in cfg
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"   # a class transformers can import
+    assert json.loads((tmp_path / "ckpt" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
     tok2 = Tokenizer.load(tmp_path / "ckpt")
-    assert tok2.ranks == tok.ranks and tok2.special_ids == tok.special_ids
+    assert tok2.ranks == tok.ranks and tok2.special_ids == tok.special_ids and tok2.pattern == tok.pattern
     s = corpus[0][:5000] + "안녕 😀 <|END_OF_TURN_TOKEN|>"
     assert tok2.encode(s) == tok.encode(s) and tok2.encode(s, True) == tok.encode(s, True)
 
 
 def test_load_broken_directory_raises_clear_errors(tok, tmp_path):
+    """(tests/test_hf_tokenizer.py checks each unsupported component against the reference libraries.)"""
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.load(tmp_path / "nothing-here")
     d = tmp_path / "ckpt"
@@ -304,9 +307,8 @@ def test_load_broken_directory_raises_clear_errors(tok, tmp_path):
     (d / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         Tokenizer.load(d)
-    for change, match in [({"version": 99}, "version"), ({"format": "gpt2"}, "command-a-bpe"),
-                          ({"ranks": good["ranks"][:100]}, "malformed"), ({"vocab_size": 7}, "vocab_size"),
-                          ({"special_tokens": {"<PAD>": 0}}, "malformed")]:
+    for change, match in [({"model": {"type": "BPE"}}, "malformed"), ({"model": "x"}, "not a Hugging Face"),
+                          ({"added_tokens": [{"content": "<PAD>"}]}, "malformed")]:
         (d / "tokenizer.json").write_text(json.dumps({**good, **change}))
         with pytest.raises(ValueError, match=match):
             Tokenizer.load(d)
