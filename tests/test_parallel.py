@@ -464,3 +464,17 @@ def test_cuda_nccl_world_of_one_runs_the_sharded_forward_in_bf16(tmp_path):
     mp.spawn(_cuda_worker, args=(port, str(tmp_path / "cuda.pt")), nprocs=1, join=True)
     out = torch.load(str(tmp_path / "cuda.pt"), weights_only=True)
     assert out["backend"] == "nccl" and abs(out["ref"] - out["par"]) < 1e-2
+
+
+def test_decode_plan_is_bandwidth_bound_at_batch_1_and_kv_bound_at_long_context():
+    """The analytic decode projection: a batch-1 step reads every weight byte once (so TP=2 in FP8 halves the
+    time of TP=2 in bf16, and Command A only fits 2 H100s in FP8); at 8K context each sequence's KV reads cost
+    more than its FLOPs, so batching never makes decode compute-bound there, while at 1K it does."""
+    from model import PRESETS
+    cfg = PRESETS["command-a"]
+    bf16, fp8 = (par.decode_plan(cfg, 2, 1, 8192, f) for f in (False, True))
+    assert not bf16["fits_80gb"] and fp8["fits_80gb"]
+    assert abs(fp8["weight_gb"] - cfg.num_params() / 2 / 1e9) < 1e-6
+    assert abs(fp8["step_ms"] - 1e3 * (fp8["weight_gb"] + fp8["kv_gb"]) * 1e9 / par.H100["hbm_bytes_per_s"]) < 1e-9
+    assert 1.9 < bf16["step_ms"] / fp8["step_ms"] < 2.0
+    assert fp8["compute_bound_batch"] is None and par.decode_plan(cfg, 2, 1, 1024, True)["compute_bound_batch"] > 1
