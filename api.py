@@ -171,22 +171,70 @@ def check_sampling(body: dict, engine: Engine, n_prompt: int, default_max: int) 
     return {"max_new_tokens": mt, "temperature": float(t), "top_k": k or None, "top_p": p, "seed": seed}
 
 
+# The fields each endpoint reads. Any other is a 400 that names it: nothing a client sends is silently ignored.
+SAMPLING = {"max_tokens", "temperature", "seed", "model", "stream"}
+FIELDS = {
+    "cohere": SAMPLING | {"messages", "tools", "documents", "safety_mode", "k", "p", "stop_sequences"},
+    "openai": SAMPLING | {"messages", "tools", "documents", "safety_mode", "top_k", "top_p", "stop", "n",
+                          "stream_options", "max_completion_tokens", "logprobs", "top_logprobs", "user"},
+    "completions": SAMPLING | {"prompt", "top_k", "top_p", "stop", "n", "logprobs", "echo", "user"},
+}
+
+
+def check_fields(body: dict, api: str, where: str):
+    extra = sorted(set(body) - FIELDS[api])
+    _need(not extra, f"{where} does not support the field(s) {', '.join(map(repr, extra))}")
+
+
+def check_stop(value, name: str) -> list:
+    """OpenAI's `stop` / Cohere's `stop_sequences`: up to 4 non-empty strings, matched in the decoded text."""
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    _need(isinstance(stops, list) and len(stops) <= 4 and all(isinstance(x, str) and x for x in stops),
+          f"{name} must be a non-empty string or a list of at most 4 non-empty strings")
+    return stops
+
+
+def check_logprobs(body: dict) -> int | None:
+    """Chat: `logprobs: true` and `top_logprobs` (0-20) -> how many alternatives per token, or None (off)."""
+    on, top = body.get("logprobs", False), body.get("top_logprobs")
+    _need(isinstance(on, bool), "logprobs must be a boolean")
+    _need(top is None or (_is_int(top) and 0 <= top <= 20), "top_logprobs must be an integer in [0, 20]")
+    _need(top is None or on, "top_logprobs needs logprobs: true")
+    _need(not (on and body.get("stream")), "logprobs with stream is not supported; ask without stream")
+    return (top or 0) if on else None
+
+
+def token_text(tok, t: int) -> str:
+    return tok.decode([t])
+
+
 class ChatDecoder:
     """Tokens -> the chat message so far: an incremental UTF-8 decoder (never half a character), then
     tokenizer.parse_completion on the text so far. Deltas are emitted only for text that can no longer change
     (a trailing '<' may still become a citation tag, so it waits)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, stops=()):
         self.tok, self.utf8 = tokenizer, codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.sent = "", {"response": "", "thinking": ""}
+        self.stops, self.stopped = list(stops), False    # stop strings; True once one appeared (text cut there)
 
     def feed(self, token: int | None) -> dict:
         """Returns {"response": new text, "thinking": new text}; token None flushes at the end."""
+        if self.stopped:
+            return {}
         if token is None:
             self.text += self.utf8.decode(b"", final=True)
         else:
             self.text += self.utf8.decode(self.tok.decode_bytes([token]))
         text = self.text
+        at = [i for i in (text.find(x) for x in self.stops) if i >= 0]
+        if at:                                  # a stop string: nothing from its first character on is sent
+            self.text = text = text[:min(at)]
+            self.stopped, token = True, None
+        elif token is not None and self.stops:  # the tail may be the start of a stop string: hold it back
+            text = text[:max(0, len(text) - max(map(len, self.stops)) + 1)]
         cut = text.rfind("<")
         if token is not None and cut >= 0 and ">" not in text[cut:] and len(text) - cut < 64:
             text = text[:cut]                   # maybe the start of <co> / </co: ...>: hold it back
@@ -232,7 +280,8 @@ def cohere_message(parsed: dict, doc_ids: list, has_docs: bool) -> tuple[dict, s
 # The HTTP server: Cohere v2 /v2/chat, OpenAI /v1/chat/completions + /v1/models, SSE streaming
 
 
-FINISH_OPENAI = {"COMPLETE": "stop", "MAX_TOKENS": "length", "TOOL_CALL": "tool_calls", "ERROR": "stop"}
+FINISH_OPENAI = {"COMPLETE": "stop", "STOP_SEQUENCE": "stop", "MAX_TOKENS": "length", "TOOL_CALL": "tool_calls",
+                 "ERROR": "stop"}
 
 
 class ChatServer(http.server.ThreadingHTTPServer):
@@ -319,10 +368,13 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         api = "openai" if path.startswith("/v1") else "cohere"
         try:
-            if path not in ("/v2/chat", "/v1/chat/completions"):
+            if path not in ("/v2/chat", "/v1/chat/completions", "/v1/completions"):
                 self.close_connection = True
                 raise BadRequest(f"no route POST {path}", 404)
-            self._chat(self._body(), api)
+            if path == "/v1/completions":
+                self._completions(self._body())
+            else:
+                self._chat(self._body(), api)
         except BadRequest as e:
             self._error(e.status, str(e), api)
         except (BrokenPipeError, ConnectionResetError):
@@ -336,6 +388,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     def _chat(self, body: dict, api: str):
         srv, tok = self.server, self.server.tok
+        check_fields(body, api, "/v2/chat" if api == "cohere" else "/v1/chat/completions")
         messages = _check_messages(body.get("messages"))
         tools = _check_tools(body["tools"]) if body.get("tools") is not None else None
         docs, doc_ids = _check_documents(body["documents"]) if body.get("documents") is not None else ([], [])
@@ -345,16 +398,18 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         stream = body.get("stream", False)
         _need(isinstance(stream, bool), "stream must be a boolean")
         _need(body.get("n", 1) == 1, "n must be 1")
-        _need(body.get("stop") is None, "stop sequences are not supported; the model stops at its end-of-turn")
+        stops = check_stop(body.get("stop"), "stop") if api == "openai" else \
+            check_stop(body.get("stop_sequences"), "stop_sequences")
+        logprobs = check_logprobs(body) if api == "openai" else None
         try:
             ids = tok.render_chat(messages, documents=docs or None, tools=tools, safety_mode=mode.upper())
         except ValueError as e:
             raise BadRequest(str(e))
         sampling = check_sampling(body, srv.engine, len(ids), srv.default_max_tokens)
         sink = queue.Queue()
-        req = srv.engine.submit(ids, sink=sink, **sampling)
+        req = srv.engine.submit(ids, sink=sink, logprobs=logprobs, **sampling)
         rid = ("chatcmpl-" if api == "openai" else "") + uuid.uuid4().hex
-        meta = {"id": rid, "n_prompt": len(ids), "doc_ids": doc_ids, "has_docs": bool(docs),
+        meta = {"id": rid, "n_prompt": len(ids), "doc_ids": doc_ids, "has_docs": bool(docs), "stops": stops,
                 "include_usage": bool((body.get("stream_options") or {}).get("include_usage"))}
         try:
             if stream:
@@ -370,20 +425,109 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             srv.engine.cancel(req)                 # the client went away: free its batch slot
             self.close_connection = True
 
-    def _finish(self, req: Request, parsed: dict, meta: dict):
-        msg, reason = cohere_message(parsed, meta["doc_ids"], meta["has_docs"])
+    # --- /v1/completions: raw text in, text out, with the log-probs evaluation harnesses read ---------------
+    def _prompts(self, prompt) -> list:
+        """A string, a list of token ids, or a list of either: each one prompt. Text is encoded as plain text
+        (a string spelling a control token stays text); ids are checked against the vocabulary."""
+        tok, V = self.server.tok, self.server.engine.cfg.vocab_size
+        is_ids = lambda p: isinstance(p, list) and p and all(_is_int(t) for t in p)
+        many = isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt)
+        prompts = prompt if many and not is_ids(prompt) else [prompt]
+        out = []
+        for p in prompts:
+            _need(isinstance(p, str) or is_ids(p), "prompt must be a string, a list of token ids, or a list of these")
+            ids = tok.encode(p) if isinstance(p, str) else p
+            _need(ids and all(0 <= t < V for t in ids), f"prompt tokens must be in [0, {V}) and not empty")
+            out.append(ids)
+        _need(len(out) <= 64, "at most 64 prompts per request")
+        return out
+
+    def _completions(self, body: dict):
+        srv = self.server
+        check_fields(body, "completions", "/v1/completions")
+        _need(body.get("n", 1) == 1, "n must be 1")
+        _need(not body.get("stream", False), "stream is not supported on /v1/completions")
+        echo, lp = body.get("echo", False), body.get("logprobs")
+        _need(isinstance(echo, bool), "echo must be a boolean")
+        _need(lp is None or (_is_int(lp) and 0 <= lp <= 20), "logprobs must be an integer in [0, 20]")
+        stops, prompts = check_stop(body.get("stop"), "stop"), self._prompts(body.get("prompt"))
+        mt = body.get("max_tokens", 16)
+        _need(_is_int(mt) and (mt >= 1 or (mt == 0 and echo)), "max_tokens must be >= 1 (0 only with echo)")
+        reqs = []
+        for ids in prompts:
+            if mt == 0:
+                reqs.append(None)
+                continue
+            sampling = check_sampling({"temperature": 1.0, **body, "max_tokens": mt}, srv.engine, len(ids),
+                                      srv.default_max_tokens)     # OpenAI's default temperature here: 1
+            reqs.append(srv.engine.submit(ids, logprobs=lp, **sampling))
+        choices, n_in, n_out = [], 0, 0
+        for i, (ids, req) in enumerate(zip(prompts, reqs)):
+            if req is not None:
+                while not req.done.wait(0.05):
+                    if self._client_gone():
+                        for r in (r for r in reqs[i:] if r is not None):
+                            srv.engine.cancel(r)
+                        raise BrokenPipeError
+                if req.finish_reason == "error":
+                    raise BadRequest(f"generation failed: {req.error}", 500)
+            choices.append(self._completion_choice(i, ids, req, echo, lp, stops))
+            n_in, n_out = n_in + len(ids), n_out + (len(req.out) if req else 0)
+        self._json(200, {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
+                         "model": srv.model_name, "choices": choices,
+                         "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}})
+
+    def _completion_choice(self, i: int, ids: list, req, echo: bool, lp, stops: list) -> dict:
+        """One choice: the text (the prompt's too with echo), cut at the first stop string, and in OpenAI's
+        legacy log-prob layout the tokens, their log-probs, the top alternatives and their text offsets."""
+        tok = self.server.tok
+        toks, lps = list(ids) if echo else [], []
+        if echo and lp is not None:
+            lps = self.server.engine.prompt_logprobs(ids, lp)
+        out = req.out if req else []
+        text_of = lambda ts: tok.decode(ts)
+        gen = text_of(out)
+        at = [j for j in (gen.find(x) for x in stops) if j >= 0]
+        reason = "stop" if at or (req and req.finish_reason == "stop") else "length"
+        if at:                                    # keep the tokens that end before the stop string
+            gen = gen[:min(at)]
+            out = [t for k, t in enumerate(out) if len(text_of(out[:k + 1])) <= len(gen)]
+        toks += out
+        lps += (req.token_logprobs[:len(out)] if req and lp is not None else [])
+        choice = {"index": i, "text": (text_of(ids) if echo else "") + gen, "finish_reason": reason}
+        if lp is not None:
+            offsets, pos = [], 0
+            for t in toks:
+                offsets.append(pos)
+                pos += len(text_of([t]))
+            choice["logprobs"] = {
+                "tokens": [token_text(tok, t) for t in toks], "token_logprobs": [v for v, _ in lps],
+                "top_logprobs": [None if v is None else {token_text(tok, a): b for a, b in alts} for v, alts in lps],
+                "text_offset": offsets}
+        else:
+            choice["logprobs"] = None
+        return choice
+
+    def _finish(self, req: Request, dec: "ChatDecoder", meta: dict):
+        msg, reason = cohere_message(dec.result(), meta["doc_ids"], meta["has_docs"])
         if req.finish_reason == "error":
             reason = "ERROR"
+        elif dec.stopped:
+            reason = reason or "STOP_SEQUENCE"
         reason = reason or ("MAX_TOKENS" if req.finish_reason == "length" else "COMPLETE")
         n_out = len(req.out) + (req.finish_reason == "stop")     # the stop token was generated too
         return msg, reason, n_out
 
     def _respond(self, req: Request, api: str, meta: dict):
-        dec = ChatDecoder(self.server.tok)
+        dec = ChatDecoder(self.server.tok, meta["stops"])
+        kept = 0                                  # output tokens before a stop string (their log-probs count)
         for t in req.out:
+            if dec.stopped:
+                break
             dec.feed(t)
+            kept += 1
         dec.feed(None)
-        msg, reason, n_out = self._finish(req, dec.result(), meta)
+        msg, reason, n_out = self._finish(req, dec, meta)
         if req.finish_reason == "error":
             raise BadRequest(f"generation failed: {req.error}", 500)
         if api == "cohere":
@@ -397,11 +541,20 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             omsg["tool_calls"] = msg["tool_calls"]
         if "citations" in msg:
             omsg["citations"] = msg["citations"]     # an extension: OpenAI's schema has no citations
+        choice = {"index": 0, "message": omsg, "finish_reason": FINISH_OPENAI[reason]}
+        if req.logprobs is not None:
+            choice["logprobs"] = {"content": [self._logprob_entry(t, lp, alts) for t, (lp, alts)
+                                              in zip(req.out[:kept], req.token_logprobs)]}
         self._json(200, {"id": meta["id"], "object": "chat.completion", "created": int(time.time()),
-                         "model": self.server.model_name,
-                         "choices": [{"index": 0, "message": omsg, "finish_reason": FINISH_OPENAI[reason]}],
+                         "model": self.server.model_name, "choices": [choice],
                          "usage": {"prompt_tokens": meta["n_prompt"], "completion_tokens": n_out,
                                    "total_tokens": meta["n_prompt"] + n_out}})
+
+    def _logprob_entry(self, t: int, lp: float, alts: list) -> dict:
+        """OpenAI's per-token log-prob object (every generated token, control tokens included)."""
+        tok = self.server.tok
+        one = lambda i, v: {"token": token_text(tok, i), "logprob": v, "bytes": list(tok.decode_bytes([i]))}
+        return {**one(t, lp), "top_logprobs": [one(i, v) for i, v in alts]}
 
     def _stream(self, req: Request, sink: queue.Queue, api: str, meta: dict):
         self.close_connection = True          # no Content-Length: the end of the stream is the end of the body
@@ -421,7 +574,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                       "message-start")
         else:
             chunk({"role": "assistant", "content": ""})
-        dec, started = ChatDecoder(self.server.tok), False
+        dec, started = ChatDecoder(self.server.tok, meta["stops"]), False
         while True:
             try:
                 _, t = sink.get(timeout=1.0)
@@ -445,7 +598,11 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                 chunk({"content": deltas["response"]})
             if t is None:
                 break
-        msg, reason, n_out = self._finish(req, dec.result(), meta)
+            if dec.stopped:                       # a stop string: free the slot; nothing past it is sent
+                self.server.engine.cancel(req)
+                req.done.wait(5)
+                break
+        msg, reason, n_out = self._finish(req, dec, meta)
         usage = {"input_tokens": meta["n_prompt"], "output_tokens": n_out}
         calls = msg.get("tool_calls", [])
         if api == "cohere":
@@ -530,6 +687,8 @@ def main():
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="replay decode steps as CUDA graphs, one per batch bucket (CUDA only)")
     ap.add_argument("--verbose", action="store_true", help="log every HTTP request")
+    ap.add_argument("--prefix-cache-mb", type=float, default=256,
+                    help="memory for cached prompt prefixes (the shared chat preamble), LRU-evicted; 0 = off")
     args = ap.parse_args()
     tune_malloc()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -539,7 +698,7 @@ def main():
         ap.error("--cuda-graphs needs a CUDA GPU")
     model, tok = load(args.ckpt, device, args.fp8)
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile,
-                    cuda_graphs=args.cuda_graphs)
+                    cuda_graphs=args.cuda_graphs, prefix_cache_mb=args.prefix_cache_mb)
     if args.chat:
         chat_repl(engine, tok, args.max_tokens, args.temperature)
         print(json.dumps({"mode": "chat", **engine.stats}))

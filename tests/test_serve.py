@@ -582,3 +582,117 @@ def test_serve_cli_hands_serving_to_api_and_keeps_bench():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--bench", "--bench-new", "1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--bench-new" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prefix cache: a shared prompt prefix is prefilled once; outputs must not change
+
+BLOCK = 4           # < W = 5: prefixes of one block sit inside the window, longer ones wrap the ring
+
+
+def run_with_logprobs(engine, prompts, n=8):
+    """Greedy tokens and each token's (log-prob, top-3) for prompts submitted together (one batch)."""
+    reqs = [engine.submit(p, n, logprobs=3) for p in prompts]
+    engine._run(reqs)
+    return [r.out for r in reqs], [r.token_logprobs for r in reqs]
+
+
+def assert_same_as_uncached(model, engine, prompts):
+    toks, lps = run_with_logprobs(engine, prompts)
+    ref_toks, ref_lps = run_with_logprobs(Engine(model, max_batch=8, max_len=64, prefix_cache_mb=0), prompts)
+    assert toks == ref_toks
+    for lp, ref in zip(lps, ref_lps):   # prefill in two pieces: same math, summed in another order
+        torch.testing.assert_close([x for x, _ in lp], [x for x, _ in ref], atol=1e-5, rtol=0)
+        torch.testing.assert_close([dict(t) for _, t in lp], [dict(t) for _, t in ref], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-decode", "model-forward-decode"])
+def test_prefix_cache_hits_give_the_same_tokens_as_no_cache(model, fused):
+    pre = prompts_of([13], seed=5)[0]                 # 3 blocks, longer than the window
+    tails = prompts_of([1, 3, 4, 7, 9], seed=6)
+    engine = Engine(model, max_batch=8, max_len=64, fused=fused, prefix_block=BLOCK)
+    assert_same_as_uncached(model, engine, [pre + tails[0]])            # a miss: fills the cache
+    assert engine.stats["prefix_hits"] == 0 and engine.stats["prefix_bytes"] > 0
+    for t in tails[1:]:                                                  # one at a time: P = 12
+        assert_same_as_uncached(model, engine, [pre + t])
+    assert engine.stats["prefix_hits"] == 4 and engine.stats["prefix_tokens"] == 4 * 12
+    # the same 16-token prompt again: the hit stops one block short, so a token is left to prefill
+    assert_same_as_uncached(model, engine, [pre + tails[1]])
+    assert engine.stats["prefix_tokens"] == 5 * 12
+    assert_same_as_uncached(model, engine, [pre + tails[2]])            # 17 tokens again: all 4 blocks
+    assert engine.stats["prefix_tokens"] == 5 * 12 + 16
+    # sharing only 6 tokens: a one-block hit, shorter than the window (the ring not yet full)
+    assert_same_as_uncached(model, engine, [pre[:6] + tails[4]])
+    assert engine.stats["prefix_tokens"] == 5 * 12 + 16 + 4
+
+
+def test_prefix_cache_mixed_batch_of_hits_and_misses(model):
+    pre = prompts_of([21], seed=5)[0]
+    engine = Engine(model, max_batch=8, max_len=64, prefix_block=BLOCK)
+    assert_same_as_uncached(model, engine, [pre + [1, 2]])
+    others = prompts_of([3, 17, 30], seed=8)                             # misses: short, long, longer than pre
+    batch = [others[0], pre + [5], others[1], pre[:9] + [7, 7], pre + others[0], others[2]]
+    hits = engine.stats["prefix_hits"]
+    assert_same_as_uncached(model, engine, batch)                        # one padded prefill, starts 0..20
+    assert engine.stats["prefix_hits"] - hits == 3
+    assert_same_as_uncached(model, engine, batch)                        # now every row of 4+ tokens hits
+
+
+def test_prefix_cache_evicts_least_recently_used_blocks_within_its_bound(model):
+    cfg = model.config
+    block_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * BLOCK * cfg.head_dim * 4   # k + v, fp32
+    engine = Engine(model, max_batch=4, max_len=64, prefix_block=BLOCK, prefix_cache_mb=5 * block_bytes / 2**20)
+    a, b, c = prompts_of([9, 9, 9], seed=11)                             # 2 blocks each
+    ka, kb, kc = (engine.prefix.keys(p) for p in (a, b, c))
+    for p in (a, b, a, c):      # a's second use (a hit) makes b the least recently used; c needs one block
+        assert_same_as_uncached(model, engine, [p])
+    held = set(engine.prefix.blocks)
+    assert kb[1] not in held and kb[0] in held                           # the leaf goes first, never its parent
+    assert set(ka + kc) <= held and engine.stats["prefix_bytes"] == 5 * block_bytes
+    tokens = engine.stats["prefix_tokens"]
+    assert_same_as_uncached(model, engine, [b])                          # what is left of b still hits
+    assert engine.stats["prefix_tokens"] - tokens == BLOCK
+    assert engine.prefix.nbytes <= 5 * block_bytes
+    tiny = Engine(model, max_batch=4, max_len=64, prefix_block=BLOCK, prefix_cache_mb=block_bytes / 2 / 2**20)
+    assert_same_as_uncached(model, tiny, [a, a])                         # a bound below one block holds nothing
+    assert tiny.prefix.nbytes == 0 and not tiny.prefix.blocks
+
+
+def test_concurrent_requests_sharing_a_prefix_match_uncached(model):
+    pre = prompts_of([14], seed=12)[0]
+    prompts = [pre + t for t in prompts_of([2, 5, 1, 8, 3, 6], seed=13)]
+    ref = Engine(model, max_batch=8, max_len=64, prefix_cache_mb=0).generate(prompts, 8)
+    engine = Engine(model, max_batch=8, max_len=64, prefix_block=BLOCK).start()
+    try:
+        assert engine.generate(prompts[:1], 8) == ref[:1]                # fills the cache
+        out = [None] * len(prompts)
+
+        def client(i):
+            out[i] = engine.generate([prompts[i]], 8)[0]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert out == ref
+        assert engine.stats["prefix_hits"] >= len(prompts)
+    finally:
+        engine.stop()
+
+
+def test_prefix_cache_is_emptied_when_the_weights_change():
+    m = make(seed=3)
+    p = prompts_of([15], seed=14)[0]
+    engine = Engine(m, max_batch=2, max_len=64, prefix_block=BLOCK)
+    before = engine.generate([p], 6)[0]
+    with torch.no_grad():                 # an optimizer step, in place (posttrain.py samples from the policy)
+        m.model.layers[0].self_attn.v_proj.weight.mul_(-2.0)
+    assert engine.generate([p], 6)[0] == argmax_decode(m, p, 6) != before
+    assert engine.stats["prefix_hits"] == 0
+
+
+def test_bench_reports_cached_preamble_ttft(model):
+    import serve
+    row = serve._bench_prefix("micro", model, model.config.vocab_size, prefix_len=140, suffix_len=8, reps=1, mb=16)
+    assert row["same_tokens"] and row["hits"] >= 1
+    assert row["ttft_cached_s"] > 0 and row["ttft_uncached_s"] > 0 and row["speedup"] > 0   # timing: not asserted
