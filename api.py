@@ -11,6 +11,9 @@ interactive terminal chat.
     ChatDecoder streams deltas only once they can no longer change, through an incremental UTF-8 decoder
   - every stream ends (`message-end` / `data: [DONE]`), also when the engine fails or the client leaves,
     and a dropped client frees its batch slot
+  - for deployment: `GET /health` (no key needed), `GET /metrics` (Prometheus text), one access-log line per
+    request (logger `api.access`), `--api-key` (Bearer, every route but /health), a body limit answered
+    with a 413 the client can read, and JSON nested past the parser's depth answered with a 400
 
 References: Cohere v2 Chat API and OpenAI Chat Completions API references (shapes).
 
@@ -20,15 +23,23 @@ References: Cohere v2 Chat API and OpenAI Chat Completions API references (shape
 from __future__ import annotations
 
 import argparse
+import bisect
 import codecs
+import collections
+import hmac
 import http.server
+import ipaddress
+import itertools
 import json
+import logging
+import os
 import queue
 import re
 import select
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 
@@ -277,6 +288,91 @@ def cohere_message(parsed: dict, doc_ids: list, has_docs: bool) -> tuple[dict, s
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Operations: Prometheus metrics, the access log, who may bind where
+
+
+ACCESS = logging.getLogger("api.access")    # one line per request, at INFO; the CLI sends it to stderr
+ROUTES = {"/v2/chat", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)          # seconds
+DECODE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)           # seconds per token
+
+
+class Histogram:
+    """Prometheus histogram: counts per bucket (upper bounds `le`), exposed cumulatively, with sum and count."""
+
+    def __init__(self, buckets):
+        self.le, self.counts, self.sum = [float(b) for b in buckets], [0] * (len(buckets) + 1), 0.0
+
+    def observe(self, x: float):
+        self.counts[bisect.bisect_left(self.le, x)] += 1       # first bucket with x <= le; the last one is +Inf
+        self.sum += x
+
+    def lines(self, name: str) -> list:
+        les, acc = [repr(b) for b in self.le] + ["+Inf"], list(itertools.accumulate(self.counts))
+        return ([f'{name}_bucket{{le="{le}"}} {n}' for le, n in zip(les, acc)] +
+                [f"{name}_sum {self.sum!r}", f"{name}_count {acc[-1]}"])
+
+
+class Metrics:
+    """What GET /metrics exposes, in Prometheus' text format 0.0.4. Handler threads update the counters and
+    histograms under one lock once a response is written; the gauges are read off the engine at scrape time.
+    Decode latency is per request: (response written - first token) / (tokens - 1), for requests of 2 or
+    more tokens, so one observation per request whatever its length."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = collections.Counter()             # (route, status) -> count; unknown paths are "other"
+        self.prompt_tokens = self.completion_tokens = 0
+        self.ttft, self.decode = Histogram(TTFT_BUCKETS), Histogram(DECODE_BUCKETS)
+
+    def record(self, path: str, status: int, n_prompt: int, n_out: int, reqs: list, t_end: float):
+        with self.lock:
+            self.requests[(path if path in ROUTES else "other", status)] += 1
+            self.prompt_tokens += n_prompt
+            self.completion_tokens += n_out
+            for r in reqs:
+                if r.t_first is not None:
+                    self.ttft.observe(r.t_first - r.t_submit)
+                    if len(r.out) >= 2:
+                        self.decode.observe((t_end - r.t_first) / (len(r.out) - 1))
+
+    def render(self, engine: Engine) -> str:
+        out = []
+
+        def family(name, kind, text, v):            # v: one value, a Histogram, or the sample lines
+            name = "command_a_" + name
+            lines = v.lines(name) if isinstance(v, Histogram) else v if isinstance(v, list) else [f"{name} {v}"]
+            out.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"] + lines)
+
+        with self.lock:
+            family("requests_total", "counter", "HTTP requests by route and status.",
+                   [f'command_a_requests_total{{path="{p}",status="{c}"}} {n}'
+                    for (p, c), n in sorted(self.requests.items())])
+            family("prompt_tokens_total", "counter", "Prompt tokens of handled requests.", self.prompt_tokens)
+            family("completion_tokens_total", "counter", "Generated tokens of handled requests.",
+                   self.completion_tokens)
+            family("time_to_first_token_seconds", "histogram", "Submit to first token, per request.", self.ttft)
+            family("decode_seconds_per_token", "histogram", "Per request: (end - first token) / (tokens - 1).",
+                   self.decode)
+        family("queue_depth", "gauge", "Requests waiting for a batch slot.", len(engine.waiting))
+        family("active_requests", "gauge", "Requests in the batch (prefilling or decoding).", len(engine.active))
+        family("kv_cache_bytes", "gauge", "Bytes allocated for the KV cache, all slots.", engine.cache.nbytes())
+        family("prefix_cache_bytes", "gauge", "Bytes of cached prompt prefixes.", engine.stats["prefix_bytes"])
+        return "\n".join(out) + "\n"
+
+
+def bind_warning(host: str, api_key: str | None) -> str | None:
+    """A server reachable from other machines with no key serves anyone who finds it: say so."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:          # a host name or "" (every interface)
+        loopback = False
+    return None if loopback or api_key else (
+        f"warning: serving on {host or 'every interface'} with no authentication: anyone who can reach it can use "
+        f"the model. Pass --api-key KEY (or set COMMAND_A_API_KEY) to require a Bearer key.")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The HTTP server: Cohere v2 /v2/chat, OpenAI /v1/chat/completions + /v1/models, SSE streaming
 
 
@@ -289,10 +385,11 @@ class ChatServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, engine: Engine, tokenizer, host="127.0.0.1", port=0, model_name="command-a-local",
-                 max_body=1 << 20, default_max_tokens=512, verbose=False):
+                 max_body=1 << 20, default_max_tokens=512, verbose=False, api_key=None):
         super().__init__((host, port), ChatHandler)
         self.engine, self.tok, self.model_name = engine.start(), tokenizer, model_name
         self.max_body, self.default_max_tokens, self.verbose = max_body, default_max_tokens, verbose
+        self.api_key, self.metrics = api_key or None, Metrics()
 
     @property
     def url(self):
@@ -303,38 +400,105 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: ChatServer
 
-    def log_message(self, fmt, *args):
+    def log_message(self, fmt, *args):       # http.server's own lines; the access log is _record's
         if self.server.verbose:
             super().log_message(fmt, *args)
 
+    # --- one request: timing, status, the body we did not read, then the access log and metrics ---------------
+    def handle_one_request(self):
+        self._t0, self._status, self._usage, self._reqs, self._unread = None, None, (0, 0), [], 0
+        self.command, self.path = None, ""
+        try:
+            super().handle_one_request()
+        finally:
+            if self._t0 is not None:
+                self._record()
+            if self._unread:
+                self.close_connection = True
+                self._linger()
+
+    def parse_request(self):
+        self._t0 = time.perf_counter()        # the request line is in: the clock starts (not while idle)
+        return super().parse_request()
+
+    def send_response(self, code, message=None):
+        self._status = code
+        super().send_response(code, message)
+
+    def _record(self):
+        now, path = time.perf_counter(), self.path.split("?")[0]
+        status = self._status or 499          # no response: the client left first (nginx's "client closed")
+        n_in, n_out = self._usage
+        if ACCESS.isEnabledFor(logging.INFO):
+            shown = re.sub(r"[^\x21-\x7e]", "?", path[:200])   # no control characters into the log
+            ACCESS.info("%s %s %s %d prompt_tokens=%d completion_tokens=%d %.1fms", self.client_address[0],
+                        self.command or "-", shown, status, n_in, n_out, (now - self._t0) * 1e3)
+        self.server.metrics.record(path, status, n_in, n_out, self._reqs, now)
+
+    def _linger(self):
+        """Read and drop the body we answered without reading (413, 401, 404). Closing a socket that holds
+        unread bytes sends a TCP reset, and a client still sending would see the reset, not our answer.
+        Bounded: 64x the body limit, 5 s without a byte, 30 s in all; past that the client may see a reset."""
+        n, deadline = min(self._unread, 64 * self.server.max_body), time.monotonic() + 30
+        try:
+            self.connection.settimeout(5)
+            while n > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(n, 1 << 16))
+                if not chunk:
+                    break
+                n -= len(chunk)
+        except OSError:
+            pass
+
     # --- plumbing ------------------------------------------------------------------------------------------
-    def _json(self, status: int, obj: dict):
-        data = json.dumps(obj).encode()
+    def _send(self, status: int, data: bytes, ctype: str, headers: dict | None = None):
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, msg: str, api: str):
+    def _json(self, status: int, obj: dict, headers: dict | None = None):
+        self._send(status, json.dumps(obj).encode(), "application/json", headers)
+
+    def _error(self, status: int, msg: str, api: str, headers: dict | None = None):
         if api == "openai":
-            self._json(status, {"error": {"message": msg, "type": "invalid_request_error", "code": status}})
+            self._json(status, {"error": {"message": msg, "type": "invalid_request_error", "code": status}}, headers)
         else:
-            self._json(status, {"message": msg})
+            self._json(status, {"message": msg}, headers)
+
+    def _authorized(self, path: str, api: str) -> bool:
+        """With an API key, every route but /health needs `Authorization: Bearer KEY`; otherwise a 401 is sent.
+        compare_digest takes the same time however much of a guess is right."""
+        key = self.server.api_key
+        if key is None or path == "/health":
+            return True
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1", "replace"),
+                                                              key.encode()):
+            return True
+        self.close_connection |= self._unread > 0      # the body stays unread: _linger drops it
+        self._error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'", api,
+                    {"WWW-Authenticate": "Bearer"})
+        return False
 
     def _body(self) -> dict:
         n = self.headers.get("Content-Length")
         if n is None:
             self.close_connection = True
             raise BadRequest("a Content-Length header is required", 411)
+        self.close_connection |= not n.isdigit()   # a body of unknown length: so is where the next request starts
         _need(n.isdigit(), "bad Content-Length")
         if int(n) > self.server.max_body:
-            self.close_connection = True      # we do not read an oversized body, so the connection is spent
+            self.close_connection = True      # answered unread: _linger drops it, then the connection closes
             raise BadRequest(f"body of {n} bytes exceeds the limit of {self.server.max_body}", 413)
+        raw, self._unread = self.rfile.read(int(n)), 0
         try:
-            body = json.loads(self.rfile.read(int(n)))
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise BadRequest(f"malformed JSON: {e}")
         _need(isinstance(body, dict), "the body must be a JSON object")
@@ -355,18 +519,27 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
 
     # --- routes ----------------------------------------------------------------------------------------------
     def do_GET(self):
-        path = self.path.split("?")[0]
+        path, srv = self.path.split("?")[0], self.server
+        api = "openai" if path.startswith("/v1") else "cohere"
+        if not self._authorized(path, api):
+            return
         if path == "/v1/models":
-            self._json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+            self._json(200, {"object": "list", "data": [{"id": srv.model_name, "object": "model",
                                                          "created": 0, "owned_by": "local"}]})
         elif path == "/health":
-            self._json(200, {"status": "ok", **self.server.engine.stats})
+            self._json(200, {"status": "ok", **srv.engine.stats})
+        elif path == "/metrics":
+            self._send(200, srv.metrics.render(srv.engine).encode(), "text/plain; version=0.0.4; charset=utf-8")
         else:
-            self._error(404, f"no route GET {path}", "openai" if path.startswith("/v1") else "cohere")
+            self._error(404, f"no route GET {path}", api)
 
     def do_POST(self):
         path = self.path.split("?")[0]
         api = "openai" if path.startswith("/v1") else "cohere"
+        n = self.headers.get("Content-Length", "")
+        self._unread = int(n) if n.isdigit() else 0     # until _body reads it; unread bytes are _linger's
+        if not self._authorized(path, api):
+            return
         try:
             if path not in ("/v2/chat", "/v1/chat/completions", "/v1/completions"):
                 self.close_connection = True
@@ -377,6 +550,8 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                 self._chat(self._body(), api)
         except BadRequest as e:
             self._error(e.status, str(e), api)
+        except RecursionError:    # JSON nested past the interpreter's stack (json.loads recurses per level)
+            self._error(400, "the JSON nests too deeply", api)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as e:  # a bug must cost one request a 500, not the connection thread a traceback
@@ -408,6 +583,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
         sampling = check_sampling(body, srv.engine, len(ids), srv.default_max_tokens)
         sink = queue.Queue()
         req = srv.engine.submit(ids, sink=sink, logprobs=logprobs, **sampling)
+        self._usage, self._reqs = (len(ids), 0), [req]         # what the access log and metrics count
         rid = ("chatcmpl-" if api == "openai" else "") + uuid.uuid4().hex
         meta = {"id": rid, "n_prompt": len(ids), "doc_ids": doc_ids, "has_docs": bool(docs), "stops": stops,
                 "include_usage": bool((body.get("stream_options") or {}).get("include_usage"))}
@@ -461,6 +637,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             sampling = check_sampling({"temperature": 1.0, **body, "max_tokens": mt}, srv.engine, len(ids),
                                       srv.default_max_tokens)     # OpenAI's default temperature here: 1
             reqs.append(srv.engine.submit(ids, logprobs=lp, **sampling))
+        self._reqs = [r for r in reqs if r is not None]
         choices, n_in, n_out = [], 0, 0
         for i, (ids, req) in enumerate(zip(prompts, reqs)):
             if req is not None:
@@ -473,6 +650,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                     raise BadRequest(f"generation failed: {req.error}", 500)
             choices.append(self._completion_choice(i, ids, req, echo, lp, stops))
             n_in, n_out = n_in + len(ids), n_out + (len(req.out) if req else 0)
+        self._usage = (n_in, n_out)
         self._json(200, {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
                          "model": srv.model_name, "choices": choices,
                          "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}})
@@ -516,6 +694,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
             reason = reason or "STOP_SEQUENCE"
         reason = reason or ("MAX_TOKENS" if req.finish_reason == "length" else "COMPLETE")
         n_out = len(req.out) + (req.finish_reason == "stop")     # the stop token was generated too
+        self._usage = (meta["n_prompt"], n_out)
         return msg, reason, n_out
 
     def _respond(self, req: Request, api: str, meta: dict):
@@ -686,9 +865,16 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (slow first requests)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="replay decode steps as CUDA graphs, one per batch bucket (CUDA only)")
-    ap.add_argument("--verbose", action="store_true", help="log every HTTP request")
+    ap.add_argument("--verbose", action="store_true", help="also http.server's own log lines (protocol errors)")
+    ap.add_argument("--quiet", action="store_true", help="no access log (default: one line per request on stderr)")
+    ap.add_argument("--api-key", default=os.environ.get("COMMAND_A_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on every route but /health "
+                         "(default: $COMMAND_A_API_KEY; unset = no authentication)")
+    ap.add_argument("--max-body-mb", type=float, default=1.0, help="largest request body accepted (413 above)")
     ap.add_argument("--prefix-cache-mb", type=float, default=256,
                     help="memory for cached prompt prefixes (the shared chat preamble), LRU-evicted; 0 = off")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: start with torchrun --nproc_per_node "
+                    "N (NCCL on GPUs, gloo on CPU); rank 0 serves, the others replay its model calls")
     args = ap.parse_args()
     tune_malloc()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -696,17 +882,41 @@ def main():
         torch.set_num_threads(args.threads)
     if args.cuda_graphs and device != "cuda":
         ap.error("--cuda-graphs needs a CUDA GPU")
+    if args.tp > 1:
+        if os.environ.get("WORLD_SIZE") != str(args.tp):
+            ap.error(f"--tp {args.tp} runs under torchrun --nproc_per_node {args.tp} (WORLD_SIZE is "
+                     f"{os.environ.get('WORLD_SIZE', 'unset')})")
+        import torch.distributed as dist
+        from parallel import init_distributed, shard_for_decode
+        device = init_distributed().type
     model, tok = load(args.ckpt, device, args.fp8)
+    group = None
+    if args.tp > 1:                     # this rank's heads and MLP columns; one all-reduce per layer
+        shard_for_decode(model)
+        group = dist.group.WORLD
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, compile=args.compile,
-                    cuda_graphs=args.cuda_graphs, prefix_cache_mb=args.prefix_cache_mb)
+                    cuda_graphs=args.cuda_graphs, prefix_cache_mb=args.prefix_cache_mb, tp_group=group)
+    if group is not None and dist.get_rank() != 0:
+        # torchrun passes Ctrl-C to every rank; a follower leaves when rank 0's engine stops, not before (an
+        # interrupted collective would leave rank 0 unable to release the others)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        engine.follow()
+        return shutdown(engine, group)
     if args.chat:
         chat_repl(engine, tok, args.max_tokens, args.temperature)
+        shutdown(engine, group)
         print(json.dumps({"mode": "chat", **engine.stats}))
         return
-    server = ChatServer(engine, tok, args.host, args.port, args.model_name,
-                        default_max_tokens=args.max_tokens, verbose=args.verbose)
-    print(f"serving {args.ckpt} on {server.url}  (POST /v2/chat, POST /v1/chat/completions, GET /v1/models)",
-          file=sys.stderr)
+    server = ChatServer(engine, tok, args.host, args.port, args.model_name, max_body=int(args.max_body_mb * 2**20),
+                        default_max_tokens=args.max_tokens, verbose=args.verbose, api_key=args.api_key)
+    if not args.quiet:          # the access log at INFO; every other logger stays at WARNING
+        logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(message)s")
+        ACCESS.setLevel(logging.INFO)
+    print(f"serving {args.ckpt} on {server.url}  (POST /v2/chat, POST /v1/chat/completions, POST /v1/completions, "
+          f"GET /v1/models, GET /health, GET /metrics)", file=sys.stderr)
+    if warning := bind_warning(args.host, args.api_key):
+        print(warning, file=sys.stderr)
     # Ctrl-C (SIGINT) stops the server cleanly, also when it was started as a background job (`api.py ... &`
     # from a script): a non-interactive shell starts those with SIGINT ignored, and Python keeps an inherited
     # ignore, so `kill -INT` would do nothing. SIGTERM stops it the same way.
@@ -718,8 +928,21 @@ def main():
         pass
     finally:
         server.server_close()
-        engine.stop()
+        shutdown(engine, group)
     print(json.dumps({"mode": "server", "url": server.url, **engine.stats}))
+
+
+def shutdown(engine: Engine, group):
+    """Stop the engine (under TP, rank 0's stop releases the other ranks); every rank then reaches teardown
+    before the process group goes (a rank tearing gloo down under a peer's pending call aborts the peer)."""
+    if group is not None:           # a second Ctrl-C (torchrun forwards one too) must not cut the release short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    engine.stop()
+    if group is not None:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

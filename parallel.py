@@ -667,6 +667,50 @@ def plan_table(cfg: ModelConfig, layouts, seq: int, micro_batch: int, recompute:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Tensor parallelism for serving (serve.py --tp N): the report keeps TP for fast decoding at small batch
+
+
+def _all_reduce_add(h, attn, mlp, group):
+    """The two row-parallel projections left partial sums; the parallel block adds them into one residual, so ONE
+    all-reduce per layer completes both (fp32 on gloo: it has no bf16 sum)."""
+    y = attn + mlp
+    COLLECTIVES[("all_reduce", "tp_decode")] += 1
+    if y.dtype == torch.bfloat16 and dist.get_backend(group) == "gloo":
+        z = y.float()
+        dist.all_reduce(z, group=group)
+        return h + z.to(y.dtype)
+    dist.all_reduce(y, group=group)
+    return h + y
+
+
+def shard_for_decode(model: CommandA, group=None) -> CommandA:
+    """Megatron TP for inference, in place: this rank keeps its query heads' q rows and o_proj columns, the KV
+    heads they read (kv_heads % tp == 0, so GQA groups stay whole), and its share of the MLP columns. The tied
+    embedding (the input lookup needs every row) and the norms stay whole, so each rank computes the full logits
+    and no gather is needed. model.py's layer runs unchanged on the local weights; its add_branches hook does
+    the one all-reduce."""
+    tp, r = dist.get_world_size(group), dist.get_rank(group)
+    cfg = model.config
+    if cfg.num_key_value_heads % tp or cfg.intermediate_size % tp:
+        raise ValueError(f"--tp {tp} must divide num_key_value_heads={cfg.num_key_value_heads} and "
+                         f"intermediate_size={cfg.intermediate_size} (each rank holds whole KV heads)")
+
+    def keep(lin, dim, n):
+        w = lin.weight.detach()
+        lin.weight = torch.nn.Parameter((w[r * n:(r + 1) * n] if dim == 0 else w[:, r * n:(r + 1) * n]).clone(),
+                                        requires_grad=False)
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        a.nh, a.nkv = a.nh // tp, a.nkv // tp
+        for lin, dim, n in ((a.q_proj, 0, a.nh * a.dh), (a.k_proj, 0, a.nkv * a.dh), (a.v_proj, 0, a.nkv * a.dh),
+                            (a.o_proj, 1, a.nh * a.dh), (m.gate_proj, 0, cfg.intermediate_size // tp),
+                            (m.up_proj, 0, cfg.intermediate_size // tp), (m.down_proj, 1, cfg.intermediate_size // tp)):
+            keep(lin, dim, n)
+        layer.add_branches = functools.partial(_all_reduce_add, group=group)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Decoding: why the report keeps TP for serving. At small batch every token reads all weights and the KV cache
 # once, so a decode step is bound by HBM bandwidth until the batch is large enough to be bound by FLOPs.
 

@@ -25,15 +25,12 @@ Design notes (traps other engines fell into, SPEC 8):
     rest; at least one token is always prefilled, since its logits give the first new token. -> PrefixCache
   - continuous batching keeps the live requests in cache rows 0..n-1 (a finished request's row is filled by
     moving the last one in), so every decode step attends over slices of the cache, never gathered copies.
+  - tensor parallelism (`torchrun --nproc_per_node N serve.py --tp N`, parallel.shard_for_decode): every rank
+    holds its heads, KV heads and MLP columns; rank 0 schedules and sends each model call to the other ranks,
+    which replay it (Engine.follow), so all run the same collectives: one all-reduce per layer.
 
-Measured (`python serve.py --bench`, random weights, prompt 128 + 64 new tokens, greedy, fp32, one thread of a
-quiet 2-core CPU; methods interleaved, best of 3): at batch 1 the engine (fused decode) gives 1,173 tok/s on
-tiny and 94 on small end to end: 13.2x / 11.7x the naive recompute-everything loop and 2.4x / 1.6x
-transformers' cached generate, all with identical tokens (small is bound by reading 113 MB of fp32 weights
-per token). KV bytes (bf16) for small at 32K tokens: 32.8 MiB allocated = the formula, vs 128 MiB if every
-layer kept everything. README has the full table. Prefix cache: a request whose 700-token preamble an earlier
-request prefilled (+16 new tokens, blocks of 64) gets its first token in 6.2-6.7 ms instead of 42-54 ms on
-tiny (6.9x-8.0x over 2 runs).
+Measured figures (`python serve.py --bench`: TTFT, tok/s against a naive loop and transformers' generate, KV
+bytes, the prefix cache's TTFT) are in README's Serving section, with their conditions.
 
 Prefill asks model.py for the last prompt token's logits only (logits_index), so its memory does not grow
 with B x T x V. Limits: the CUDA path (bf16 / --fp8 weights, --cuda-graphs) is written but has not run on a GPU.
@@ -49,23 +46,21 @@ Holtzman et al. 2020 (top-p), Cohere v2 Chat API and OpenAI Chat Completions API
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
-import json
 import os
 import queue
 import random
-import shutil
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import CommandA, ModelConfig, PRESETS, apply_rope, attend, output_logits, rope_cos_sin, tune_malloc
+from model import CommandA, ModelConfig, apply_rope, attend, output_logits, residual_add, rope_cos_sin
 
 # ----------------------------------------------------------------------------------------------------------
 # The window-aware KV cache
@@ -76,11 +71,12 @@ class WindowKVCache:
     full layers keep all `max_len`. Speaks model.py's cache protocol (reserve once per forward, update per
     layer) for a contiguous range of slots chosen with begin()."""
 
-    def __init__(self, cfg: ModelConfig, max_batch: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, cfg: ModelConfig, max_batch: int, max_len: int, device=None, dtype=torch.float32,
+                 kv_heads: int | None = None):
         self.cfg, self.W, self.max_len, self.max_batch = cfg, cfg.sliding_window, max_len, max_batch
         self.ring = min(self.W, max_len)        # a sequence never holds more than max_len positions anyway
         self.kinds = list(cfg.layer_types)
-        nkv, dh = cfg.num_key_value_heads, cfg.head_dim
+        nkv, dh = kv_heads or cfg.num_key_value_heads, cfg.head_dim   # kv_heads: this TP rank's share
         size = {"sliding": self.ring, "full": max_len}
         self.k = [torch.zeros(max_batch, nkv, size[k], dh, device=device, dtype=dtype) for k in self.kinds]
         self.v = [torch.zeros_like(t) for t in self.k]
@@ -286,9 +282,10 @@ class FusedDecode:
         """ids, pos: (B,) for cache rows 0..B-1. Writes each new k/v into its slot and returns (B, V) fp32.
         static=True: no host synchronization and shapes that depend only on B (full layers attend over all
         max_len slots under a mask) -- the form a CUDA graph can capture (StaticDecode below)."""
-        cfg = self.cfg
+        cfg, first = self.cfg, self.model.model.layers[0]
         B = ids.shape[0]
-        nh, nkv, dh, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+        # this process's heads and MLP columns (a TP rank holds a share: parallel.shard_for_decode)
+        nh, nkv, dh, I = first.self_attn.nh, first.self_attn.nkv, cfg.head_dim, first.mlp.gate_proj.weight.shape[0]
         nq, nk = nh * dh, nkv * dh
         rows = torch.arange(B, device=ids.device)
         ring_slot = pos % cache.ring
@@ -323,7 +320,10 @@ class FusedDecode:
             attn = attend(q, K, V, masks[kind])                           # (B, nh, 1, dh)
             g, u = y[:, nq + 2 * nk:nq + 2 * nk + I], y[:, nq + 2 * nk + I:]
             z = torch.cat([attn.reshape(B, nq), F.silu(g) * u], dim=1)   # [attn, swiglu] feeds [Wo^T; Wdown^T]
-            h = torch.addmm(h, z, w_out)                                  # h + o_proj(attn) + down_proj(mlp)
+            if layer.add_branches is residual_add:
+                h = torch.addmm(h, z, w_out)                              # h + o_proj(attn) + down_proj(mlp)
+            else:                                                         # a TP rank: the hook all-reduces
+                h = layer.add_branches(h, z @ w_out, 0)
         return output_logits(self.model.model.norm(h), self.weights[-1][0], cfg, transposed=True)
 
 
@@ -437,8 +437,16 @@ class Engine:
     def __init__(self, model: CommandA, tokenizer=None, max_batch: int = 32, max_len: int | None = None,
                  prefill_tokens: int | None = None, cache_dtype: torch.dtype | None = None, compile: bool = False,
                  fused: bool | None = None, cuda_graphs: bool = False, prefix_cache_mb: float = 256,
-                 prefix_block: int = 64):
+                 prefix_block: int = 64, tp_group=None):
         self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, model.config
+        # tensor parallelism (parallel.shard_for_decode): rank 0 schedules, the other ranks follow() its calls;
+        # the prefix cache is rank 0's own state, and CUDA graphs would capture collectives: both off under TP
+        self.tp_group, self.tp_calls, self._tp_lock, self._tp_open = tp_group, collections.Counter(), \
+            threading.Lock(), tp_group is not None and dist.get_rank(tp_group) == 0
+        if tp_group is not None:
+            if cuda_graphs:
+                raise ValueError("--cuda-graphs does not combine with --tp")
+            prefix_cache_mb = 0
         # decode steps through FusedDecode (see above): on by default while its copy of the weights is small
         # (<= 2 GiB); FP8 weights keep model.py's fp8_linear path
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -459,7 +467,8 @@ class Engine:
         self.prefill_tokens = prefill_tokens or 4096
         self.max_batch = max_batch
         self.cache = WindowKVCache(self.cfg, max_batch, self.max_len, self.device,
-                                   cache_dtype or (p.dtype if p is not None else torch.float32))
+                                   cache_dtype or (p.dtype if p is not None else torch.float32),
+                                   kv_heads=model.model.layers[0].self_attn.nkv if isinstance(model, CommandA) else None)
         if cuda_graphs:     # replaces the eager fused step (raises unless the cache lives on a CUDA device)
             self.fused = StaticDecode(self.fused, self.cache, graphs=True)
         self.default_stop = frozenset([tokenizer.eot_id] if tokenizer is not None else [])
@@ -545,10 +554,7 @@ class Engine:
         self.active.extend(new)
         self.stats["max_active"] = max(self.stats["max_active"], len(self.active))
         self.stats["prefills"] += 1
-        dev = self.device
-        self.cache.begin(n0, n0 + B, valid.to(dev))
-        last = self.forward(ids.to(dev), position_ids=pos.to(dev), cache=self.cache,
-                            logits_index=valid.sum(1).to(dev) - 1)[:, 0]        # (B, V) at each last prompt token
+        last = self._call("prefill", n0, ids, pos, valid)                      # (B, V) at each last prompt token
         if self.prefix is not None:
             self._store(new, start)
         self._emit(new, self._sample(last, new))
@@ -595,16 +601,53 @@ class Engine:
         self.stats["prefix_bytes"] = self.prefix.nbytes
 
     def _decode(self):
-        B, dev = len(self.active), self.device
+        dev = self.device
         ids = torch.tensor([r.out[-1] for r in self.active], device=dev)
         pos = torch.tensor([len(r.prompt) + len(r.out) - 1 for r in self.active], device=dev)
+        self._emit(self.active, self._sample(self._call("decode", ids, pos), self.active))
+
+    # --- the calls that touch the model or the KV cache (under TP, every rank makes them in the same order) ---
+    def _call(self, op: str, *args):
+        """Run op_<op>(*args). Under TP, rank 0 first sends the call to the other ranks (follow), so every rank
+        runs the same forward and the same collectives; one call at a time (HTTP threads call forward too)."""
+        if self.tp_group is None:
+            return getattr(self, "op_" + op)(*args)
+        with self._tp_lock:
+            self.tp_calls[op] += 1
+            dist.broadcast_object_list([(op, args)], src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+            return getattr(self, "op_" + op)(*args)
+
+    def follow(self):
+        """A TP rank other than 0: replay rank 0's calls until its Engine.stop()."""
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+            op, args = box[0]
+            if op == "stop":
+                return
+            getattr(self, "op_" + op)(*args)
+
+    def op_prefill(self, n0: int, ids, pos, valid):
+        dev = self.device
+        if self.tp_group is not None:                  # rank 0 emptied these slots when it scheduled them
+            for slot in range(n0, n0 + ids.shape[0]):
+                self.cache.reset(slot)
+        self.cache.begin(n0, n0 + ids.shape[0], valid.to(dev))
+        return self.forward(ids.to(dev), position_ids=pos.to(dev), cache=self.cache,
+                            logits_index=valid.sum(1).to(dev) - 1)[:, 0]
+
+    def op_decode(self, ids, pos):
         if self.fused is not None:
             self.fused.refresh()                        # no-op unless the weights changed (a policy in training)
-            logits = self.fused(ids, pos, self.cache)
-        else:
-            self.cache.begin(0, B)
-            logits = self.forward(ids[:, None], position_ids=pos[:, None], cache=self.cache)[:, -1]
-        self._emit(self.active, self._sample(logits, self.active))
+            return self.fused(ids, pos, self.cache)
+        self.cache.begin(0, ids.shape[0])
+        return self.forward(ids[:, None], position_ids=pos[:, None], cache=self.cache)[:, -1]
+
+    def op_move(self, src: int, dst: int):
+        self.cache.move(src, dst)
+
+    def op_forward(self, ids):
+        return self.model(ids)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         toks = logits.argmax(dim=-1).tolist()            # greedy rows: one vectorized argmax
@@ -645,7 +688,7 @@ class Engine:
                 continue
             last = len(self.active) - 1
             if i != last:
-                self.cache.move(last, i)
+                self._call("move", last, i)
                 self.active[i] = self.active[last]
             self.active.pop()
 
@@ -655,7 +698,7 @@ class Engine:
         """Each prompt token's log-prob given the tokens before it ((None, []) for the first) and the top k
         alternatives, from one uncached forward of the model: what /v1/completions' echo returns."""
         ids = torch.tensor([prompt], device=self.device)
-        lp = torch.log_softmax(self.model(ids)[0, :-1].float(), dim=-1)          # (T-1, V): predicts 1..T-1
+        lp = torch.log_softmax(self._call("forward", ids)[0, :-1].float(), dim=-1)   # (T-1, V): predicts 1..T-1
         chosen = lp.gather(1, ids[0, 1:, None])[:, 0].tolist()
         top = lp.topk(k, dim=-1) if k else None
         alts = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())] if top else [[]] * len(chosen)
@@ -676,6 +719,11 @@ class Engine:
                 self.cv.notify()
             self._thread.join()
             self._thread = None
+        if self._tp_open:                               # release the following ranks, once
+            self._tp_open = False
+            with self._tp_lock:
+                dist.broadcast_object_list([("stop", ())], src=dist.get_global_rank(self.tp_group, 0),
+                                           group=self.tp_group)
 
     def _loop(self):
         while True:
@@ -737,175 +785,7 @@ class Engine:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Benchmark: TTFT, decode tokens/s, KV bytes; baselines in the same run
-
-
-@torch.inference_mode()
-def naive_generate(model, prompts: torch.Tensor, n: int, cache: bool = False) -> torch.Tensor:
-    """The straightforward HF-style greedy loop: recompute the whole sequence every step (no cache), or with
-    model.py's contiguous KVCache (keeps every position of every layer) when cache=True."""
-    ids, out = prompts, []
-    kv = None
-    if cache:
-        from model import KVCache
-        kv = KVCache(model.config, prompts.shape[0], prompts.shape[1] + n)
-    for _ in range(n):
-        logits = model(ids if not cache or not out else out[-1], cache=kv)[:, -1]
-        nxt = logits.argmax(-1, keepdim=True)
-        out.append(nxt)
-        ids = torch.cat([ids, nxt], dim=1)
-    return torch.cat(out, dim=1)
-
-
-def _bench_batches(name, engines, vocab, batches, prompt_len, new_tokens, reps):
-    """TTFT (the whole batch's prefill) and decode tok/s of each engine at each batch size; engines interleaved
-    round-robin, best of `reps` (least disturbed by other load), so rows of one batch size compare fairly."""
-    for method, engine in engines:
-        t0 = time.perf_counter()
-        for B in batches:                               # warm-up (and, with compile, compilation) per batch size
-            engine.generate([[1] * prompt_len] * B, 4, stop_tokens=[])
-        if "compile" in method:
-            print(f"{name:6s} {method}: warm-up incl. compilation {time.perf_counter() - t0:.1f} s")
-    rows = []
-    for B in batches:
-        prompts = torch.randint(0, vocab, (B, prompt_len), generator=torch.Generator().manual_seed(B)).tolist()
-        best = {}
-        for _ in range(reps):
-            for method, engine in engines:
-                reqs = [engine.submit(p, new_tokens, stop_tokens=[]) for p in prompts]
-                t0 = time.perf_counter()
-                while not all(r.done.is_set() for r in reqs):
-                    engine.step()
-                t1 = time.perf_counter()
-                first = max(r.t_first for r in reqs)
-                r = {"preset": name, "method": method, "batch": B, "ttft_s": round(first - t0, 4),
-                     "decode_tok_s": round(B * (new_tokens - 1) / (t1 - first), 1),
-                     "total_tok_s": round(B * new_tokens / (t1 - t0), 1)}
-                if method not in best or r["total_tok_s"] > best[method]["total_tok_s"]:
-                    best[method] = r
-        for method, _ in engines:
-            r = best[method]
-            rows.append(r)
-            print(f"{name:6s} {method:14s} B={B:3d}  TTFT {1000 * r['ttft_s']:8.1f} ms  decode "
-                  f"{r['decode_tok_s']:9.1f} tok/s  end-to-end {r['total_tok_s']:9.1f} tok/s")
-    return rows
-
-
-def _bench_prefix(name, model, vocab, prefix_len, suffix_len, reps, mb):
-    """TTFT of a request whose first `prefix_len` tokens (a rendered Cohere chat preamble is ~700) an earlier
-    request already prefilled, prefix cache on vs off; interleaved, best of `reps`, a new suffix each time."""
-    g = torch.Generator().manual_seed(2)
-    pre = torch.randint(0, vocab, (prefix_len,), generator=g).tolist()
-    asks = [pre + torch.randint(0, vocab, (suffix_len,), generator=g).tolist() for _ in range(reps + 1)]
-    engines = {m: Engine(model, max_batch=1, max_len=prefix_len + suffix_len + 8, prefix_cache_mb=c)
-               for m, c in (("uncached", 0), ("cached", mb))}
-    for e in engines.values():                          # the first request: warm-up, and it fills the cache
-        e.generate(asks[:1], 1, stop_tokens=[])
-    best = dict.fromkeys(engines, float("inf"))
-    for a in asks[1:]:
-        for m, e in engines.items():
-            r, t0 = e.submit(a, 1, stop_tokens=[]), time.perf_counter()
-            while not r.done.is_set():
-                e.step()
-            best[m] = min(best[m], r.t_first - t0)
-    u, c = best["uncached"], best["cached"]
-    row = {"preset": name, "prefix": prefix_len, "suffix": suffix_len, "ttft_uncached_s": round(u, 4),
-           "ttft_cached_s": round(c, 4), "speedup": round(u / c, 1), "hits": engines["cached"].stats["prefix_hits"],
-           "same_tokens": len({str(e.generate(asks[1:], 8, stop_tokens=[])) for e in engines.values()}) == 1}
-    print(f"{name:6s} prefix cache: TTFT of a request sharing a {prefix_len}-token preamble (+{suffix_len}): "
-          f"{1000 * u:.1f} ms uncached, {1000 * c:.1f} ms cached = {u / c:.1f}x lower (best of {reps}; same "
-          f"tokens: {row['same_tokens']})")
-    return row
-
-
-def _hf_generate(model):
-    """transformers' Cohere2ForCausalLM.generate (greedy, its own KV cache) on the same weights, or None when
-    transformers is not installed (it is a test-only dependency). Returns gen(ids, n) -> new tokens."""
-    try:
-        import tempfile
-        import transformers
-    except ImportError:
-        return None
-    d = tempfile.mkdtemp()
-    model.save_pretrained(d)
-    hf = transformers.Cohere2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    shutil.rmtree(d, ignore_errors=True)
-
-    def gen(ids, n):
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False)
-        return out[:, ids.shape[1]:]
-    return gen
-
-
-def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tokens=64, long_ctx=131072,
-          compile=False, reps=3, prefix_len=700, prefix_cache_mb=256):
-    rows, race, kv_rows, prefix_rows = [], [], [], []
-    for name in presets:
-        cfg = PRESETS[name]
-        torch.manual_seed(0)
-        model = CommandA(cfg).eval()
-        # no prefix cache here: repeated prompts would hit it and these rows measure prefill itself
-        kw = dict(max_batch=max(batches), max_len=prompt_len + new_tokens, prefix_cache_mb=0)
-        engines = [("engine", Engine(model, fused=True, **kw)),
-                   # the same engine decoding through model.py's generic forward: what FusedDecode buys
-                   ("engine-unfused", Engine(model, fused=False, **kw))]
-        if compile:   # torch.compile of the generic forward (prefill and unfused decode)
-            engines.append(("engine+compile", Engine(model, compile=True, fused=False, **kw)))
-        rows += _bench_batches(name, engines, cfg.vocab_size, batches, prompt_len, new_tokens, reps)
-        # batch 1, one prompt, greedy, end to end (prefill + new_tokens): the engines against the baselines,
-        # interleaved round-robin and best-of-`reps`, so load from other jobs on a shared box hits every method
-        # alike and the ratios stay meaningful. Every method must produce the engine's tokens.
-        p = torch.randint(0, cfg.vocab_size, (1, prompt_len))
-        gens = {m: (lambda x, n, e=e: torch.tensor(e.generate(x.tolist(), n, stop_tokens=[]))) for m, e in engines}
-        gens["naive-recompute"] = lambda x, n: naive_generate(model, x, n, cache=False)
-        gens["model.KVCache"] = lambda x, n: naive_generate(model, x, n, cache=True)
-        hf = _hf_generate(model)            # the issue's yardstick; only when transformers is installed
-        if hf is not None:
-            gens["hf-generate"] = hf
-        ref = gens["engine"](p, new_tokens)[0].tolist()
-        best, same = {}, {}
-        for m, gen in gens.items():         # warm-up
-            gen(p[:, :8], 2)
-        for _ in range(reps):
-            for m, gen in gens.items():
-                if m == "naive-recompute" and m in best and new_tokens / best[m] > 5:
-                    continue                # one slow recompute run is enough
-                t0 = time.perf_counter()
-                out = gen(p, new_tokens)
-                best[m] = max(best.get(m, 0.0), new_tokens / (time.perf_counter() - t0))
-                same[m] = out[0].tolist() == ref
-        for m in gens:
-            race.append({"preset": name, "method": m, "batch": 1, "total_tok_s": round(best[m], 1),
-                         "same_tokens_as_engine": same[m]})
-            print(f"{name:6s} {m:15s} B=  1  end-to-end {best[m]:9.1f} tok/s (best of {reps}, interleaved; "
-                  f"same tokens as engine: {same[m]})")
-        for m, _ in engines:
-            for base in ("naive-recompute", "model.KVCache", "hf-generate"):
-                if base in best:
-                    print(f"{name:6s} {m} at batch 1 vs {base}: {best[m] / best[base]:.1f}x")
-        if prefix_len and prefix_cache_mb:
-            prefix_rows.append(_bench_prefix(name, model, cfg.vocab_size, prefix_len, 16, reps, prefix_cache_mb))
-        # KV bytes: a real cache for one long sequence (bf16) vs the formula and vs an all-full-attention cache
-        T = min(long_ctx, 32768)
-        c = WindowKVCache(cfg, 1, T, dtype=torch.bfloat16)
-        kv = {"preset": name, "T": T, "allocated": c.nbytes(), "formula": cfg.kv_cache_bytes(T),
-              "all_full": cfg.kv_cache_bytes(T, window_aware=False)}
-        kv_rows.append(kv)
-        del c
-        print(f"{name:6s} KV bytes at T={T} (bf16): window-aware {kv['allocated'] / 2**20:.1f} MiB "
-              f"(formula {kv['formula'] / 2**20:.1f} MiB) vs all-full {kv['all_full'] / 2**20:.1f} MiB")
-    for name in ("command-a",):
-        cfg = PRESETS[name]
-        kv_rows.append({"preset": name, "T": long_ctx, "formula": cfg.kv_cache_bytes(long_ctx),
-                        "all_full": cfg.kv_cache_bytes(long_ctx, window_aware=False)})
-        print(f"{name} KV bytes at T={long_ctx} (bf16, analytic): {cfg.kv_cache_bytes(long_ctx) / 2**30:.2f} GiB "
-              f"vs all-full {cfg.kv_cache_bytes(long_ctx, window_aware=False) / 2**30:.2f} GiB")
-    return {"threads": torch.get_num_threads(), "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "rows": rows, "batch1": race, "kv": kv_rows, "prefix_cache": prefix_rows}
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI: the benchmark; serving a checkpoint is api.py's (serve.py --ckpt DIR hands over to it)
+# CLI: serving a checkpoint is api.py's, the benchmark bench.py's (serve.py hands over to them)
 
 
 def load(ckpt: str, device: str, fp8: bool = False):
@@ -917,44 +797,14 @@ def load(ckpt: str, device: str, fp8: bool = False):
 
 def main():
     argv = sys.argv[1:]
-    if "--bench" not in argv and not (argv and set(argv) <= {"-h", "--help"}):
-        # serving a checkpoint is api.py's CLI: hand the process over to it (exec, not import, so api.py stays
-        # above serve.py in the import graph and signals reach the server)
-        api = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.py")
-        os.execv(sys.executable, [sys.executable, api] + argv)
-    ap = argparse.ArgumentParser(description="Command A inference engine. --bench: TTFT, tok/s and KV bytes against "
-                                 "a naive loop and transformers' generate. Without --bench, serve.py --ckpt DIR "
-                                 "[--port N | --chat ...] serves a checkpoint: the options are api.py's "
-                                 "(python api.py --help).")
-    ap.add_argument("--bench", action="store_true", help="TTFT / tok/s / KV bytes for tiny and small (random weights)")
-    ap.add_argument("--bench-presets", default="tiny,small", help="comma-separated presets for --bench")
-    ap.add_argument("--bench-prompt", type=int, default=128, help="prompt tokens per request for --bench")
-    ap.add_argument("--bench-new", type=int, default=64, help="new tokens per request for --bench")
-    ap.add_argument("--bench-reps", type=int, default=3, help="interleaved repetitions of the batch-1 race")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default on CPU: 1; decode steps are ~1 ms of small matmuls, and on a "
-                         "shared 2-core box a second OpenMP thread mostly spin-waits: measured 10x slower)")
-    ap.add_argument("--compile", action="store_true", help="also race the torch.compile'd engine")
-    ap.add_argument("--prefix-cache-mb", type=float, default=256,
-                    help="prefix cache bound for the bench's cached-preamble TTFT row (0: skip that row)")
-    args = ap.parse_args(argv)
-    if args.bench_prompt < 1 or args.bench_new < 2 or args.bench_reps < 1:
-        ap.error("--bench-prompt and --bench-reps must be >= 1 and --bench-new >= 2")
-    unknown = [p for p in args.bench_presets.split(",") if p not in PRESETS]
-    if unknown:
-        ap.error(f"unknown preset(s) {unknown} for --bench-presets; choose from {sorted(PRESETS)}")
-    huge = [p for p in args.bench_presets.split(",") if PRESETS[p].num_params() > 2e9]
-    if huge:   # random fp32 weights for 8B+ parameters would not fit this kind of machine
-        ap.error(f"--bench builds random weights in fp32; {huge} are too large (over 2B parameters)")
-    tune_malloc()
-    if args.threads is None and not torch.cuda.is_available():
-        args.threads = 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = bench(tuple(args.bench_presets.split(",")), prompt_len=args.bench_prompt, new_tokens=args.bench_new,
-                   compile=args.compile, reps=args.bench_reps, prefix_cache_mb=args.prefix_cache_mb)
-    print(json.dumps(result))
-
+    # serving a checkpoint is api.py's CLI, the benchmark bench.py's: hand the process over (exec, not import, so
+    # both stay above serve.py in the import graph and signals reach the server)
+    if argv and set(argv) <= {"-h", "--help"}:
+        print("usage: serve.py --ckpt DIR [--port N | --chat | --tp N ...]   serve a checkpoint (python api.py --help)\n"
+              "       serve.py --bench [--bench-presets tiny,small ...]       benchmark the engine (python bench.py --help)")
+        return
+    target = "bench.py" if "--bench" in argv else "api.py"
+    os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), target)] + argv)
 
 if __name__ == "__main__":
     main()

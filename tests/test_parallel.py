@@ -112,6 +112,7 @@ def _job(world):
     if world == 2:
         res["library"] = _library_block_check()
         res["errors"] = _error_checks()
+        res["tp_decode"] = _tp_decode_check()
     else:
         res["ckpt"] = _checkpoint_round_trip(data)
     return res
@@ -218,6 +219,43 @@ def _library_block_check():
     g = all_gather_tensor_autograd(b.transpose(0, 1).contiguous(), 0, mine._parallel.groups["tp"])
     (g.transpose(0, 1) * w).sum().backward()
     out["allgather_grad_diff"] = (a.grad - b.grad).abs().max().item()
+    return out
+
+
+def _tp_decode_check():
+    """serve.py's Engine on a model sharded by parallel.shard_for_decode (serve.py --tp 2): a window-crossing
+    batch decodes greedily to one process's tokens, fused and unfused, echo log-probs match, and each model
+    call costs one all-reduce per layer."""
+    import copy
+    from serve import Engine
+    rank = dist.get_rank()
+    torch.manual_seed(3)
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, sliding_window=6, max_position_embeddings=256)
+    model = CommandA(cfg)
+    model.init_weights()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 3, 14)]   # W = 6: windows cross
+    out = {}
+    for fused in (True, False):
+        one = Engine(copy.deepcopy(model), fused=fused, max_batch=4, max_len=64)
+        engine = Engine(par.shard_for_decode(copy.deepcopy(model)), fused=fused, max_batch=4, max_len=64,
+                        tp_group=dist.group.WORLD)
+        par.COLLECTIVES.clear()
+        if rank == 0:
+            got, lp = engine.generate(prompts, 10, stop_tokens=[]), engine.prompt_logprobs(prompts[2], 2)
+            engine.stop()
+            out[fused] = {"same_tokens": got == one.generate(prompts, 10, stop_tokens=[]),
+                          "lp_diff": max(abs(a - b) for (a, _), (b, _) in zip(lp[1:], one.prompt_logprobs(prompts[2], 2)[1:])),
+                          "all_reduces": par.COLLECTIVES[("all_reduce", "tp_decode")],
+                          "model_calls": sum(engine.tp_calls[k] for k in ("prefill", "decode", "forward")),
+                          "kv_heads": engine.cache.k[0].shape[1]}
+        else:
+            engine.follow()
+    try:
+        par.shard_for_decode(CommandA(ModelConfig(**{**CFG.__dict__, "num_key_value_heads": 1, "layer_types": None})))
+    except ValueError as e:
+        out["error"] = str(e)
     return out
 
 
@@ -478,3 +516,14 @@ def test_decode_plan_is_bandwidth_bound_at_batch_1_and_kv_bound_at_long_context(
     assert abs(fp8["step_ms"] - 1e3 * (fp8["weight_gb"] + fp8["kv_gb"]) * 1e9 / par.H100["hbm_bytes_per_s"]) < 1e-9
     assert 1.9 < bf16["step_ms"] / fp8["step_ms"] < 2.0
     assert fp8["compute_bound_batch"] is None and par.decode_plan(cfg, 2, 1, 1024, True)["compute_bound_batch"] > 1
+
+
+@pytest.mark.slow
+def test_tensor_parallel_decoding_matches_one_process_with_one_all_reduce_per_layer(world2):
+    """serve.py --tp 2 (fp32, gloo): every rank holds half the heads, KV heads and MLP columns; greedy tokens of
+    a batch whose prompts cross the sliding window equal one process's, fused and unfused."""
+    r = world2["tp_decode"]
+    for fused in (True, False):
+        assert r[fused]["same_tokens"] and r[fused]["lp_diff"] < 1e-4 and r[fused]["kv_heads"] == 1
+        assert r[fused]["all_reduces"] == CFG.num_hidden_layers * r[fused]["model_calls"]   # one per layer
+    assert "num_key_value_heads" in r["error"]

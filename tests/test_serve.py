@@ -523,8 +523,8 @@ def test_engine_failure_ends_every_stream_and_server_recovers(chat_model, tok):
 
 
 def test_bench_reports_baselines_and_kv_bytes():
-    import serve
-    r = serve.bench(("micro",), batches=(1, 2), prompt_len=20, new_tokens=4, long_ctx=64, reps=1)
+    import bench
+    r = bench.bench(("micro",), batches=(1, 2), prompt_len=20, new_tokens=4, long_ctx=64, reps=1)
     assert {row["method"] for row in r["rows"]} == {"engine", "engine-unfused"}
     assert {(row["method"], row["batch"]) for row in r["rows"]} >= {("engine", 1), ("engine", 2)}
     methods = {row["method"] for row in r["batch1"]}
@@ -692,7 +692,7 @@ def test_prefix_cache_is_emptied_when_the_weights_change():
 
 
 def test_bench_reports_cached_preamble_ttft(model):
-    import serve
-    row = serve._bench_prefix("micro", model, model.config.vocab_size, prefix_len=140, suffix_len=8, reps=1, mb=16)
+    import bench
+    row = bench._bench_prefix("micro", model, model.config.vocab_size, prefix_len=140, suffix_len=8, reps=1, mb=16)
     assert row["same_tokens"] and row["hits"] >= 1
     assert row["ttft_cached_s"] > 0 and row["ttft_uncached_s"] > 0 and row["speedup"] > 0   # timing: not asserted
