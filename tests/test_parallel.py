@@ -402,8 +402,10 @@ def test_plan_cli_command_a_table_and_json():
     assert m["params"] + m["grads"] + m["optimizer"] == pytest.approx(16 * per_rank)
     full_fsdp = next(r for r in res["rows"] if r["layout"] == {"dp": 1, "fsdp": 64, "sp": 1, "tp": 1})
     assert full_fsdp["comm_bytes_per_step"]["tp"] == 0 and full_fsdp["comm_bytes_per_step"]["fsdp"] > 0
-    table = [l for l in proc.stdout.splitlines() if l.startswith("| ")]
+    plan_out, decode_out = proc.stdout.split("\ndecoding command-a")
+    table = [l for l in plan_out.splitlines() if l.startswith("| ")]
     assert len(table) == 1 + len(res["rows"]) and table[1].startswith("| 1 | 8 | 1 | 8 | 65,536 |")
+    assert len([l for l in decode_out.splitlines() if l.startswith("| ")]) == 1 + len(res["decode"]) == 9
     assert first["collectives_per_step"]["all_gather@tp"] == 2 * L
     table_only = subprocess.run([sys.executable, "parallel.py", "--plan", "command-a", "--gpus", "64"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
