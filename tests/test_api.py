@@ -13,7 +13,7 @@ import torch
 
 from api import ChatDecoder, bind_warning
 from serve import Engine
-from test_serve import HI, ROOT, make, micro, post, serve
+from test_serve import HI, ROOT, make, micro, post, serve, serving
 from tokenizer import Tokenizer, parse_completion
 
 
@@ -30,11 +30,7 @@ def chat_model(tok):
 
 @pytest.fixture(scope="module")
 def server(chat_model, tok):
-    s = serve(chat_model, tok)
-    yield s
-    s.shutdown()
-    s.server_close()
-    s.engine.stop()
+    yield from serving(chat_model, tok)
 
 
 def forward_logprobs(model, ids):
@@ -158,11 +154,7 @@ def eventually(check, timeout=10.0):
 
 @pytest.fixture(scope="module")
 def keyed(chat_model, tok):
-    s = serve(chat_model, tok, api_key="s3cret-key")
-    yield s
-    s.shutdown()
-    s.server_close()
-    s.engine.stop()
+    yield from serving(chat_model, tok, api_key="s3cret-key")
 
 
 def test_a_20mb_body_gets_a_readable_413_json_and_the_server_keeps_serving(server):

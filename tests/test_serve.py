@@ -269,13 +269,18 @@ def serve(model, tok, **kw):
     return server
 
 
-@pytest.fixture(scope="module")
-def server(chat_model, tok):
-    s = serve(chat_model, tok)
+def serving(model, tok, **kw):
+    """A running server for a module's tests (yield from it in a fixture), shut down after them."""
+    s = serve(model, tok, **kw)
     yield s
     s.shutdown()
     s.server_close()
     s.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def server(chat_model, tok):
+    yield from serving(chat_model, tok)
 
 
 def post(server, path, body, headers=None):
