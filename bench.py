@@ -1,17 +1,21 @@
 """
-The benchmark of serve.py's engine (the report's serving claim: throughput at small batch), as a CLI:
+The project's speed measurements, as CLIs:
 
-    python serve.py --bench [--bench-presets tiny,small] [--compile]     # serve.py hands over to this file
-    python bench.py --bench ...                                           # the same
+    python model.py --bench [--compile]          # the training step, against transformers' Cohere2 (this file)
+    python serve.py --bench [--bench-presets tiny,small] [--compile]     # the engine (serve.py hands over)
+    python bench.py --train ... | --bench ...    # the same two, directly
 
-Rows: TTFT, decode and end-to-end tok/s per batch size for the fused and the unfused engine; a batch-1 race
-against a naive recompute loop, model.py's contiguous KVCache and transformers' `generate` (when installed), all
+Training step: fwd + bwd + AdamW tok/s and MFU (against the bf16 matmul peak measured in the same run) in bf16
+autocast and fp32, beside transformers' Cohere2ForCausalLM on the same weights and shapes (when installed).
+Engine: TTFT, decode and end-to-end tok/s per batch size for the fused and the unfused engine; a batch-1 race
+against a naive recompute loop, serve.py's contiguous KVCache and transformers' `generate` (when installed), all
 with the same greedy tokens; KV bytes against the formula; the prefix cache's TTFT on a shared preamble. Every
 comparison runs interleaved, best of N, in one process: compare ratios from one run (README, Serving).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -19,18 +23,17 @@ import time
 
 import torch
 
-from model import CommandA, PRESETS, tune_malloc
-from serve import Engine, WindowKVCache
+from model import CommandA, PRESETS, flops_per_token, measure_matmul_peak, tune_malloc
+from serve import Engine, KVCache, WindowKVCache
 
 
 @torch.inference_mode()
 def naive_generate(model, prompts: torch.Tensor, n: int, cache: bool = False) -> torch.Tensor:
     """The straightforward HF-style greedy loop: recompute the whole sequence every step (no cache), or with
-    model.py's contiguous KVCache (keeps every position of every layer) when cache=True."""
+    serve.py's contiguous KVCache (keeps every position of every layer) when cache=True."""
     ids, out = prompts, []
     kv = None
     if cache:
-        from model import KVCache
         kv = KVCache(model.config, prompts.shape[0], prompts.shape[1] + n)
     for _ in range(n):
         logits = model(ids if not cache or not out else out[-1], cache=kv)[:, -1]
@@ -101,18 +104,29 @@ def _bench_prefix(name, model, vocab, prefix_len, suffix_len, reps, mb):
     return row
 
 
-def _hf_generate(model):
-    """transformers' Cohere2ForCausalLM.generate (greedy, its own KV cache) on the same weights, or None when
-    transformers is not installed (it is a test-only dependency). Returns gen(ids, n) -> new tokens."""
+def _hf_model(model):
+    """transformers' Cohere2ForCausalLM (SDPA attention) holding `model`'s weights, through our own HF export; None
+    when transformers is not installed (it is a test-only dependency)."""
     try:
         import tempfile
         import transformers
+        transformers.logging.set_verbosity_error()
     except ImportError:
         return None
     d = tempfile.mkdtemp()
     model.save_pretrained(d)
-    hf = transformers.Cohere2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    hf = transformers.Cohere2ForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
     shutil.rmtree(d, ignore_errors=True)
+    return hf
+
+
+def _hf_generate(model):
+    """transformers' `generate` (greedy, its own KV cache) on the same weights, or None without transformers.
+    Returns gen(ids, n) -> new tokens."""
+    hf = _hf_model(model)
+    if hf is None:
+        return None
+    hf.eval()
 
     def gen(ids, n):
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
@@ -189,11 +203,74 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
 
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The training step (python model.py --bench)
+
+
+def _train_step(model, ids, bf16, hf=False):
+    """One fwd + bwd + AdamW step on ids (B, T+1): ours takes targets, transformers shifts its labels itself."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)   # both models: pretrain.adamw's choice
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = (model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss if hf else
+                    model(ids[:, :-1], targets=ids[:, 1:]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def train_bench(presets=("tiny", "small"), batch=4, T=512, window=128, reps=5, compile=False):
+    """Training-step tok/s and MFU of each preset (its sliding window set to `window` when given): bf16 autocast
+    (the report's recipe) and fp32, optionally torch.compile'd, and transformers' Cohere2 in bf16 on the same
+    weights; interleaved round-robin, best of `reps`, so load from other jobs hits every method alike."""
+    peak = measure_matmul_peak()
+    print(f"bf16 matmul peak (best of 1024^3/2048^3, measured now): {peak / 1e9:.1f} GFLOP/s, "
+          f"torch threads={torch.get_num_threads()}")
+    rows = []
+    for name in presets:
+        cfg = dataclasses.replace(PRESETS[name], sliding_window=window or PRESETS[name].sliding_window)
+        torch.manual_seed(0)
+        model = CommandA(cfg)
+        ids = torch.randint(0, cfg.vocab_size, (batch, T + 1))
+        steps = {"bf16": _train_step(model, ids, True), "fp32": _train_step(model, ids, False)}
+        hf = _hf_model(model)
+        if hf is not None:
+            steps["transformers-bf16"] = _train_step(hf, ids, True, hf=True)
+        if compile:
+            steps["bf16+compile"] = _train_step(torch.compile(model), ids, True)
+        for m, step in steps.items():                 # warm-up (and compilation)
+            t0 = time.perf_counter()
+            step(), step()
+            if "compile" in m:
+                print(f"{name:6s} {m}: warm-up incl. compilation {time.perf_counter() - t0:.1f} s")
+        best = dict.fromkeys(steps, float("inf"))
+        for _ in range(reps):
+            for m, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                best[m] = min(best[m], time.perf_counter() - t0)
+        for m, dt in best.items():
+            tok_s = batch * T / dt
+            mfu = tok_s * flops_per_token(cfg, T) / peak
+            row = {"preset": name, "method": m, "params": cfg.num_params(), "batch": batch, "seq": T,
+                   "window": cfg.sliding_window, "tok_per_s": round(tok_s), "mfu_vs_bf16_peak": round(mfu, 4)}
+            if "transformers-bf16" in best:
+                row["vs_transformers"] = round(best["transformers-bf16"] / dt, 2)
+            rows.append(row)
+            print(f"{name:6s} {m:18s} params={cfg.num_params() / 1e6:6.2f}M B={batch} T={T} W={cfg.sliding_window} "
+                  f"{tok_s:8.0f} tok/s  MFU(bf16 peak) {100 * mfu:5.1f}%"
+                  + (f"  {row['vs_transformers']:.2f}x transformers" if "vs_transformers" in row else ""))
+    return {"peak_flops": peak, "threads": torch.get_num_threads(), "rows": rows}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(description="Benchmark of serve.py's engine (python serve.py --bench runs this): TTFT, "
-                                 "tok/s and KV bytes against a naive loop and transformers' generate, and the "
-                                 "prefix cache's TTFT.")
+    ap = argparse.ArgumentParser(description="Benchmarks. Default: serve.py's engine (python serve.py --bench runs "
+                                 "this): TTFT, tok/s and KV bytes against a naive loop and transformers' generate, "
+                                 "and the prefix cache's TTFT. --train: the training step against transformers' "
+                                 "Cohere2 (python model.py --bench runs this).")
     ap.add_argument("--bench", action="store_true", help="(accepted for `serve.py --bench`; this file always benchmarks)")
     ap.add_argument("--bench-presets", default="tiny,small", help="comma-separated presets for --bench")
     ap.add_argument("--bench-prompt", type=int, default=128, help="prompt tokens per request for --bench")
@@ -202,12 +279,19 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default on CPU: 1; decode steps are ~1 ms of small matmuls, and on a "
                          "shared 2-core box a second OpenMP thread mostly spin-waits: measured 10x slower)")
-    ap.add_argument("--compile", action="store_true", help="also race the torch.compile'd engine")
+    ap.add_argument("--train", action="store_true", help="benchmark the training step instead (model.py --bench)")
+    ap.add_argument("--bench-batch", type=int, default=4, help="--train: batch size")
+    ap.add_argument("--bench-seq", type=int, default=512, help="--train: sequence length")
+    ap.add_argument("--bench-window", type=int, default=128,
+                    help="--train: sliding window of every preset (0: the preset's own)")
+    ap.add_argument("--compile", action="store_true", help="also race the torch.compile'd engine / training step")
     ap.add_argument("--prefix-cache-mb", type=float, default=256,
                     help="prefix cache bound for the bench's cached-preamble TTFT row (0: skip that row)")
     args = ap.parse_args(argv)
     if args.bench_prompt < 1 or args.bench_new < 2 or args.bench_reps < 1:
         ap.error("--bench-prompt and --bench-reps must be >= 1 and --bench-new >= 2")
+    if args.bench_batch < 1 or args.bench_seq < 2 or args.bench_window < 0:
+        ap.error("--bench-batch must be >= 1, --bench-seq >= 2 and --bench-window >= 0")
     unknown = [p for p in args.bench_presets.split(",") if p not in PRESETS]
     if unknown:
         ap.error(f"unknown preset(s) {unknown} for --bench-presets; choose from {sorted(PRESETS)}")
@@ -215,6 +299,12 @@ def main(argv=None):
     if huge:   # random fp32 weights for 8B+ parameters would not fit this kind of machine
         ap.error(f"--bench builds random weights in fp32; {huge} are too large (over 2B parameters)")
     tune_malloc()
+    if args.train:   # training uses every core (the threads default is the engine's)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(train_bench(tuple(args.bench_presets.split(",")), batch=args.bench_batch, T=args.bench_seq,
+                                     window=args.bench_window, reps=args.bench_reps + 2, compile=args.compile)))
+        return
     if args.threads is None and not torch.cuda.is_available():
         args.threads = 1
     if args.threads:

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from corpus import (Document, junk_documents, load_user_data, stdlib_documents, synthetic_code, synthetic_copy,
                     synthetic_math, synthetic_prose, synthetic_recall)
-from model import positions_from_doc_ids
+from model import attention_allowed, positions_from_doc_ids, pyplot, save_figure
 
 # -----------------------------------------------------------------------------------------------
 # Configuration
@@ -764,6 +764,40 @@ class Loader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 # -----------------------------------------------------------------------------------------------
+# What packing means for attention: the masks over one packed row (model.attention_allowed)
+
+
+def plot_masks(out_file: str, doc_lens=(11, 7, 14), window=4):
+    """Draw the masks of a sliding and a full layer over one packed row of several documents."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    plt = pyplot()
+
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(doc_lens)])[None]
+    pos = positions_from_doc_ids(doc_ids)
+    q, k = (pos[:, :, None], pos[:, None, :])
+    dq, dk = doc_ids[:, :, None], doc_ids[:, None, :]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
+    for ax, (title, W) in zip(axes, [(f"sliding layer (RoPE), W={window} keys incl. self", window),
+                                     ("full layer (NoPE)", None)]):
+        ax.imshow(attention_allowed(q, k, dq, dk, W)[0].numpy(), cmap="Blues", interpolation="nearest")
+        ax.set_title(title)
+        ax.set_xlabel("key index")
+        ax.set_ylabel("query index")
+        for b in torch.tensor(doc_lens).cumsum(0)[:-1].tolist():
+            ax.axhline(b - 0.5, color="tab:red", lw=0.8)
+            ax.axvline(b - 0.5, color="tab:red", lw=0.8)
+    fig.suptitle(f"Document-masked attention over one packed row (documents of {list(doc_lens)} tokens)")
+    fig.legend(handles=[Patch(color=plt.get_cmap("Blues")(1.0), label="query may attend to key"),
+                        Patch(facecolor="white", edgecolor="0.6", label="blocked"),
+                        Line2D([], [], color="tab:red", lw=0.8, label="document boundary")],
+               loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    save_figure(fig, out_file)
+    return out_file
+
+
+# -----------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Build the pretraining corpus (dedup, filters, quality "
@@ -776,7 +810,12 @@ if __name__ == "__main__":
     p.add_argument("--alpha", type=float, default=DataConfig.upweight_alpha, help="weight = 1 + alpha * score percentile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/data", help="folder for data_card.json and data_card.png")
+    p.add_argument("--plot-masks", metavar="FILE", help="only draw the sliding/full attention masks of a packed row "
+                   "of three documents to a PNG")
     a = p.parse_args()
+    if a.plot_masks:
+        print(f"wrote {plot_masks(a.plot_masks)}")
+        raise SystemExit(0)
     cfg = DataConfig(data=a.data, max_bytes=int(a.max_mb * 1e6), synthetic_docs=a.synthetic, junk_docs=a.junk,
                      min_quality=a.min_quality, upweight_alpha=a.alpha, seed=a.seed)
     try:

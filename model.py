@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, fields
 
@@ -65,7 +66,8 @@ class ModelConfig:
     mup_base_hidden_size: int | None = None  # width the hyper-parameters were tuned at; m = hidden / base
     # --- runtime switches (not saved to config.json)
     fp8: bool = False                  # FP8 linear layers via torch._scaled_mm (emulated numerics on CPU)
-    attn_backend: str = "auto"         # 'sdpa' | 'flex' | 'auto' (FlexAttention on CUDA when available)
+    attn_backend: str = "auto"         # 'sdpa' | 'flex' | 'band' | 'auto' (CUDA: FlexAttention; CPU: band on
+    #                                    sliding layers whenever the window skips keys, SDPA elsewhere)
 
     def __post_init__(self):
         def need(ok, fieldname, msg):
@@ -98,7 +100,8 @@ class ModelConfig:
         need(self.logit_scale > 0, "logit_scale", "must be > 0")
         need(self.mup_base_hidden_size is None or self.mup_base_hidden_size >= 1, "mup_base_hidden_size",
              "must be None (muP off) or a positive width")
-        need(self.attn_backend in ("auto", "sdpa", "flex"), "attn_backend", "use 'auto', 'sdpa' or 'flex'")
+        need(self.attn_backend in ("auto", "sdpa", "flex", "band"), "attn_backend",
+             "use 'auto', 'sdpa', 'flex' or 'band'")
         if self.fp8:  # torch._scaled_mm on CUDA needs every matmul dim it contracts or emits % 16 == 0
             for name in ("hidden_size", "intermediate_size"):
                 need(getattr(self, name) % 16 == 0, name, "must be a multiple of 16 for FP8 (_scaled_mm)")
@@ -346,13 +349,9 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
+        # (x - mean) / sqrt(biased var + eps) * weight, no bias: HF's Cohere LayerNorm, as one fused kernel
         with torch.autocast(x.device.type, enabled=False):
-            x = x.float()
-            mean = x.mean(-1, keepdim=True)
-            var = (x - mean).pow(2).mean(-1, keepdim=True)  # biased variance, as HF
-            y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight.float()
-        return y.to(dtype)
+            return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), None, self.eps).to(x.dtype)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -366,11 +365,11 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """out[2i] = x[2i] cos - x[2i+1] sin ; out[2i+1] = x[2i+1] cos + x[2i] sin  (in fp32, as HF)."""
-    xf = x.float()
-    x_even, x_odd = xf[..., 0::2], xf[..., 1::2]
-    rotated = torch.stack((-x_odd, x_even), dim=-1).flatten(-2)  # (-x1, x0, -x3, x2, ...)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    """out[2i] = x[2i] cos - x[2i+1] sin ; out[2i+1] = x[2i+1] cos + x[2i] sin  (in fp32, as HF): pair i read as
+    the complex number x[2i] + i x[2i+1] turned by e^(i angle), one complex multiply instead of six passes."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    turn = torch.complex(cos[..., 0::2].float(), sin[..., 0::2].float())
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
 
 
 def _flex_attention():
@@ -393,6 +392,42 @@ def attend(q, k, v, mask):
         return mask(q, k, v)
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+BAND_BLOCK = 32  # query rows per band block: fewer wasted keys than larger blocks, still big enough matmuls
+
+
+def band_bias(pos, doc, window: int, block: int = BAND_BLOCK):
+    """A sliding layer's mask, restricted to its band. Query block b (`block` tokens) can only see keys of its own
+    block and of the P = ceil((W-1)/block) blocks before it, so attention costs T x (P+1)·block, not T x T.
+    Returns the additive fp32 mask (B, 1, nb, 1, block, Kb) of each query block over its key span, from
+    attention_allowed(); padding has position -1 and is never a key (a padded query's row is all-blocked: finite,
+    uniform, and dropped)."""
+    B, T = pos.shape
+    P, nb = -(-(window - 1) // block), -(-T // block)
+    q_pos, q_doc = (F.pad(x, (0, nb * block - T), value=-1).view(B, nb, block, 1) for x in (pos, doc))
+    kv_pos, kv_doc = (F.pad(x, (P * block, nb * block - T), value=-1).unfold(1, (P + 1) * block, block)[:, :, None]
+                      for x in (pos, doc))                                             # (B, nb, 1, Kb)
+    ok = attention_allowed(q_pos, kv_pos, q_doc, kv_doc, window)                       # (B, nb, block, Kb)
+    return torch.zeros(ok.shape, device=pos.device).masked_fill_(~ok, torch.finfo(torch.float32).min)[:, None, :, None]
+
+
+def band_attend(q, k, v, bias):
+    """attend() for a sliding layer over band_bias's blocks: the same softmax attention, on (block x Kb) tiles.
+    The query heads of one KV head share each tile's keys (GQA without copying K/V per head). Scores in the
+    activation dtype with the scale and mask fused into their matmul (baddbmm); the softmax kernel accumulates
+    in fp32 and rounds its output to the activation dtype, as HF's eager attention does (measured 1.4x faster
+    than an fp32 softmax plus casts here). The CPU flash kernel, given a mask, computes all T x T scores."""
+    B, nh, T, dh = q.shape
+    nkv, nb, block, Kb = k.shape[1], bias.shape[2], bias.shape[-2], bias.shape[-1]
+    g, Tp = nh // nkv, nb * block
+    q = F.pad(q, (0, 0, 0, Tp - T)).view(B, nkv, g, nb, block, dh).transpose(2, 3).reshape(-1, g * block, dh)
+    k, v = (F.pad(x.to(q.dtype), (0, 0, Kb - block, Tp - T)).unfold(2, Kb, block).reshape(-1, dh, Kb)
+            for x in (k, v))                                                # (B * nkv * nb, dh, Kb)
+    bias = bias.to(q.dtype).expand(B, nkv, nb, g, block, Kb).reshape(-1, g * block, Kb)
+    p = torch.softmax(torch.baddbmm(bias, q, k, alpha=dh ** -0.5), dim=-1)   # bf16 in/out, fp32 inside
+    y = torch.bmm(p, v.transpose(1, 2)).view(B, nkv, nb, g, block, dh).permute(0, 1, 3, 2, 4, 5)
+    return y.reshape(B, nh, Tp, dh)[:, :, :T]
 
 
 def _same(*x):  # the hooks' one-process default: tensors stay where they are
@@ -475,39 +510,6 @@ class Decoder(nn.Module):  # named `model` inside CommandA so state_dict keys ar
 
 
 # ----------------------------------------------------------------------------------------------------------
-# KV cache interface (serve.py builds window-aware ring buffers on the same two calls)
-
-
-class KVCache:
-    """A contiguous cache that keeps every position for every layer (the simple reference).
-
-    The model calls `reserve(position_ids)` once per forward: it records where the new tokens go and returns,
-    per layer kind, the positions of all keys the layers will attend over (-1 = empty slot). Each layer then
-    calls `update(layer_idx, k, v)` and gets back the keys/values to attend over."""
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.pos = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
-        self.length, self.max_len = 0, max_len
-
-    def reserve(self, position_ids: torch.Tensor) -> dict:
-        T = position_ids.shape[1]
-        if self.length + T > self.max_len:
-            raise ValueError(f"KVCache full: {self.length} + {T} tokens > max_len={self.max_len}")
-        self.start, self.length = self.length, self.length + T
-        self.pos[:, self.start:self.length] = position_ids
-        kv_pos = self.pos[:, :self.length]
-        return {"sliding": kv_pos, "full": kv_pos}
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
-        self.k[layer_idx][:, :, self.start:self.length] = k
-        self.v[layer_idx][:, :, self.start:self.length] = v
-        return self.k[layer_idx][:, :, :self.length], self.v[layer_idx][:, :, :self.length]
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The model
 
 
@@ -576,11 +578,56 @@ def nll_sum(logits, targets):
     return nll.double().sum()
 
 
+class _LinearNLL(torch.autograd.Function):
+    """nll_sum(output_logits(h, E), targets) without fp32 logits for the whole batch. The logits stay in the
+    matmul's dtype (bf16 under autocast, as F.linear returns them); `chunk` rows at a time are taken to fp32 for
+    the log-sum-exp, and their gradient softmax - onehot overwrites them in place. The backward is then two
+    matmuls on that buffer. Plain autograd holds fp32 logits, their log-softmax and its gradient (3 x N x V x 4
+    bytes); this holds N x V x 2 (Liger-Kernel's fused linear cross-entropy, in torch)."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, scale, dtype, chunk, grads):  # grads False: the loss alone (no_grad)
+        hc, wc = h.to(dtype), w.to(dtype)
+        z = F.linear(hc, wc)                                          # (N, V) logits / scale, in `dtype`
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        for i in range(0, z.shape[0], chunk):
+            zc, y = z[i:i + chunk].float() * scale, targets[i:i + chunk]
+            keep = y != -100
+            y = torch.where(keep, y, 0)
+            lse = torch.logsumexp(zc, dim=-1)
+            total += ((lse - zc.gather(1, y[:, None])[:, 0]) * keep).double().sum()
+            if grads:                                                 # d(sum nll)/dz = (softmax - onehot) * scale
+                p = zc.sub_(lse[:, None]).exp_()
+                p[torch.arange(len(y), device=y.device), y] -= 1
+                z[i:i + chunk] = p * (keep * scale)[:, None]          # rows without a target add nothing
+        ctx.save_for_backward(z, hc, wc)
+        ctx.dtypes = h.dtype, w.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        gz, hc, wc = ctx.saved_tensors
+        gz = gz * g.to(gz.dtype)
+        return (gz @ wc).to(ctx.dtypes[0]), (gz.t() @ hc).to(ctx.dtypes[1]), None, None, None, None, None
+
+
+def linear_nll_sum(h, w, targets, scale: float, chunk: int | None = None):
+    """Summed next-token loss of final-norm states h (..., H) against tied embedding w (V, H): nll_sum of
+    output_logits, computed by _LinearNLL. Matmuls in the autocast dtype when autocast is on, as F.linear's."""
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    chunk = chunk or max(16, 2**20 // w.shape[0])                     # ~4 MB of fp32 logits at a time
+    with torch.autocast(dev, enabled=False):
+        return _LinearNLL.apply(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), scale, dtype, chunk,
+                                torch.is_grad_enabled() and (h.requires_grad or w.requires_grad))
+
+
 class CommandA(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = Decoder(config)
+        self._by_shape = {}   # RoPE tables and masks of unpacked rows, by shape (forward)
         self.init_weights()
 
     @property
@@ -628,7 +675,12 @@ class CommandA(nn.Module):
                 masks[kind] = (lambda q, k, v, bm=bm: flex(q, k, v, block_mask=bm,
                                                            enable_gqa=k.shape[1] != q.shape[1]))
             return masks
-        return dense_masks(self.config, position_ids, doc_ids, position_ids, doc_ids)
+        masks = dense_masks(self.config, position_ids, doc_ids, position_ids, doc_ids)
+        W, backend = self.config.sliding_window, self.config.attn_backend
+        if backend == "band" or (backend == "auto" and 2 * (W + BAND_BLOCK) <= T):   # the band skips most keys
+            bias = band_bias(position_ids, doc_ids, W)
+            masks["sliding"] = lambda q, k, v: band_attend(q, k, v, bias)
+        return masks
 
     def forward(self, input_ids, targets=None, position_ids=None, doc_ids=None, cache=None, logits_index=None,
                 return_hidden=False):
@@ -645,18 +697,26 @@ class CommandA(nn.Module):
         if cache is not None and doc_ids is not None:
             raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache: each cached row "
                              "is one sequence; pass position_ids instead")
+        plain = cache is None and position_ids is None and doc_ids is None
         if position_ids is None:
             if doc_ids is not None:
                 position_ids = positions_from_doc_ids(doc_ids)
             else:
                 start = cache.length if cache is not None else 0
                 position_ids = torch.arange(start, start + T, device=device).expand(B, T)
-        if doc_ids is None:
-            doc_ids = doc_ids_from_positions(position_ids)
         h = self.model.embed_tokens(input_ids)                   # (B, T, H); no sqrt(H) scaling
-        # cos/sin in the hidden-state dtype as HF does (fp32 under autocast: no rounding of long positions)
-        rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype)
-        masks = self._masks(B, T, device, position_ids, doc_ids, cache)
+        # rows of one document each: RoPE tables and masks depend only on the shape, so they are built once
+        key = (B, T, device, h.dtype, cfg.attn_backend, torch.is_inference_mode_enabled()) if plain else None
+        built = self._by_shape.get(key)
+        if built is None:
+            if doc_ids is None:
+                doc_ids = doc_ids_from_positions(position_ids)
+            # cos/sin in the hidden-state dtype as HF does (fp32 under autocast: no rounding of long positions)
+            built = (rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, h.dtype),
+                     self._masks(B, T, device, position_ids, doc_ids, cache))
+            if key is not None:
+                self._by_shape = {key: built}                      # one shape at a time: a training run has one
+        rope, masks = built
         for layer in self.model.layers:
             h = layer(h, rope, masks[layer.self_attn.kind], cache)
         if logits_index is not None:
@@ -664,10 +724,10 @@ class CommandA(nn.Module):
         h = self.model.norm(h)
         if return_hidden:
             return h
-        logits = self.lm_logits(h)
         if targets is None:
-            return logits
-        return (nll_sum(logits, targets) / (targets != -100).sum().clamp(min=1)).float()
+            return self.lm_logits(h)
+        nll = linear_nll_sum(h, self.lm_head_weight, targets, cfg.logit_scale / cfg.width_mult)
+        return (nll / (targets != -100).sum().clamp(min=1)).float()
 
     def lm_logits(self, h):
         """Final-norm hidden states (..., H) -> fp32 logits (..., V): the tied output embedding."""
@@ -867,80 +927,16 @@ def measure_matmul_peak(dtype=torch.bfloat16, sizes=(1024, 2048), seconds=0.5) -
     return best
 
 
-def bench(presets=("tiny", "small"), batch=8, T=256, steps=5):
-    """Training-step throughput in bf16 autocast (the report's recipe) and, as the baseline measured in the
-    same run, plain fp32."""
-    rows, peak = [], measure_matmul_peak()
-    print(f"bf16 matmul peak (best of 1024^3/2048^3, measured now): {peak / 1e9:.1f} GFLOP/s, "
-          f"torch threads={torch.get_num_threads()}")
-    for name in presets:
-        for precision in ("bf16", "fp32"):
-            cfg = PRESETS[name]
-            torch.manual_seed(0)
-            model = CommandA(cfg)
-            ids = torch.randint(0, cfg.vocab_size, (batch, T + 1))
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-            def step():
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    loss = model(ids[:, :-1], targets=ids[:, 1:])
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            step()  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            dt = (time.perf_counter() - t0) / steps
-            tok_s = batch * T / dt
-            mfu = tok_s * flops_per_token(cfg, T) / peak
-            rows.append({"preset": name, "precision": precision, "params": cfg.num_params(), "batch": batch,
-                         "seq": T, "tok_per_s": round(tok_s), "mfu_vs_bf16_peak": round(mfu, 4)})
-            print(f"{name:6s} {precision}  params={cfg.num_params() / 1e6:6.2f}M  B={batch} T={T}  fwd+bwd+adam "
-                  f"{tok_s:8.0f} tok/s  MFU(bf16 peak) {100 * mfu:5.1f}%")
-    return {"peak_flops": peak, "rows": rows}
-
-
-def plot_masks(out_file: str, doc_lens=(11, 7, 14), window=4):
-    """Draw the masks of a sliding and a full layer over one packed row of several documents."""
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-    plt = pyplot()
-
-    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(doc_lens)])[None]
-    pos = positions_from_doc_ids(doc_ids)
-    q, k = (pos[:, :, None], pos[:, None, :])
-    dq, dk = doc_ids[:, :, None], doc_ids[:, None, :]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
-    for ax, (title, W) in zip(axes, [(f"sliding layer (RoPE), W={window} keys incl. self", window),
-                                     ("full layer (NoPE)", None)]):
-        ax.imshow(attention_allowed(q, k, dq, dk, W)[0].numpy(), cmap="Blues", interpolation="nearest")
-        ax.set_title(title)
-        ax.set_xlabel("key index")
-        ax.set_ylabel("query index")
-        for b in torch.tensor(doc_lens).cumsum(0)[:-1].tolist():
-            ax.axhline(b - 0.5, color="tab:red", lw=0.8)
-            ax.axvline(b - 0.5, color="tab:red", lw=0.8)
-    fig.suptitle(f"Document-masked attention over one packed row (documents of {list(doc_lens)} tokens)")
-    fig.legend(handles=[Patch(color=plt.get_cmap("Blues")(1.0), label="query may attend to key"),
-                        Patch(facecolor="white", edgecolor="0.6", label="blocked"),
-                        Line2D([], [], color="tab:red", lw=0.8, label="document boundary")],
-               loc="lower center", ncol=3, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    save_figure(fig, out_file)
-    return out_file
-
-
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Command A architecture: presets, parameter counts, KV-cache "
-                                 "sizes, mask plots and a CPU throughput benchmark.")
-    ap.add_argument("--plot-masks", metavar="FILE", help="draw sliding/full attention masks of a packed row to a PNG")
-    ap.add_argument("--bench", action="store_true", help="forward+backward tok/s and MFU for tiny and small (bf16)")
-    ap.add_argument("--bench-batch", type=int, default=8, help="batch size for --bench")
-    ap.add_argument("--bench-seq", type=int, default=256, help="sequence length for --bench")
+    if "--bench" in sys.argv[1:]:   # the training-step benchmark is bench.py's (against transformers, with --compile)
+        argv = [a for a in sys.argv[1:] if a != "--bench"]
+        os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                "bench.py"), "--train"] + argv)
+    ap = argparse.ArgumentParser(description="Command A architecture: presets, parameter counts and KV-cache "
+                                 "sizes; --bench: the training-step benchmark (python bench.py --train --help lists "
+                                 "its options). The masks of a packed row: python data.py --plot-masks FILE.")
+    ap.add_argument("--bench", action="store_true", help="training-step tok/s and MFU against transformers (bench.py)")
     args = ap.parse_args()
-    if args.bench_batch < 1 or args.bench_seq < 2:
-        ap.error("--bench-batch must be >= 1 and --bench-seq >= 2")
     summary = {}
     print(f"{'preset':12s} {'params':>17s} {'layers (S/F)':>13s} {'KV B/tok/layer':>15s} "
           f"{'KV @128K window-aware':>22s} {'KV @128K all-full':>18s}")
@@ -950,10 +946,4 @@ if __name__ == "__main__":
         print(f"{name:12s} {cfg.num_params():>17,d} {cfg.num_hidden_layers - n_full:>7d}/{n_full:<5d} "
               f"{cfg.kv_bytes_per_token_per_layer():>15,d} {aware / 2**30:>18.2f} GiB {full / 2**30:>14.2f} GiB")
         summary[name] = {"params": cfg.num_params(), "kv_bytes_128k": aware, "kv_bytes_128k_all_full": full}
-    if args.plot_masks:
-        summary["plot"] = plot_masks(args.plot_masks)
-        print(f"wrote {args.plot_masks}")
-    if args.bench:
-        tune_malloc()
-        summary["bench"] = bench(batch=args.bench_batch, T=args.bench_seq)
     print(json.dumps(summary))

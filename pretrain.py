@@ -45,8 +45,9 @@ from tqdm import tqdm
 
 import data as D
 import parallel as par
-from model import (CommandA, KVCache, ModelConfig, PRESETS, bf16_is_fast, flops_per_token, measure_matmul_peak,
+from model import (CommandA, ModelConfig, PRESETS, bf16_is_fast, flops_per_token, measure_matmul_peak,
                    atomic_write_json, pyplot, save_figure, tune_malloc)
+from serve import KVCache
 from tokenizer import Tokenizer
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense FLOP/s
@@ -245,6 +246,14 @@ def data_fingerprint(packed: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: atomic directory swap; weights as safetensors, the rest loaded with weights_only=True
+
+
+def adamw(params, **kw) -> torch.optim.AdamW:
+    """AdamW, as one fused kernel over all parameters when they are plain tensors (measured ~3% of a `small` step
+    on CPU); parallel.py's sharded DTensor parameters keep the foreach implementation."""
+    params = list(params)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    return torch.optim.AdamW(params, fused=not any(hasattr(p, "to_local") for p in tensors) or None, **kw)
 
 
 def apply_update(opt, gnorm, where: str, ckpt_dir: str, bar):
@@ -447,11 +456,12 @@ def rows_per_batch(cfg: TrainConfig, seq_len: int) -> int:
 
 
 def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True,
-          parallel: par.ParallelConfig | None = None, fp32: bool = False) -> dict | None:
+          parallel: par.ParallelConfig | None = None, fp32: bool = False, compile: bool = False) -> dict | None:
     """Train; returns the summary (None on ranks other than 0 of a parallel run, which log and save nothing).
     fp32=True turns bf16 autocast off: slower, and a parallel run then logs one process's losses (bit for bit
     on this CPU); under bf16 an fp32 value that moved by one ulp can round to the neighbouring bf16 value, so
-    reordered sums show up as ~1e-5 (see tests/parity.py)."""
+    reordered sums show up as ~1e-5 (see tests/parity.py). compile=True: the training forward and backward
+    through torch.compile (one compilation per context stage; model.py --bench --compile measures the gain)."""
     validate(cfg)
     t_start = time.time()
     torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
@@ -467,8 +477,9 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
     mcfg = ModelConfig(**{**asdict(PRESETS[cfg.preset]), "vocab_size": tok.vocab_size, "fp8": cfg.fp8,
                           "mup_base_hidden_size": cfg.mup_base_hidden_size,
                           "max_position_embeddings": max(p["seq_len"] for p in plan)})
+    torch.manual_seed(cfg.seed)                   # the init owes nothing to what the data pipeline drew (or cached)
     model = L.wrap(CommandA(mcfg).to(L.device))   # every rank: the same seed, the same full model, then sharded
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    opt = adamw(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     loaders = {p["name"]: D.Loader(packed[p["name"]], rows_per_batch(cfg, p["seq_len"]), seed=cfg.seed + i)
                for i, p in enumerate(plan)}
     step, losses, val_log = 0, [], []
@@ -488,6 +499,7 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
         if L.describe():
             print(L.describe())
     meter = Meter(mcfg, peak, cfg.log_every, verbose)
+    step_model = torch.compile(model) if compile else model   # same parameters; saving uses `model`
     crash_at = int(os.environ.get("PRETRAIN_CRASH_AT_STEP", "0"))  # test hook: die like a killed job
     bar = tqdm(total=stop, initial=step, desc="pretrain", disable=not verbose, dynamic_ncols=True)
     model.train()
@@ -497,7 +509,7 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
         micro = [next(loaders[ph["name"]]) for _ in range(cfg.grad_accum)]
-        loss_sum, ntok = forward_backward(model, micro, L.device, autocast_kw, f"step {step + 1} in phase "
+        loss_sum, ntok = forward_backward(step_model, micro, L.device, autocast_kw, f"step {step + 1} in phase "
                                           f"{ph['name']}", f"{out}/checkpoint", cfg, bar)
         apply_update(opt, L.clip_grads(model, cfg.clip), f"step {step + 1}", f"{out}/checkpoint", bar)
         step += 1
@@ -763,6 +775,8 @@ def main(argv=None):
     ap.add_argument("--fp8", action="store_true", help="FP8 linear layers (CUDA speed; emulated numerics on CPU)")
     ap.add_argument("--fp32", action="store_true", help="fp32 matmuls (no bf16 autocast): slower; parallel runs then "
                     "log the single-process losses (bf16: within ~1e-5)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training step (compiles once per "
+                    "context stage: pays on long runs; measure with python model.py --bench --compile)")
     ap.add_argument("--context-stages", default=None,
                     help="cooldown context stages as 'mult:share,...' (default 1:0.5,4:0.3,8:0.2)")
     for a, what in (("dp", "data parallel (replicas)"), ("fsdp", "fully sharded data parallel"),
@@ -798,7 +812,8 @@ def main(argv=None):
         pc.validate(PRESETS[cfg.preset], world)
         if cfg.data is not None and not os.path.exists(cfg.data):
             raise FileNotFoundError(f"--data {cfg.data}: no such file or folder")
-        res = train(cfg, args.out, resume=args.resume, parallel=pc if world > 1 else None, fp32=args.fp32)
+        res = train(cfg, args.out, resume=args.resume, parallel=pc if world > 1 else None, fp32=args.fp32,
+                    compile=args.compile)
     except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, (ValueError, FileNotFoundError)) else 1)

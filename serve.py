@@ -63,7 +63,37 @@ import torch.nn.functional as F
 from model import CommandA, ModelConfig, apply_rope, attend, output_logits, residual_add, rope_cos_sin
 
 # ----------------------------------------------------------------------------------------------------------
-# The window-aware KV cache
+# KV caches. model.py's forward calls two methods: reserve(position_ids) once per forward, then update() per
+# layer. KVCache is the simple reference; WindowKVCache is the engine's.
+
+
+class KVCache:
+    """A contiguous cache that keeps every position for every layer (the simple reference).
+
+    The model calls `reserve(position_ids)` once per forward: it records where the new tokens go and returns,
+    per layer kind, the positions of all keys the layers will attend over (-1 = empty slot). Each layer then
+    calls `update(layer_idx, k, v)` and gets back the keys/values to attend over."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.pos = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
+        self.length, self.max_len = 0, max_len
+
+    def reserve(self, position_ids: torch.Tensor) -> dict:
+        T = position_ids.shape[1]
+        if self.length + T > self.max_len:
+            raise ValueError(f"KVCache full: {self.length} + {T} tokens > max_len={self.max_len}")
+        self.start, self.length = self.length, self.length + T
+        self.pos[:, self.start:self.length] = position_ids
+        kv_pos = self.pos[:, :self.length]
+        return {"sliding": kv_pos, "full": kv_pos}
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer_idx][:, :, self.start:self.length] = k
+        self.v[layer_idx][:, :, self.start:self.length] = v
+        return self.k[layer_idx][:, :, :self.length], self.v[layer_idx][:, :, :self.length]
 
 
 class WindowKVCache:

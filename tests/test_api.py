@@ -87,7 +87,9 @@ def test_completions_echo_logprobs_equal_the_models_forward(server, chat_model, 
     assert status == 200 and r["usage"]["completion_tokens"] == len(out) and len(lp["tokens"]) == len(ids + out)
     torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]),
                                torch.tensor(forward_logprobs(chat_model, ids + out)), atol=1e-4, rtol=0)
-    assert all(len(d) == 2 for d in lp["top_logprobs"][1:]) and r["choices"][0]["text"] == tok.decode(ids + out)
+    # OpenAI keys top_logprobs by token TEXT: two ids decoding to the same text (e.g. partial UTF-8) share a key
+    assert all(1 <= len(d) <= 2 for d in lp["top_logprobs"][1:]) and r["choices"][0]["text"] == tok.decode(ids + out)
+    assert sum(len(d) == 2 for d in lp["top_logprobs"][1:]) >= len(lp["top_logprobs"]) // 2
     # a batch of prompts, text and ids, one choice each
     status, r = post(server, "/v1/completions", {"prompt": ["Hello", ids], "max_tokens": 2, "temperature": 0})
     assert status == 200 and [c["index"] for c in r["choices"]] == [0, 1] and r["choices"][0]["logprobs"] is None

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from model import CommandA, KVCache, ModelConfig, PRESETS, attention_allowed
+from model import CommandA, ModelConfig, PRESETS, attention_allowed
+from serve import KVCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -394,6 +395,8 @@ def test_parity_with_transformers_cohere2_both_directions(tmp_path):
     ids = torch.randint(0, 97, (2, 13))  # 13 > W = 5: the window matters
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, m(ids), atol=1e-5, rtol=1e-4)
+        m.config.attn_backend = "band"   # the band path (auto picks it at longer T), forced here: HF's logits too
+        torch.testing.assert_close(hf(ids).logits, m(ids), atol=1e-5, rtol=1e-4)
     # an HF-made checkpoint (random init, HF's own save) loads into ours with the same logits
     hcfg = tf.Cohere2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=2, sliding_window=5, logit_scale=0.25,
@@ -408,6 +411,98 @@ def test_parity_with_transformers_cohere2_both_directions(tmp_path):
     ours = CommandA.from_pretrained(tmp_path / "theirs")
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf2(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ speed paths
+
+
+def _qkv_docs(T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, T, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, T, 8, generator=g, requires_grad=True) for _ in range(2))
+    doc = torch.zeros(2, T, dtype=torch.long)
+    doc[0, T // 3:] = 1                       # row 0: two packed documents; row 1: one
+    return q, k, v, doc, M.positions_from_doc_ids(doc)
+
+
+@pytest.mark.parametrize("W", [3, 16, 40])    # window smaller than, equal to and larger than T = 16
+@pytest.mark.parametrize("block", [4, 5, 32])  # blocks that divide T, that don't, and one past T
+def test_band_attention_equals_the_masked_path(W, block):
+    q, k, v, doc, pos = _qkv_docs(16)
+    mask = attention_allowed(pos[:, None, :, None], pos[:, None, None, :], doc[:, None, :, None],
+                             doc[:, None, None, :], W)
+    ref, out = M.attend(q, k, v, mask), M.band_attend(q, k, v, M.band_bias(pos, doc, W, block))
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    go = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+        torch.testing.assert_close(a, b, atol=5e-6, rtol=1e-5)
+    if W < 16:   # the band's key span: P + 1 blocks of keys, not all T
+        assert M.band_bias(pos, doc, W, block).shape[-1] == (-(-(W - 1) // block) + 1) * block
+
+
+@pytest.mark.parametrize("W", [5, 24, 40])
+def test_model_band_backend_equals_sdpa_losses_and_grads(W):
+    """The whole model, packed rows and plain rows, fp32: the band backend changes no loss and no gradient."""
+    m = make(sliding_window=W)
+    ids = torch.randint(0, 97, (2, 25), generator=torch.Generator().manual_seed(3))
+    doc = torch.zeros(2, 24, dtype=torch.long)
+    doc[0, 10:] = 1
+    res = {}
+    for backend in ("sdpa", "band"):
+        m.config.attn_backend = backend
+        for packed in (True, False):
+            m.zero_grad()
+            loss = m(ids[:, :-1], targets=ids[:, 1:], doc_ids=doc if packed else None)
+            loss.backward()
+            res[backend, packed] = loss.item(), [p.grad.clone() for p in m.parameters()]
+    for packed in (True, False):
+        assert abs(res["band", packed][0] - res["sdpa", packed][0]) < 1e-6
+        for a, b in zip(res["band", packed][1], res["sdpa", packed][1]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    m.config.attn_backend = "auto"       # auto on CPU: the band wherever it skips keys, dense otherwise
+    pos = torch.arange(24).expand(2, 24)
+    assert callable(m._masks(2, 24, torch.device("cpu"), pos, doc, None)["sliding"]) == (2 * (W + M.BAND_BLOCK) <= 24)
+    assert callable(m._masks(2, 96, torch.device("cpu"), torch.arange(96).expand(2, 96), torch.zeros(2, 96),
+                             None)["sliding"]) == (2 * (W + M.BAND_BLOCK) <= 96)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_loss_equals_plain_cross_entropy(autocast):
+    """linear_nll_sum (the model's loss) against nll_sum of the materialized logits: value and both gradients,
+    fp32 and bf16 autocast, chunks that divide the rows and that don't, -100 targets included."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 32, generator=g, requires_grad=True)
+    w = torch.randn(97, 32, generator=g, requires_grad=True)
+    y = torch.randint(0, 97, (50,), generator=g)
+    y[::7] = -100
+    cfg = micro(logit_scale=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ref = M.nll_sum(M.output_logits(h, w, cfg), y)
+    g_ref = torch.autograd.grad(ref, (h, w))
+    tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-6)
+    for chunk in (1, 7, 50, 4096):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = M.linear_nll_sum(h, w, y, 0.5, chunk=chunk)
+        assert out.dtype == torch.float64 and abs(out.item() - ref.item()) < 1e-4 * abs(ref.item())
+        for a, b in zip(torch.autograd.grad(out, (h, w)), g_ref):
+            torch.testing.assert_close(a, b, **tol)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):   # no gradient work
+        assert M.linear_nll_sum(h, w, y, 0.5, chunk=7).item() == pytest.approx(ref.item(), rel=1e-6, abs=1e-4)
+
+
+def test_masks_of_plain_rows_are_built_once_per_shape():
+    m = make(sliding_window=5).train()
+    ids = torch.randint(0, 97, (2, 12))
+    m(ids)
+    built = m._by_shape
+    m(ids)
+    assert m._by_shape is built                                     # same shape: nothing rebuilt
+    with torch.inference_mode():                                    # inference tensors never reach autograd
+        m(ids)
+    m(ids, targets=ids).backward()
+    m(ids[:, :7])
+    assert m._by_shape is not built and len(m._by_shape) == 1       # a new shape replaces the old one
+    torch.testing.assert_close(m(ids), make(sliding_window=5)(ids))  # and the results are a fresh model's
 
 
 # ---------------------------------------------------------------------------------------------------- precision
@@ -484,12 +579,14 @@ def test_bf16_autocast_close_to_fp32():
 # ---------------------------------------------------------------------------------------------------- CLI / CUDA
 
 
-def test_cli_prints_presets_and_plots_masks(tmp_path):
-    out = subprocess.run([sys.executable, "model.py", "--plot-masks", str(tmp_path / "m.png")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+def test_cli_prints_presets_and_data_plots_masks(tmp_path):
+    out = subprocess.run([sys.executable, "model.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["command-a"]["params"] == 111_057_580_032
+    out = subprocess.run([sys.executable, "data.py", "--plot-masks", str(tmp_path / "m.png")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
     assert (tmp_path / "m.png").stat().st_size > 10_000
 
 

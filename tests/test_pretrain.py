@@ -196,6 +196,23 @@ def test_fp8_flag_trains_end_to_end(tmp_path):
     assert CommandA.from_pretrained(tmp_path).config.fp8 is False  # fp8 is a runtime switch, not a checkpoint field
 
 
+def test_compile_flag_traces_the_training_step_and_changes_no_loss(tmp_path, monkeypatch):
+    """--compile wraps the step in torch.compile. Dynamo's eager backend (the graph capture without inductor's
+    minutes of C++ compilation) must trace the model's band attention and chunked loss and train the same."""
+    real, compiled = torch.compile, []
+
+    def eager_compile(m, **kw):
+        compiled.append(m)
+        return real(m, backend="eager")
+    monkeypatch.setattr(P.torch, "compile", eager_compile)
+    cfg = P.TrainConfig(preset="micro", vocab_size=512, corpus_mb=0.3, seq_len=64, batch_size=4, steps=4,
+                        samples=0, context_stages=[[1, 1.0]], eval_every=4, ckpt_every=4)
+    ref = P.train(cfg, str(tmp_path / "eager"), verbose=False)
+    res = P.train(cfg, str(tmp_path / "compiled"), verbose=False, compile=True)
+    assert len(compiled) == 1
+    assert res["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+
+
 def test_lr_sweep_mup_curves_coincide_across_widths_sp_curves_do_not(tmp_path):
     res = P.lr_sweep(str(tmp_path / "sweep.png"), widths=(64, 256), lrs=(1e-3, 3e-3), steps=10)
     L = res["losses"]
