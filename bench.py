@@ -135,9 +135,74 @@ def _hf_generate(model):
     return gen
 
 
+def measure_memory_bandwidth(nbytes: int = 512 * 2**20, reps: int = 5) -> float:
+    """Bytes/s of one streaming read over a buffer far larger than the last-level cache (a sum: one read per
+    element, like a batch-1 matmul's pass over its weights), best of `reps`, on the current torch threads."""
+    x = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def decode_bytes_per_token(model) -> int:
+    """Weight bytes a batch-1 decode step must read: every parameter once (the tied embedding as the output
+    projection; its input lookup reads one row). The KV cache reads are left out: a lower bound on traffic."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# The decode configuration of issue #17's race (hidden 256, 4 layers, vocab 4096, prompt 32, 128 new tokens)
+DECODE_RACE = dict(cfg=dataclasses.replace(PRESETS["tiny"], vocab_size=4096, hidden_size=256, intermediate_size=768),
+                   prompt_len=32, new_tokens=128, batches=(1, 16))
+
+
+def decode_race(cfg, prompt_len, new_tokens, batches, reps=3, compile=True, name="decode"):
+    """End-to-end greedy generation (prefill + new_tokens) of the engine, eager and compiled, against
+    transformers' `generate` on the same weights, per batch size; interleaved, best of `reps`, same tokens."""
+    torch.manual_seed(0)
+    model = CommandA(cfg).eval()
+    kw = dict(max_batch=max(batches), max_len=prompt_len + new_tokens, prefix_cache_mb=0)
+    gens = {"engine": Engine(model, **kw)}
+    if compile:
+        gens["engine+compile"] = Engine(model, compile=True, **kw)
+    gens = {m: (lambda x, n, e=e: torch.tensor(e.generate(x.tolist(), n, stop_tokens=[]))) for m, e in gens.items()}
+    hf = _hf_generate(model)
+    if hf is not None:
+        gens["hf-generate"] = hf
+    rows = []
+    for B in batches:
+        p = torch.randint(0, cfg.vocab_size, (B, prompt_len), generator=torch.Generator().manual_seed(B))
+        ref = gens["engine"](p, new_tokens)
+        for m, gen in gens.items():                     # warm-up (and, compiled, one compilation per batch)
+            t0 = time.perf_counter()
+            gen(p[:, :8], 2)
+            if "compile" in m:
+                print(f"{name} {m} B={B}: warm-up incl. compilation {time.perf_counter() - t0:.1f} s")
+        best, same = {}, {}
+        for _ in range(reps):
+            for m, gen in gens.items():
+                t0 = time.perf_counter()
+                out = gen(p, new_tokens)
+                best[m] = max(best.get(m, 0.0), B * new_tokens / (time.perf_counter() - t0))
+                same[m] = torch.equal(out, ref)
+        for m in gens:
+            r = {"config": name, "method": m, "batch": B, "total_tok_s": round(best[m], 1), "same_tokens": same[m]}
+            if "hf-generate" in best:
+                r["vs_hf_generate"] = round(best[m] / best["hf-generate"], 2)
+            rows.append(r)
+            print(f"{name} {m:15s} B={B:3d}  end-to-end {best[m]:9.1f} tok/s (best of {reps}; same tokens: "
+                  f"{same[m]})" + (f"  {r['vs_hf_generate']:.2f}x hf-generate" if "vs_hf_generate" in r else ""))
+    return rows
+
+
 def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tokens=64, long_ctx=131072,
-          compile=False, reps=3, prefix_len=700, prefix_cache_mb=256):
-    rows, race, kv_rows, prefix_rows = [], [], [], []
+          compile=False, reps=3, prefix_len=700, prefix_cache_mb=256, decode_config=DECODE_RACE):
+    rows, race, kv_rows, prefix_rows, bound_rows = [], [], [], [], []
+    bandwidth = measure_memory_bandwidth()
+    print(f"memory bandwidth (streaming read of 512 MiB, measured now, {torch.get_num_threads()} thread(s)): "
+          f"{bandwidth / 1e9:.1f} GB/s")
     for name in presets:
         cfg = PRESETS[name]
         torch.manual_seed(0)
@@ -147,9 +212,18 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
         engines = [("engine", Engine(model, fused=True, **kw)),
                    # the same engine decoding through model.py's generic forward: what FusedDecode buys
                    ("engine-unfused", Engine(model, fused=False, **kw))]
-        if compile:   # torch.compile of the generic forward (prefill and unfused decode)
-            engines.append(("engine+compile", Engine(model, compile=True, fused=False, **kw)))
+        if compile:   # the fused decode step compiled in static shapes, the prefill's generic forward dynamic
+            engines.append(("engine+compile", Engine(model, compile=True, **kw)))
         rows += _bench_batches(name, engines, cfg.vocab_size, batches, prompt_len, new_tokens, reps)
+        # the batch-1 bound: a decode step must stream every weight from memory once
+        bound = bandwidth / decode_bytes_per_token(model)
+        for r in rows:
+            if r["preset"] == name and r["batch"] == 1:
+                bound_rows.append({"preset": name, "method": r["method"], "decode_tok_s": r["decode_tok_s"],
+                                   "bound_tok_s": round(bound, 1), "of_bound": round(r["decode_tok_s"] / bound, 3)})
+                print(f"{name:6s} {r['method']:14s} B=  1  decode {r['decode_tok_s']:9.1f} tok/s = "
+                      f"{100 * r['decode_tok_s'] / bound:5.1f}% of the bandwidth bound {bound:.1f} tok/s "
+                      f"({decode_bytes_per_token(model) / 2**20:.1f} MiB of weights per token)")
         # batch 1, one prompt, greedy, end to end (prefill + new_tokens): the engines against the baselines,
         # interleaved round-robin and best-of-`reps`, so load from other jobs on a shared box hits every method
         # alike and the ratios stay meaningful. Every method must produce the engine's tokens.
@@ -192,6 +266,9 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
         del c
         print(f"{name:6s} KV bytes at T={T} (bf16): window-aware {kv['allocated'] / 2**20:.1f} MiB "
               f"(formula {kv['formula'] / 2**20:.1f} MiB) vs all-full {kv['all_full'] / 2**20:.1f} MiB")
+    # issue #17's decode race: batch 1 and 16 against transformers' generate
+    d = decode_config
+    decode = decode_race(d["cfg"], d["prompt_len"], d["new_tokens"], d["batches"], reps=reps, compile=compile)
     for name in ("command-a",):
         cfg = PRESETS[name]
         kv_rows.append({"preset": name, "T": long_ctx, "formula": cfg.kv_cache_bytes(long_ctx),
@@ -199,7 +276,8 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
         print(f"{name} KV bytes at T={long_ctx} (bf16, analytic): {cfg.kv_cache_bytes(long_ctx) / 2**30:.2f} GiB "
               f"vs all-full {cfg.kv_cache_bytes(long_ctx, window_aware=False) / 2**30:.2f} GiB")
     return {"threads": torch.get_num_threads(), "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "rows": rows, "batch1": race, "kv": kv_rows, "prefix_cache": prefix_rows}
+            "bandwidth_bytes_s": bandwidth, "rows": rows, "batch1": race, "batch1_bound": bound_rows,
+            "decode_race": decode, "kv": kv_rows, "prefix_cache": prefix_rows}
 
 
 

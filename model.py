@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 LAYER_KINDS = ("sliding", "full")
 HF_LAYER_TYPE = {"sliding": "sliding_attention", "full": "full_attention"}  # our name -> HF config name
@@ -367,9 +368,12 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """out[2i] = x[2i] cos - x[2i+1] sin ; out[2i+1] = x[2i+1] cos + x[2i] sin  (in fp32, as HF): pair i read as
     the complex number x[2i] + i x[2i+1] turned by e^(i angle), one complex multiply instead of six passes."""
+    c, s = cos[..., 0::2].float(), sin[..., 0::2].float()
+    if torch.compiler.is_compiling():   # inductor has no complex codegen: the same formula in reals, fused by it
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), -1).flatten(-2).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    turn = torch.complex(cos[..., 0::2].float(), sin[..., 0::2].float())
-    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
+    return torch.view_as_real(pairs * torch.complex(c, s)).flatten(-2).to(x.dtype)
 
 
 def _flex_attention():
@@ -628,6 +632,7 @@ class CommandA(nn.Module):
         self.config = config
         self.model = Decoder(config)
         self._by_shape = {}   # RoPE tables and masks of unpacked rows, by shape (forward)
+        self.recompute = False  # activation checkpointing per layer (pretrain.py --recompute)
         self.init_weights()
 
     @property
@@ -717,8 +722,10 @@ class CommandA(nn.Module):
             if key is not None:
                 self._by_shape = {key: built}                      # one shape at a time: a training run has one
         rope, masks = built
-        for layer in self.model.layers:
-            h = layer(h, rope, masks[layer.self_attn.kind], cache)
+        for layer in self.model.layers:  # recompute: keep each layer's input, rebuild the rest in backward
+            args = (h, rope, masks[layer.self_attn.kind], cache)
+            recompute = self.recompute and torch.is_grad_enabled()
+            h = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         if logits_index is not None:
             h = h[torch.arange(B, device=device), logits_index][:, None]   # (B, 1, H)
         h = self.model.norm(h)

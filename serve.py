@@ -366,14 +366,21 @@ class StaticDecode:
     a graph captured once per bucket replays with new tokens. graphs=False runs the same static step eagerly:
     that is how the padding and masking are tested on a CPU."""
 
-    def __init__(self, fused: FusedDecode, cache: "WindowKVCache", graphs: bool):
+    def __init__(self, fused: FusedDecode, cache: "WindowKVCache", graphs: bool, compile: bool = False):
         if graphs and not cache.k[0].is_cuda:
             raise ValueError("CUDA graphs need the model and cache on a CUDA device")
         self.fused, self.cache, self.graphs = fused, cache, graphs
+        # compile=True: inductor fuses the step's small kernels (norms, RoPE, SwiGLU, cache writes, masks) into a
+        # few loops. Static shapes, so one compilation per bucket (~10 s each on a 2-core CPU); the weights are
+        # graph inputs (refresh() updates them in place), so a policy in training never needs a recompile.
+        step = lambda ids, pos, c: fused(ids, pos, c, static=True)            # noqa: E731
+        self.step = torch.compile(step, dynamic=False) if compile else step
         dev, n = cache.k[0].device, cache.max_batch
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.pos = torch.zeros(n, dtype=torch.long, device=dev)
         self.buckets = sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
+        if compile:                                         # one compiled graph per bucket must fit dynamo's cache
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets) + 2)
         self.captured = {}                                  # bucket -> (graph, output buffer)
 
     def refresh(self):
@@ -386,18 +393,18 @@ class StaticDecode:
         self.pos[:B].copy_(pos)
         self.pos[B:Bb].zero_()                              # padding rows: position 0 of a free slot
         if not self.graphs:
-            return self.fused(self.ids[:Bb], self.pos[:Bb], cache, static=True)[:B]
+            return self.step(self.ids[:Bb], self.pos[:Bb], cache)[:B]
         if Bb not in self.captured:
             # warm up on a side stream (allocator and cuBLAS workspaces), then capture one step
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(2):
-                    self.fused(self.ids[:Bb], self.pos[:Bb], cache, static=True)
+                    self.step(self.ids[:Bb], self.pos[:Bb], cache)
             torch.cuda.current_stream().wait_stream(s)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
-                out = self.fused(self.ids[:Bb], self.pos[:Bb], cache, static=True)
+                out = self.step(self.ids[:Bb], self.pos[:Bb], cache)
             self.captured[Bb] = (g, out)
         g, out = self.captured[Bb]
         g.replay()
@@ -486,9 +493,9 @@ class Engine:
         if fused and self.cfg.fp8:
             raise ValueError("fused decode (and so --cuda-graphs) has no FP8 path: use fused=False with fp8 weights")
         self.fused = FusedDecode(model) if fused else None
-        # torch.compile fuses the many small decode-step kernels (norm, RoPE, SwiGLU, sampling-free logits).
-        # dynamic=True: batch size and cache length change every step, so shapes must not specialize.
-        # The cache's Python bookkeeping stays eager (a graph break), which is where it belongs.
+        # compile=True: the fused decode step is compiled in static shapes (StaticDecode, below); the generic
+        # forward (prefill, and decode when not fused) with dynamic=True, since batch size and cache length
+        # change every call. The cache's Python bookkeeping stays eager (a graph break), where it belongs.
         self.forward = torch.compile(self.model, dynamic=True) if compile else self.model
         p = next(model.parameters(), None)
         self.device = p.device if p is not None else torch.device("cpu")
@@ -499,8 +506,10 @@ class Engine:
         self.cache = WindowKVCache(self.cfg, max_batch, self.max_len, self.device,
                                    cache_dtype or (p.dtype if p is not None else torch.float32),
                                    kv_heads=model.model.layers[0].self_attn.nkv if isinstance(model, CommandA) else None)
-        if cuda_graphs:     # replaces the eager fused step (raises unless the cache lives on a CUDA device)
-            self.fused = StaticDecode(self.fused, self.cache, graphs=True)
+        if cuda_graphs or (compile and self.fused is not None):
+            # the static step replaces the eager fused one: replayed as CUDA graphs (raises unless the cache lives
+            # on a CUDA device) and/or compiled by inductor
+            self.fused = StaticDecode(self.fused, self.cache, graphs=cuda_graphs, compile=compile)
         self.default_stop = frozenset([tokenizer.eot_id] if tokenizer is not None else [])
         self.active: list[Request] = []        # active[i] lives in cache slot i
         self.waiting: collections.deque[Request] = collections.deque()

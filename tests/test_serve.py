@@ -529,7 +529,8 @@ def test_engine_failure_ends_every_stream_and_server_recovers(chat_model, tok):
 
 def test_bench_reports_baselines_and_kv_bytes():
     import bench
-    r = bench.bench(("micro",), batches=(1, 2), prompt_len=20, new_tokens=4, long_ctx=64, reps=1)
+    race = dict(cfg=bench.PRESETS["micro"], prompt_len=6, new_tokens=4, batches=(1, 3))
+    r = bench.bench(("micro",), batches=(1, 2), prompt_len=20, new_tokens=4, long_ctx=64, reps=1, decode_config=race)
     assert {row["method"] for row in r["rows"]} == {"engine", "engine-unfused"}
     assert {(row["method"], row["batch"]) for row in r["rows"]} >= {("engine", 1), ("engine", 2)}
     methods = {row["method"] for row in r["batch1"]}
@@ -540,6 +541,14 @@ def test_bench_reports_baselines_and_kv_bytes():
         hf = set()
     assert methods == {"engine", "engine-unfused", "naive-recompute", "model.KVCache"} | hf
     assert all(row["same_tokens_as_engine"] for row in r["batch1"])
+    # the decode race: every method at batch 1 and 3, the same tokens; the batch-1 bound from measured bandwidth
+    assert {(row["batch"], row["method"]) for row in r["decode_race"]} == \
+        {(b, m) for b in (1, 3) for m in {"engine"} | hf}
+    assert all(row["same_tokens"] for row in r["decode_race"])
+    assert r["bandwidth_bytes_s"] > 1e8
+    for row in r["batch1_bound"]:
+        assert row["bound_tok_s"] == pytest.approx(r["bandwidth_bytes_s"] / bench.decode_bytes_per_token(
+            bench.CommandA(bench.PRESETS["micro"])), rel=1e-2) and row["of_bound"] > 0
     micro_kv = r["kv"][0]
     assert micro_kv["allocated"] == micro_kv["formula"] < micro_kv["all_full"]
 
