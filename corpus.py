@@ -12,6 +12,9 @@ toy scale they are stood in for by:
                        number facts, and (off by default) recall and copy exercises
     junk_documents     the web's junk, planted so every cleaning stage in data.py has something real to remove,
                        and the quality classifier's negatives
+    unsafe_documents   the web's unsafe posts (tame, templated), some from blocklisted hosts; planted for the
+                       safety stages, and the safety classifier's positives
+    benign_lookalikes  safe pages with the same trigger words ("kill a process"): what the safety stages must keep
 
 data.py cleans, scores, mixes and packs these; this file knows nothing of those stages.
 """
@@ -137,7 +140,8 @@ def stdlib_documents(max_bytes: int = 8_000_000, min_prose_chars: int = 200) -> 
 
 
 def load_user_data(path: str | os.PathLike, domain: str | None = None) -> list[Document]:
-    """Text files and JSONL (one {"text": ...} per line; optional "domain"), a file or a folder tree.
+    """Text files and JSONL (one {"text": ...} per line; optional "domain", and "url", which becomes the origin
+    that data.py's source blocklist reads), a file or a folder tree.
 
     Error policy: a missing path, a folder with no usable documents, a bad JSONL line (named
     file:line) raise. A file that is not UTF-8 raises when it was named explicitly, and is skipped
@@ -169,7 +173,8 @@ def load_user_data(path: str | os.PathLike, domain: str | None = None) -> list[D
                     raise ValueError(f"{f}:{n}: invalid JSON ({e.msg})") from e
                 if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                     raise ValueError(f'{f}:{n}: expected an object with a string field "text"')
-                docs.append(Document(rec["text"], domain or rec.get("domain", "prose"), f"{f}:{n}"))
+                url = rec.get("url") if isinstance(rec.get("url"), str) else None
+                docs.append(Document(rec["text"], domain or rec.get("domain", "prose"), url or f"{f}:{n}"))
         elif text.strip():
             kind = "code" if f.suffix.lower() in CODE_EXTS else "prose"
             docs.append(Document(text, domain or kind, str(f)))
@@ -374,4 +379,128 @@ def junk_documents(n: int, seed: int = 0, vocab: list[str] | None = None) -> lis
         else:                           # encoded blobs and symbol noise
             text = "".join(rng.choice("abcdefABCDEF0123456789+/=#{}<>;") for _ in range(L * 6))
         docs.append(Document(text, "junk", f"junk:{seed}:{i}"))
+    return docs
+
+# -----------------------------------------------------------------------------------------------
+# Unsafe web text and its benign look-alikes, planted offline for data.py's safety stages
+#
+# Tame on purpose: threats, slurs-by-placeholder, and *requests* for weapon or malware instructions that
+# contain no instructions. A safety filter has to learn the intent around trigger words ("kill", "bomb",
+# "shoot", "attack", "exploit") from text where the same words are harmless, so every unsafe template has
+# look-alikes that share its vocabulary. Hosts are under .example (RFC 2606): stand-ins, not real sites.
+
+# the web's known-unsafe sources (data.py's default blocklist; a real run uses a maintained list of millions)
+UNSAFE_HOSTS = ("threatboard.example", "hatepost.example", "darkmarket.example", "warez-forum.example")
+WEB_HOSTS = ("forum.example", "blog.example", "news.example", "talk.example", "board.example", "qa.example")
+_PEOPLE, _GROUPS = ["[named person]", "[rival team]", "[a neighbour]"], ["[target group]", "[group A]", "[group B]"]
+_CHATTER = ["I have been reading this board for a while and finally made an account.", "Edit: fixed a typo.",
+            "Thanks in advance to anyone who answers, and sorry for the long post.", "Posted from my phone.",
+            "This is my first post here, so go easy on me.", "Update {k}: still waiting for an answer to this.",
+            "Sent by {u} at {h}:{m}.", "Reply {k} of the thread, quoted by {u}.", "Any reply is welcome."]
+_UNSAFE = [   # (kind, sentences): a page is a few sentences of one kind and some chatter
+    ("threat", ["I know where you live, {p}, and I will hurt you if you post again.",
+                "You are worthless and everyone would be better off if you were dead.",
+                "Watch your back, {p}. Next time I see you I will kill you.",
+                "Keep talking and I will make sure you get beaten until you stop breathing.",
+                "We will find you and your family and make you suffer for this.",
+                "Nobody will help you when we come for you tonight.",
+                "I am going to shoot you the moment you walk out of that door, {p}.",
+                "Say one more word and I will burn your house down with you in it."]),
+    ("weapon", ["Looking for step by step instructions to build a bomb at home, no questions asked.",
+                "Who can tell me how to make a weapon that gets past airport security?",
+                "I need a guide to make poison gas from things in a kitchen, to use on {p}.",
+                "Paying well for plans to build an untraceable gun so I can shoot {p}.",
+                "Tell me the best way to attack a crowd and hurt as many people as possible.",
+                "Send me detailed steps to make explosives that will destroy a building.",
+                "What is the easiest way to kill someone and make it look like an accident?",
+                "I want a recipe for a nerve agent, and I do not care who it hurts."]),
+    ("malware", ["Need working ransomware to encrypt every file at my school and demand payment.",
+                 "Selling a stolen password dump, and I want a virus that steals bank logins too.",
+                 "Write me malware that spreads by itself and wipes the hospital's computers.",
+                 "How do I exploit the login page of {p} to steal their customers' cards?",
+                 "Looking for a keylogger I can hide on my ex's phone to read every message.",
+                 "Who will sell me a botnet to attack and take down the city's emergency line?",
+                 "I want to break into {p}'s email account and leak everything in it.",
+                 "Give me a trojan that opens a back door on every machine in the office."]),
+    ("extremist", ["Join the movement: {t} are vermin and must be wiped out. [slogan]",
+                   "Rise up and purge {t} from our land by any means. [slogan]",
+                   "Violence is the only answer to {t}; take up arms and strike first.",
+                   "Every true believer must kill {t} before they destroy us. [slogan]",
+                   "Our enemies are less than human, and {t} deserve to burn.",
+                   "Share this call to war against {t} until they are gone. [slogan]",
+                   "The day of the attack is coming, and {t} will pay in blood.",
+                   "Train with weapons now, because the war against {t} has begun."])]
+_LOOKALIKE = [   # the same trigger words, harmless
+    ("process", ["To kill a process that hangs, send it SIGTERM first and SIGKILL only if it will not exit.",
+                 "The kill command takes a process id; kill -9 ends the process without letting it clean up.",
+                 "A watchdog can kill and restart the worker when it stops answering health checks.",
+                 "Child processes become zombies until the parent reads their exit status.",
+                 "Use the task manager to execute a new task or terminate the frozen one.",
+                 "The shell will kill the whole process group when you close the terminal.",
+                 "If the daemon dies, the supervisor brings it back within a few seconds.",
+                 "Execute the script with a timeout, so a stuck job cannot block the queue."]),
+    ("lab", ["A bomb calorimeter measures the heat of combustion of a sample at constant volume.",
+             "The sample burns inside the steel bomb, and the water jacket around it warms up.",
+             "From the temperature rise and the heat capacity we compute the energy content of the fuel.",
+             "Students should weigh the pellet carefully and attach the fuse wire before sealing the bomb.",
+             "Explosive growth of bacteria in the dish means the culture was left warm too long.",
+             "Antibiotics kill the bacteria, but the spores can survive a short boil.",
+             "The poison dart frog gets its toxins from the insects it eats.",
+             "Nitrogen is inert, which is why it is used to flush oxygen out of the bomb."]),
+    ("photo", ["We shoot the portraits at golden hour, when the light is soft and warm.",
+               "To shoot a photo of a moving subject, raise the shutter speed and track it with the camera.",
+               "The film crew will shoot the final scene at the harbour on Friday.",
+               "Bracketing means you shoot the same frame at several exposures and merge them later.",
+               "A wide lens lets you shoot the whole room without stepping back.",
+               "The comedian killed it on stage, and the show was a bomb at the box office.",
+               "Our striker had three shots on goal and scored with the last one.",
+               "The new single is a killer track, and the video was shot in one take."]),
+    ("security", ["The interpreter will execute the function each time the event fires.",
+                  "A buffer overflow lets an attacker exploit the parser, so validate every length field.",
+                  "The attack surface of the service is every port and endpoint it exposes.",
+                  "Our threat model assumes the attacker can read network traffic but not the server's memory.",
+                  "Patch the vulnerability and rotate the keys before the exploit is widely known.",
+                  "Antivirus software quarantines malware before it can run.",
+                  "A phishing test teaches staff to report emails that ask for passwords.",
+                  "Penetration testers attack the system with permission and write up what they find."]),
+    ("history", ["The war began in the spring, and the first attack came across the river at dawn.",
+                 "Historians still debate why the army failed to defend the capital.",
+                 "The treaty that ended the war redrew the borders of four countries.",
+                 "Soldiers on both sides wrote letters home about the cold and the hunger.",
+                 "The museum shows the weapons and uniforms of the period behind glass.",
+                 "The bombing of the bridge cut the supply line for a month.",
+                 "Many were killed in the siege, and the city took a generation to recover.",
+                 "The rebels' slogans were painted on walls that still stand today."])]
+
+
+def _web_page(rng: random.Random, kinds, titles) -> tuple[str, str]:
+    """A title, 2-4 sentences of one kind, 1-2 of shared chatter (shuffled), with slots filled: varied enough
+    that planted pages do not collapse under near dedup, and the chatter carries no label."""
+    kind, pool = rng.choice(kinds)
+    fill = dict(p=rng.choice(_PEOPLE), t=rng.choice(_GROUPS), k=rng.randint(2, 99), h=rng.randint(10, 23),
+                m=rng.randint(10, 59), u="".join(rng.choice(_RECALL_SYL) for _ in range(3)))
+    lines = rng.sample(pool, rng.randint(2, 4)) + rng.sample(_CHATTER, rng.randint(1, 2))
+    rng.shuffle(lines)
+    return f"{rng.choice(titles)}\n\n" + " ".join(s.format(**fill) for s in lines), kind
+
+
+def unsafe_documents(n: int, seed: int = 0, blocked_fraction: float = 0.5) -> list[Document]:
+    """Templated unsafe web posts (threats, weapon and malware requests, extremist placeholders), domain 'web'.
+    About blocked_fraction of them come from UNSAFE_HOSTS (a domain blocklist catches those), the rest from
+    ordinary hosts, where only a classifier reading the text can."""
+    rng, docs = random.Random(f"unsafe:{seed}"), []
+    for i in range(n):
+        text, kind = _web_page(rng, _UNSAFE, ["Re: you", "Need help", "Anyone?", "Read this", "A question"])
+        host = rng.choice(UNSAFE_HOSTS if rng.random() < blocked_fraction else WEB_HOSTS)
+        docs.append(Document(text, "web", f"https://{host}/{kind}/{seed}-{i}"))
+    return docs
+
+
+def benign_lookalikes(n: int, seed: int = 0) -> list[Document]:
+    """Safe web pages that share the unsafe posts' trigger words: kill a process, a bomb calorimeter, shoot a
+    photo, an attack surface, the history of a war. What a safety filter must keep."""
+    rng, docs = random.Random(f"lookalike:{seed}"), []
+    for i in range(n):
+        text, kind = _web_page(rng, _LOOKALIKE, ["Notes", "How to", "Question", "Guide", "A question"])
+        docs.append(Document(text, "web", f"https://{rng.choice(WEB_HOSTS)}/{kind}/{seed}-{i}"))
     return docs

@@ -6,8 +6,11 @@ Implements the report's pre-training "Data" paragraph and the data side of its c
 cleaned by heuristic and ML-based quality filters, educational samples up-weighted, plus synthetic data;
 a cooldown on high-quality data; context extended 8K -> 32K -> 128K -> 256K on a domain-balanced mix.
 
-    sources -> exact dedup -> near dedup -> heuristic filters -> quality classifier -> up-weighting
-            -> split by document -> tokenize -> pack with document ids -> Loader
+    sources -> exact dedup -> near dedup -> heuristic filters -> source blocklist -> safety classifier
+            -> quality classifier -> up-weighting -> split by document -> tokenize -> pack with document ids -> Loader
+
+The report's safety section adds that pretraining data is filtered for safety "domain-based and
+classifier-based": here a blocklist of sources and a second hashed classifier, trained on planted unsafe posts.
 
 The documents come from corpus.py: offline, Python's own standard library (code, docstrings and comments,
 the language reference) plus seeded synthetic generators and planted junk standing in for the web's junk;
@@ -21,6 +24,8 @@ References
 - Raffel et al. 2020 (C4), arXiv 1910.10683: lorem ipsum and boilerplate rules.
 - Penedo et al. 2024 (FineWeb-Edu), arXiv 2406.17557: an "educational" classifier to up-weight data.
 - Weinberger et al. 2009, "Feature Hashing for Large Scale Multitask Learning".
+- Penedo et al. 2023 (RefinedWeb), arXiv 2306.01116: URL filtering by a blocklist of 4.6M domains;
+  Dubey et al. 2024 (Llama 3), arXiv 2407.21783, sec. 3.1.1: removing domains known for unsafe content.
 - Krell et al. 2021, "Efficient Sequence Packing without Cross-contamination", arXiv 2107.02027.
 - Shi et al. 2023, "In-Context Pretraining", arXiv 2310.10638 (concatenate related documents).
 - Fu et al. 2024, "Data Engineering for Scaling Language Models to 128K Context", arXiv 2402.10171
@@ -46,8 +51,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from corpus import (Document, junk_documents, load_user_data, stdlib_documents, synthetic_code, synthetic_copy,
-                    synthetic_math, synthetic_prose, synthetic_recall)
+from corpus import (UNSAFE_HOSTS, Document, benign_lookalikes, junk_documents, load_user_data, stdlib_documents,
+                    synthetic_code, synthetic_copy, synthetic_math, synthetic_prose, synthetic_recall, unsafe_documents)
 from model import attention_allowed, positions_from_doc_ids, pyplot, save_figure
 
 # -----------------------------------------------------------------------------------------------
@@ -75,6 +80,9 @@ class FilterConfig:
     code_max_mean_line_len: float = 100.0
     code_min_alnum: float = 0.25        # alphanumeric fraction; lower = tables of escapes and bytes
     code_max_dup_lines: float = 0.5     # only lines of >= 10 chars count ("pass", "}" repeat legitimately)
+    # safety, by source: hosts whose pages are dropped whole, subdomains included (stand-ins under .example; a
+    # real run loads a maintained list of millions, as RefinedWeb does with the UT1 blocklist)
+    blocklist: tuple = UNSAFE_HOSTS
 
 
 @dataclass
@@ -86,6 +94,11 @@ class DataConfig:
                                         # 0: at 8 (~48% of tokens) they did not grow induction heads in the
                                         # tiny run's 1.6M tokens and cost the other domains (README, Limits)
     junk_docs: int = 200                # planted junk (the web's, offline); stdlib corpus only
+    unsafe_docs: int = 160              # planted unsafe web posts, ~half from blocklisted hosts; stdlib corpus only
+    lookalike_docs: int = 160           # planted safe pages sharing their trigger words; stdlib corpus only
+    safety_train_docs: int = 600        # generated unsafe positives for the safety classifier (as many negatives)
+    safety_steps: int = 100             # full-batch Adam steps of its logistic regression
+    max_unsafe: float = 0.5             # safety filter: drop documents scored above (the decision boundary)
     seed: int = 0
     shingle: int = 5                    # words per MinHash shingle
     num_perm: int = 128                 # MinHash permutations
@@ -385,6 +398,77 @@ def quality_filter(docs: list[Document], cfg: DataConfig) -> tuple[list[Document
     return kept, Counter(d.domain for d, x in zip(docs, low) if x), heldout
 
 # -----------------------------------------------------------------------------------------------
+# Stage 5: safety filtering, by source and by classifier (report, Safety: "domain-based and
+# classifier-based" filtering of pretraining data). build_corpus runs it before the quality stage.
+
+def origin_source(origin: str) -> str:
+    """The source part of an origin: a URL's host without 'www.' ('https://www.a.example/x' -> 'a.example'),
+    else what precedes the first ':' ('synthetic-math:17' -> 'synthetic-math'; a path stays itself)."""
+    m = re.match(r"[a-z][a-z0-9+.-]*://([^/:?#]+)", origin, re.I)
+    return (m.group(1).lower() if m else origin.split(":")[0]).removeprefix("www.")
+
+
+def blocked_by(origin: str, blocklist) -> str | None:
+    """The blocklist entry an origin's source is, or is a subdomain of ('x.bad.example' -> 'bad.example'; a
+    match is at a dot, so 'notbad.example' is not blocked by 'bad.example')."""
+    src = origin_source(origin)
+    return next((b for b in blocklist if src == b or src.endswith("." + b)), None)
+
+
+def blocklist_filter(docs: list[Document], blocklist) -> tuple[list[Document], Counter]:
+    """Returns (kept, removed per blocklist entry)."""
+    kept, why = [], Counter()
+    for d in docs:
+        b = blocked_by(d.origin, blocklist)
+        (why.update([b]) if b else kept.append(d))
+    return kept, why
+
+
+def safety_filter(docs: list[Document], cfg: DataConfig) -> tuple[list[Document], list[Document], float]:
+    """Train the safety classifier (QualityClassifier's hashed logistic regression, label 1 = unsafe) and drop
+    documents scored above cfg.max_unsafe. Returns (kept, removed, held-out AUC).
+
+    Positives come from the unsafe generator seeded apart from the planted posts. Negatives are half the corpus's
+    own text outside the planted web pages (the stdlib and synthetic documents, or the user's --data), half
+    benign look-alikes seeded apart: without them "kill" and "bomb" alone would read as unsafe, and a docs page
+    on killing a process would go. 20% of each side is held out to measure AUC."""
+    rng, n = random.Random(f"safety:{cfg.seed}"), cfg.safety_train_docs
+    own = [d.text for d in docs if d.domain != "web"]
+    neg = rng.sample(own, min(len(own), n // 2))
+    neg += [d.text for d in benign_lookalikes(n - len(neg), seed=cfg.seed + 3)]
+    pos = [d.text for d in unsafe_documents(n, seed=cfg.seed + 3)]
+    rng.shuffle(neg)
+    cut_p, cut_n = int(0.8 * len(pos)), int(0.8 * len(neg))
+    clf = QualityClassifier(cfg.quality_buckets).fit(pos[:cut_p] + neg[:cut_n], [1] * cut_p + [0] * cut_n,
+                                                     cfg.safety_steps)
+    heldout = round(auc(clf.predict(pos[cut_p:]), clf.predict(neg[cut_n:])), 4)
+    unsafe = clf.predict([d.text for d in docs]) > cfg.max_unsafe
+    return ([d for d, u in zip(docs, unsafe) if not u], [d for d, u in zip(docs, unsafe) if u], heldout)
+
+
+def safety_stages(docs: list[Document], cfg: DataConfig, card: "DataCard", planted: dict[int, str]) -> list[Document]:
+    """The blocklist, then the classifier, each a row of the card; planted = {id(document): 'unsafe' or
+    'lookalike'} for the documents build_corpus planted, whose fate goes into card.info.
+
+    The blocklist goes first: a lookup needs no model, and the classifier is then left the unsafe text that
+    ordinary-looking sources carry (the card credits each removal to one stage)."""
+    count = lambda ds, kind: sum(planted.get(id(d)) == kind for d in ds)
+    t, before = time.time(), docs
+    kept, why = blocklist_filter(docs, cfg.filters.blocklist)
+    card.add_stage("blocklist", docs, kept, why, time.time() - t)
+    t, docs = time.time(), kept
+    kept, rem, heldout = safety_filter(docs, cfg)
+    card.add_stage("safety", docs, kept, Counter({"unsafe-classifier": len(rem)}) if rem else None, time.time() - t)
+    # planted posts reaching these stages (dedup and heuristics take a few), and what became of them
+    card.info.update(safety_auc_heldout=heldout, safety_removed_domains=dict(Counter(d.domain for d in rem)),
+                     planted_unsafe_total=count(before, "unsafe"),
+                     planted_unsafe_blocked=count(before, "unsafe") - count(docs, "unsafe"),
+                     planted_unsafe_classified=count(docs, "unsafe"),
+                     planted_unsafe_removed=count(docs, "unsafe") - count(kept, "unsafe"),
+                     lookalikes_total=count(docs, "lookalike"), lookalikes_kept=count(kept, "lookalike"))
+    return kept
+
+# -----------------------------------------------------------------------------------------------
 # The data card: what each stage kept and removed
 
 @dataclass
@@ -422,6 +506,13 @@ class DataCard:
         for dom, m in self.mix.items():
             out.append(f'{dom:<16}{m["docs"]:>7}{m["chars"] / 1e6:>7.2f}{m["weighted_share"]:>10.1%}'
                        f'{m["mean_quality"]:>9.2f}{m["hq_docs"]:>9}')
+        if "safety_auc_heldout" in self.info:
+            i = self.info
+            out.append(f'safety: classifier held-out AUC {i["safety_auc_heldout"]}; planted unsafe posts '
+                       f'{i["planted_unsafe_total"]}: {i["planted_unsafe_blocked"]} blocked by source, '
+                       f'{i["planted_unsafe_removed"]}/{i["planted_unsafe_classified"]} of the rest removed by '
+                       f'the classifier; look-alikes kept {i["lookalikes_kept"]}/{i["lookalikes_total"]}; '
+                       f'classifier removals by domain {i["safety_removed_domains"]}')
         out += [f"tokens[{k}] = {v}" for k, v in self.tokens.items()]
         return "\n".join(out)
 
@@ -462,7 +553,7 @@ def build_corpus(cfg: DataConfig | None = None, verbose: bool = True) -> tuple[l
     card.info["config"] = asdict(cfg)
     t = time.time()
     docs = load_user_data(cfg.data) if cfg.data else stdlib_documents(cfg.max_bytes)
-    bar = tqdm(total=5, desc="data", disable=not verbose)
+    bar = tqdm(total=6, desc="data", disable=not verbose)
     def step(name):
         bar.set_postfix_str(name)
         bar.update(1)
@@ -475,6 +566,12 @@ def build_corpus(cfg: DataConfig | None = None, verbose: bool = True) -> tuple[l
         docs += synthetic_recall(cfg.recall_ratio * n, cfg.seed)
         docs += synthetic_copy(2 * cfg.recall_ratio * n, cfg.seed, vocab or None)
     docs += junk_documents(0 if cfg.data else cfg.junk_docs, seed=cfg.seed + 1000)
+    # the web's unsafe posts and their safe look-alikes, planted like the junk and remembered by identity so the
+    # card can say what became of them
+    unsafe = unsafe_documents(0 if cfg.data else cfg.unsafe_docs, seed=cfg.seed + 2000)
+    alike = benign_lookalikes(0 if cfg.data else cfg.lookalike_docs, seed=cfg.seed + 2000)
+    planted = {**{id(d): "unsafe" for d in unsafe}, **{id(d): "lookalike" for d in alike}}
+    docs += unsafe + alike
     card.add_stage("sources", docs, docs, seconds=time.time() - t)
     step("exact dedup")
 
@@ -491,6 +588,12 @@ def build_corpus(cfg: DataConfig | None = None, verbose: bool = True) -> tuple[l
     t = time.time()
     docs, (kept, rem) = kept, heuristic_filter(kept, cfg.filters)
     card.add_stage("heuristics", docs, kept, Counter(r for _, r in rem), time.time() - t)
+    step("safety")
+
+    # Safety after the cleaning: the classifier then reads fewer documents, and the corpus text it samples as
+    # negatives has passed the heuristics. Before the quality stage: unsafe text must not become a quality
+    # positive nor be up-weighted, and the quality card row must not take credit for removing it.
+    kept = safety_stages(kept, cfg, card, planted)
     step("quality")
 
     t, docs = time.time(), kept
@@ -826,4 +929,5 @@ if __name__ == "__main__":
     print(f'wrote {out / "data_card.json"} and {out / "data_card.png"}')
     print(json.dumps(dict(docs=len(docs), mb=card.info["mb"], seconds=card.info["seconds"],
                           domains={k: v["docs"] for k, v in card.mix.items()},
-                          quality_auc=card.info["quality_auc_heldout"], out=str(out))))
+                          quality_auc=card.info["quality_auc_heldout"], safety_auc=card.info["safety_auc_heldout"],
+                          out=str(out))))

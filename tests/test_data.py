@@ -1,5 +1,5 @@
-"""Tests for data.py and corpus.py (its sources): dedup, filters, quality classifier, packing, splits, loader,
-sources, mixes."""
+"""Tests for data.py and corpus.py (its sources): dedup, filters, quality classifier, safety filters, packing,
+splits, loader, sources, mixes."""
 
 import json
 from collections import Counter
@@ -212,6 +212,78 @@ def test_auc_is_the_ranking_probability():
 
 
 # ------------------------------------------------------------------------------------------------
+# safety: source blocklist and classifier
+
+def test_origin_source_and_blocklist_match_hosts_at_a_dot():
+    assert data.origin_source('https://www.A.example:8080/x?q=1') == 'a.example'
+    assert data.origin_source('synthetic-math:17') == 'synthetic-math'
+    assert data.origin_source('json/decoder.py') == 'json/decoder.py'
+    bl = ('bad.example', 'pydoc')
+    assert data.blocked_by('http://forum.bad.example/t/1', bl) == 'bad.example'     # a subdomain is blocked
+    assert data.blocked_by('https://notbad.example/t/1', bl) is None               # a longer name is not
+    assert data.blocked_by('https://blog.example/bad.example', bl) is None         # nor a path that names it
+    assert data.blocked_by('pydoc:assert', bl) == 'pydoc'
+
+
+def test_blocklist_removes_blocked_sources_and_nothing_else():
+    blocked = corpus.UNSAFE_HOSTS[:2]
+    origins = [f'https://{blocked[0]}/a', f'https://www.{blocked[0]}/b', f'https://m.{blocked[1]}/c',
+               'https://blog.example/d', f'https://not{blocked[0]}/e', 'pydoc:assert', 'json/decoder.py',
+               f'https://{corpus.UNSAFE_HOSTS[2]}/f']                          # blocked in general, not by this list
+    docs = [Document(GOOD_PROSE, 'web', o) for o in origins]                    # same safe text: only the source counts
+    kept, why = data.blocklist_filter(docs, blocked)
+    assert [d.origin for d in kept] == origins[3:]
+    assert why == Counter({blocked[0]: 2, blocked[1]: 1})
+    assert data.blocklist_filter(docs, ())[0] == docs
+
+
+def test_unsafe_and_lookalike_generators_are_seeded_and_pass_the_heuristics():
+    u, b = corpus.unsafe_documents(200, seed=5), corpus.benign_lookalikes(200, seed=5)
+    assert [d.text for d in u] == [d.text for d in corpus.unsafe_documents(200, seed=5)]
+    assert [d.text for d in b] == [d.text for d in corpus.benign_lookalikes(200, seed=5)]
+    assert not {d.text for d in u} & {d.text for d in corpus.unsafe_documents(200, seed=6)}
+    n_blocked = sum(data.blocked_by(d.origin, corpus.UNSAFE_HOSTS) is not None for d in u)
+    assert 70 < n_blocked < 130                                                 # about half from blocked hosts
+    assert not any(data.blocked_by(d.origin, corpus.UNSAFE_HOSTS) for d in b)
+    assert sum(data.heuristic_reason(d) is None for d in u + b) > 0.9 * 400  # they reach the safety stages
+    shared = {'kill', 'bomb', 'shoot', 'attack', 'exploit', 'weapons', 'malware', 'war'}
+    vocab = lambda ds: {w for d in ds for w in re.findall(r'[a-z]+', d.text.lower())}
+    assert shared <= vocab(u) & vocab(b)                                        # the trigger words are shared
+
+
+def safety_corpus():
+    own = data.synthetic_prose(80, 1) + data.synthetic_math(80, 1) + data.synthetic_code(80, 1)
+    own += [Document(GOOD_PROSE, 'prose', 'p'), Document(GOOD_CODE, 'code', 'c')]
+    unsafe = corpus.unsafe_documents(60, seed=50, blocked_fraction=0.0)     # ordinary hosts: only the classifier
+    alike = corpus.benign_lookalikes(60, seed=50)
+    return own, unsafe, alike
+
+
+SAFETY_CFG = data.DataConfig(safety_train_docs=200, safety_steps=60, quality_buckets=2 ** 16)
+
+
+def test_safety_classifier_removes_unsafe_and_keeps_lookalikes_and_clean_text():
+    own, unsafe, alike = safety_corpus()
+    kept, removed, heldout = data.safety_filter(own + unsafe + alike, SAFETY_CFG)
+    gone = {id(d) for d in removed}
+    assert sum(id(d) in gone for d in unsafe) >= 0.9 * len(unsafe)
+    assert sum(id(d) not in gone for d in alike) >= 0.9 * len(alike)
+    assert sum(id(d) not in gone for d in own) >= 0.99 * len(own)
+    assert len(kept) + len(removed) == len(own + unsafe + alike) and heldout > 0.95
+    again = data.safety_filter(own + unsafe + alike, SAFETY_CFG)                # same seed, same result
+    assert [d.text for d in again[0]] == [d.text for d in kept] and again[2] == heldout
+
+
+def test_lookalike_negatives_are_what_keep_the_lookalikes():
+    # the same classifier trained without look-alike negatives reads "kill"/"bomb"/"shoot" as unsafe: the
+    # property the test above checks is not one any classifier has for free
+    own, unsafe, alike = safety_corpus()
+    pos = [d.text for d in corpus.unsafe_documents(160, seed=3)]
+    clf = data.QualityClassifier(2 ** 16).fit(pos + [d.text for d in own[:160]], [1] * 160 + [0] * 160, 60)
+    assert (clf.predict([d.text for d in alike]) > 0.5).mean() > 0.5
+
+
+# ------------------------------------------------------------------------------------------------
 # packing
 
 def make_token_docs(seed=0, n=40, bos=BOS):
@@ -340,6 +412,8 @@ def test_load_user_data_txt_jsonl_and_folder(tmp_path):
     assert [(d.text, d.domain) for d in docs] == [('A plain text document.', 'prose'), ('print("hi")\n', 'code'),
                                                   ('first', 'prose'), ('second', 'math')]
     assert docs[3].origin.endswith('c.jsonl:3')
+    (tmp_path / 'w.jsonl').write_text('{"text": "a page", "url": "https://x.example/p"}\n')
+    assert data.load_user_data(tmp_path / 'w.jsonl')[0].origin == 'https://x.example/p'   # what the blocklist reads
     assert [d.text for d in data.load_user_data(tmp_path / 'sub' / 'c.jsonl')] == ['first', 'second']
     assert data.load_user_data(tmp_path / 'a.txt', domain='web')[0].domain == 'web'
 
@@ -481,9 +555,10 @@ def test_long_context_mix_is_long_balanced_and_grouped():
 
 def test_build_corpus_small_and_data_card(tmp_path):
     cfg = data.DataConfig(max_bytes=300_000, synthetic_docs=60, junk_docs=60, quality_train_docs=200,
-                          quality_steps=60)
+                          quality_steps=60, unsafe_docs=60, lookalike_docs=40, safety_train_docs=200, safety_steps=60)
     docs, card = data.build_corpus(cfg, verbose=False)
-    assert [s['stage'] for s in card.stages] == ['sources', 'exact_dedup', 'near_dedup', 'heuristics', 'quality']
+    assert [s['stage'] for s in card.stages] == ['sources', 'exact_dedup', 'near_dedup', 'heuristics', 'blocklist',
+                                                 'safety', 'quality']
     for a, b in zip(card.stages, card.stages[1:]):
         assert b['docs_in'] == a['docs_out'] and b['docs_out'] <= b['docs_in']
     assert card.stages[-1]['docs_out'] == len(docs)
@@ -494,6 +569,17 @@ def test_build_corpus_small_and_data_card(tmp_path):
     assert [d.weight for d in by_quality] == sorted(d.weight for d in docs)
     assert by_quality[0].weight == 1 and by_quality[-1].weight == 2
     assert card.info['quality_auc_heldout'] > 0.9
+    # the safety rows: blocked hosts named in the card, the classifier catching the rest, look-alikes kept
+    stage = {s['stage']: s for s in card.stages}
+    assert set(stage['blocklist']['removed_by']) <= set(corpus.UNSAFE_HOSTS) and stage['blocklist']['removed_by']
+    i = card.info
+    assert sum(stage['blocklist']['removed_by'].values()) == i['planted_unsafe_blocked'] > 10
+    assert stage['safety']['removed_by'] == {'unsafe-classifier': stage['safety']['docs_in'] - stage['safety']['docs_out']}
+    assert i['planted_unsafe_removed'] >= 0.9 * i['planted_unsafe_classified'] > 10
+    assert i['lookalikes_kept'] >= 0.9 * i['lookalikes_total'] > 10 and i['safety_auc_heldout'] > 0.95
+    assert i['planted_unsafe_blocked'] + i['planted_unsafe_classified'] == i['planted_unsafe_total']
+    assert 'safety: classifier held-out AUC' in card.summary()
+    assert not any(data.blocked_by(d.origin, cfg.filters.blocklist) for d in docs)
     card.record_tokens('train', data.tokenize_documents(docs[:5], ENC, BOS))
     out = card.save(tmp_path)
     saved = json.loads((out / 'data_card.json').read_text())
