@@ -343,6 +343,63 @@ def train_bench(presets=("tiny", "small"), batch=4, T=512, window=128, reps=5, c
     return {"peak_flops": peak, "threads": torch.get_num_threads(), "rows": rows}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Activation checkpointing (pretrain.py --recompute): memory against time
+
+
+def _recompute_child(preset: str, batch: int, T: int, window: int, recompute: bool, reps: int):
+    """In a fresh process (peak RSS cannot be reset in one): the step's best time and its peak memory above what
+    the model, AdamW state and batch hold before the first step. Prints one JSON line."""
+    import resource
+    from model import bf16_is_fast
+    tune_malloc()
+    cfg = dataclasses.replace(PRESETS[preset], sliding_window=window or PRESETS[preset].sliding_window)
+    torch.manual_seed(0)
+    model = CommandA(cfg)
+    model.recompute = recompute
+    ids = torch.randint(0, cfg.vocab_size, (batch, T + 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    for p in model.parameters():                      # Adam state allocated up front: it is not activation memory
+        opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    bf16, best, losses = bf16_is_fast("cpu"), float("inf"), []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(ids[:, :-1], targets=ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        best = min(best, time.perf_counter() - t0)
+        losses.append(loss.item())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"recompute": recompute, "step_s": best, "peak_above_base_bytes": peak - base,
+                      "losses": losses, "bf16": bf16}))
+
+
+def recompute_bench(preset="small", batch=4, T=512, window=128, reps=3, rounds=2) -> list:
+    """Step time and peak activation memory with and without per-layer recompute, each in its own process,
+    alternating (off, on, off, on) `rounds` times; best of each."""
+    import os
+    import subprocess
+    here, best = os.path.dirname(os.path.abspath(__file__)), {}
+    for _ in range(rounds):
+        for rc in (False, True):
+            code = f"import bench; bench._recompute_child({preset!r}, {batch}, {T}, {window}, {rc}, {reps})"
+            p = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, check=True)
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            if rc not in best or r["step_s"] < best[rc]["step_s"]:
+                best[rc] = {**r, "peak_above_base_bytes": min(r["peak_above_base_bytes"],
+                                                             best.get(rc, r)["peak_above_base_bytes"])}
+    off, on = best[False], best[True]
+    print(f"{preset} B={batch} T={T} W={window}: recompute off {off['step_s']:.3f} s/step, peak +"
+          f"{off['peak_above_base_bytes'] / 2**20:.0f} MiB; on {on['step_s']:.3f} s/step "
+          f"({on['step_s'] / off['step_s']:.2f}x), peak +{on['peak_above_base_bytes'] / 2**20:.0f} MiB "
+          f"({on['peak_above_base_bytes'] / max(1, off['peak_above_base_bytes']):.2f}x); same losses: "
+          f"{on['losses'] == off['losses']}")
+    return [off, on]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description="Benchmarks. Default: serve.py's engine (python serve.py --bench runs "
@@ -363,6 +420,8 @@ def main(argv=None):
     ap.add_argument("--bench-window", type=int, default=128,
                     help="--train: sliding window of every preset (0: the preset's own)")
     ap.add_argument("--compile", action="store_true", help="also race the torch.compile'd engine / training step")
+    ap.add_argument("--recompute", action="store_true", help="--train: instead, per-layer activation recompute's "
+                    "step time and peak memory, with and without (first preset of --bench-presets)")
     ap.add_argument("--prefix-cache-mb", type=float, default=256,
                     help="prefix cache bound for the bench's cached-preamble TTFT row (0: skip that row)")
     args = ap.parse_args(argv)
@@ -380,6 +439,10 @@ def main(argv=None):
     if args.train:   # training uses every core (the threads default is the engine's)
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.recompute:
+            print(json.dumps(recompute_bench(args.bench_presets.split(",")[0], args.bench_batch, args.bench_seq,
+                                             args.bench_window, reps=args.bench_reps)))
+            return
         print(json.dumps(train_bench(tuple(args.bench_presets.split(",")), batch=args.bench_batch, T=args.bench_seq,
                                      window=args.bench_window, reps=args.bench_reps + 2, compile=args.compile)))
         return

@@ -876,9 +876,10 @@ def save_figure(fig, path: str, dpi=110):
 
 
 def flops_per_token(cfg: ModelConfig, T: int) -> float:
-    """6N for the matmuls forward+backward + 12*L*H*T for attention scores (the nanoGPT/torchtitan convention;
-    it counts full causal attention even on sliding layers, so it slightly overstates work at T > W)."""
-    return 6 * cfg.num_params() + 12 * cfg.num_hidden_layers * cfg.hidden_size * T
+    """6N for the matmuls forward+backward + 12*H*T per layer for attention scores (PaLM appendix B; nanoGPT and
+    torchtitan count the same), with a sliding layer's T capped at its window: band attention does no more."""
+    keys = sum(min(T, cfg.window_of(kind) or T) for kind in cfg.layer_types)
+    return 6 * cfg.num_params() + 12 * cfg.hidden_size * keys
 
 
 def tune_malloc():

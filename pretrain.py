@@ -71,9 +71,13 @@ class TrainConfig:
     lr: float = 3e-3                   # peak Adam LR at the muP base width (hidden matrices get lr / m)
     warmup_frac: float = 0.05          # linear warmup share of steps
     cooldown_frac: float = 0.3         # linear cooldown-to-zero share of steps (high-quality + long context)
-    # context-extension stages inside the cooldown: (seq_len multiple of seq_len, share of cooldown steps)
-    # report: 8K -> 32K -> 128K -> 256K; tiny: 256 -> 1024 -> 2048
-    context_stages: list = field(default_factory=lambda: [[1, 0.5], [4, 0.3], [8, 0.2]])
+    # context-extension stages inside the cooldown: (seq_len multiple of seq_len, share of cooldown steps);
+    # the report's 8K -> 32K -> 128K -> 256K is 1:4:16:32; tiny: 128 -> 512 -> 2048 -> 4096
+    context_stages: list = field(default_factory=lambda: [[1, 0.4], [4, 0.3], [16, 0.2], [32, 0.1]])
+    cooldown_data: str = "high_quality"  # the cooldown's mix at the main context; "main" keeps the main mix
+                                         # (decay only: the ablation that separates the decay from the data)
+    instruct_frac: float = 0.02        # share of the main mix's tokens that is chat-format instruction data
+    recompute: bool = False            # activation checkpointing per layer (memory for ~1/3 more compute)
     weight_decay: float = 0.1          # AdamW, on matrices only
     beta1: float = 0.9
     beta2: float = 0.95
@@ -89,7 +93,9 @@ class TrainConfig:
     samples: int = 3                   # generations printed at the end
 
 
-TINY = dict(preset="tiny", vocab_size=8192, corpus_mb=4.0, seq_len=256, batch_size=16, steps=400, lr=3e-3)
+# main context 128 = twice tiny's 64-token window, as the report's 8K is twice its 4K window; 4096 tokens a step,
+# so the 32x stage (4096) has one row: data-parallel runs (--dp / --fsdp 2) need --batch-size 64
+TINY = dict(preset="tiny", vocab_size=8192, corpus_mb=4.0, seq_len=128, batch_size=32, steps=400, lr=3e-3)
 
 
 def validate(cfg: TrainConfig):
@@ -109,6 +115,8 @@ def validate(cfg: TrainConfig):
     need(cfg.corpus_mb > 0, "--corpus-mb must be > 0")
     need(0 < cfg.val_fraction < 0.5, "--val-fraction must be in (0, 0.5)")
     need(all(int(m) >= 1 and f > 0 for m, f in cfg.context_stages), "context stages need multiples >= 1, shares > 0")
+    need(cfg.cooldown_data in ("high_quality", "main"), "--cooldown-data must be high_quality or main")
+    need(0 <= cfg.instruct_frac < 0.5, "--instruct-frac must be in [0, 0.5)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,17 +158,34 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.steps - step) / cooldown
 
 
+def source(phase: dict) -> str:
+    """The loader a phase reads: its own, or the main phase's when it trains on the main mix."""
+    return "main" if phase["mix"] == "main" else phase["name"]
+
+
+def make_loaders(cfg: TrainConfig, plan: list[dict], packed: dict) -> dict:
+    """One loader per data source. A phase on the main mix (--cooldown-data main) reads on where the main phase
+    stopped: new rows, not a reshuffle of rows already seen."""
+    loaders = {}
+    for i, p in enumerate(plan):
+        if source(p) not in loaders:
+            loaders[source(p)] = D.Loader(packed[p["name"]], rows_per_batch(cfg, p["seq_len"]), seed=cfg.seed + i)
+    return loaders
+
+
 def phases(cfg: TrainConfig) -> list[dict]:
     """The run as a list of phases: the main phase on the up-weighted mix, then the cooldown's context
-    stages (the first on the high-quality mix at the main context, the rest on long documents)."""
+    stages (the first on the high-quality mix at the main context, the rest on long high-quality documents).
+    precision: the report trains in FP8 and cools down in BF16, so --fp8 covers the main phase only."""
     cooldown = round(cfg.cooldown_frac * cfg.steps)
-    out = [{"name": "main", "start": 0, "end": cfg.steps - cooldown, "seq_len": cfg.seq_len, "mix": "main"}]
+    out = [{"name": "main", "start": 0, "end": cfg.steps - cooldown, "seq_len": cfg.seq_len, "mix": "main",
+            "precision": "fp8" if cfg.fp8 else "bf16"}]
     start, total = cfg.steps - cooldown, sum(f for _, f in cfg.context_stages)
     for i, (mult, frac) in enumerate(cfg.context_stages):
         end = cfg.steps if i == len(cfg.context_stages) - 1 else start + round(cooldown * frac / total)
         T = cfg.seq_len * int(mult)
         out.append({"name": f"cooldown@{T}", "start": start, "end": end, "seq_len": T,
-                    "mix": "high_quality" if T == cfg.seq_len else "long"})
+                    "mix": cfg.cooldown_data if T == cfg.seq_len else "long", "precision": "bf16"})
         start = end
     return [p for p in out if p["end"] > p["start"]]
 
@@ -206,6 +231,9 @@ def prepare_data(cfg: TrainConfig, out: str, tok: Tokenizer | None, verbose=True
     bos = tok.bos_id
     packed = {}
     main_tokens = D.tokenize_documents(D.pretrain_mix(train_docs, cfg.seed), encode, bos)
+    instruct = instruction_data(tok, round(cfg.instruct_frac * sum(map(len, main_tokens))), cfg.seed)
+    main_tokens = interleave(main_tokens, instruct, cfg.seed)
+    hq_docs = D.high_quality_subset(train_docs, D.DataConfig.hq_fraction)
     hq_tokens = D.tokenize_documents(D.cooldown_mix(train_docs, seed=cfg.seed), encode, bos)
     val_tokens = D.tokenize_documents(val_docs, encode, bos)
     for p in phases(cfg):
@@ -215,10 +243,10 @@ def prepare_data(cfg: TrainConfig, out: str, tok: Tokenizer | None, verbose=True
         elif p["mix"] == "high_quality":
             rows = hq_tokens
         else:
-            rows = D.long_context_mix(train_docs, encode, min_tokens=T, bos_id=bos, seed=cfg.seed)
+            rows = D.long_context_mix(hq_docs, encode, min_tokens=T, bos_id=bos, seed=cfg.seed)
             if not rows:
-                raise ValueError(f"no documents reach {T} tokens for the long-context stage; lower the "
-                                 f"context multiples or give longer documents")
+                raise ValueError(f"no high-quality documents reach {T} tokens for the long-context stage; lower "
+                                 f"the context multiples or give longer documents")
         pk = D.pack(rows, T, pad_id=tok.pad_id)
         rows_needed = cfg.batch_size * cfg.seq_len // T
         if len(pk) < max(1, rows_needed):
@@ -230,9 +258,44 @@ def prepare_data(cfg: TrainConfig, out: str, tok: Tokenizer | None, verbose=True
         val[dom] = D.pack([t for d, t in zip(val_docs, val_tokens) if d.domain == dom], cfg.seq_len, tok.pad_id)
     n_train = sum(map(len, main_tokens))
     info = {"docs": len(docs), "train_docs": len(train_docs), "val_docs": len(val_docs),
-            "train_tokens_main_mix": n_train, "tokenizer_seconds": round(tok_seconds, 2),
+            "train_tokens_main_mix": n_train, "instruction_examples": len(instruct),
+            "instruction_tokens": sum(map(len, instruct)), "tokenizer_seconds": round(tok_seconds, 2),
             "bytes_per_token": round(sum(len(d.text.encode()) for d in val_docs) / max(1, sum(map(len, val_tokens))), 3)}
     return tok, packed, val, info
+
+
+def instruction_data(tok: Tokenizer, n_tokens: int, seed: int) -> list[list[int]]:
+    """The report mixes human-written instruction data into pretraining. Here: chat-format conversations
+    (prompt and reference answer, the SFT rendering) from tasks.py's TRAIN split of every suite, round-robin
+    over the suites, until n_tokens. Only split="train" is ever drawn: the test split stays unseen."""
+    from tasks import SUITES                     # lazily: only this function needs the task generators
+    out, n, round_ = [], 0, 0
+    while n < n_tokens:
+        batch = [ex for s in SUITES.values() for ex in s.generate(seed + round_, 16, split="train")]
+        if not batch:
+            break
+        for ex in batch:
+            if n >= n_tokens:
+                break
+            ids = [tok.bos_id] + tok.render_chat(ex.sft_messages(), ex.documents, ex.tools, ex.safety_mode,
+                                                 add_generation_prompt=False)
+            out.append(ids)
+            n += len(ids)
+        round_ += 1
+    return out
+
+
+def interleave(docs: list, extra: list, seed: int) -> list:
+    """extra spread at random positions through docs (the main mix is already shuffled; order kept)."""
+    rng = random.Random(f"instruct:{seed}")
+    slots = sorted(rng.randrange(len(docs) + 1) for _ in extra)
+    out, j = [], 0
+    for i, d in enumerate(docs):
+        while j < len(slots) and slots[j] == i:
+            out.append(extra[j])
+            j += 1
+        out.append(d)
+    return out + extra[j:]
 
 
 def data_fingerprint(packed: dict) -> str:
@@ -456,12 +519,15 @@ def rows_per_batch(cfg: TrainConfig, seq_len: int) -> int:
 
 
 def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True,
-          parallel: par.ParallelConfig | None = None, fp32: bool = False, compile: bool = False) -> dict | None:
+          parallel: par.ParallelConfig | None = None, fp32: bool = False, compile: bool = False,
+          data: tuple | None = None, make_model=CommandA) -> dict | None:
     """Train; returns the summary (None on ranks other than 0 of a parallel run, which log and save nothing).
     fp32=True turns bf16 autocast off: slower, and a parallel run then logs one process's losses (bit for bit
     on this CPU); under bf16 an fp32 value that moved by one ulp can round to the neighbouring bf16 value, so
     reordered sums show up as ~1e-5 (see tests/parity.py). compile=True: the training forward and backward
-    through torch.compile (one compilation per context stage; model.py --bench --compile measures the gain)."""
+    through torch.compile (one compilation per context stage; model.py --bench --compile measures the gain).
+    data: prepare_data's (tok, packed, val, info), built once and shared by runs that compare models on the same
+    tokens (ablate.py); make_model(ModelConfig) builds the model (ablate.py's sequential block)."""
     validate(cfg)
     t_start = time.time()
     torch.manual_seed(cfg.seed), random.seed(cfg.seed), np.random.seed(cfg.seed)
@@ -471,17 +537,17 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
     autocast_kw = precision(L.device, fp32, verbose)
     plan = phases(cfg)
     L.check(PRESETS[cfg.preset], [(p["name"], rows_per_batch(cfg, p["seq_len"]), p["seq_len"]) for p in plan])
-    tok, packed, val, data_info = prepare_data_on(cfg, out, L.rank, resume, verbose)
+    tok, packed, val, data_info = data or prepare_data_on(cfg, out, L.rank, resume, verbose)
     fingerprint = data_fingerprint(packed)
     L.check_same_data(fingerprint)
     mcfg = ModelConfig(**{**asdict(PRESETS[cfg.preset]), "vocab_size": tok.vocab_size, "fp8": cfg.fp8,
                           "mup_base_hidden_size": cfg.mup_base_hidden_size,
                           "max_position_embeddings": max(p["seq_len"] for p in plan)})
     torch.manual_seed(cfg.seed)                   # the init owes nothing to what the data pipeline drew (or cached)
-    model = L.wrap(CommandA(mcfg).to(L.device))   # every rank: the same seed, the same full model, then sharded
+    model = L.wrap(make_model(mcfg).to(L.device))  # every rank: the same seed, the same full model, then sharded
+    model.recompute = cfg.recompute
     opt = adamw(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-    loaders = {p["name"]: D.Loader(packed[p["name"]], rows_per_batch(cfg, p["seq_len"]), seed=cfg.seed + i)
-               for i, p in enumerate(plan)}
+    loaders = make_loaders(cfg, plan, packed)
     step, losses, val_log = 0, [], []
     if resume:
         step, meta = load_checkpoint(out, model, opt, cfg, fingerprint)
@@ -505,10 +571,12 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
     model.train()
     while step < stop:
         ph = plan[phase_at(step, plan)]
+        if set_fp8(model, ph["precision"] == "fp8") and verbose and step > 0:
+            bar.write(f"step {step}: {ph['name']} begins: FP8 -> BF16 matmuls (the report cools down in BF16)")
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        micro = [next(loaders[ph["name"]]) for _ in range(cfg.grad_accum)]
+        micro = [next(loaders[source(ph)]) for _ in range(cfg.grad_accum)]
         loss_sum, ntok = forward_backward(step_model, micro, L.device, autocast_kw, f"step {step + 1} in phase "
                                           f"{ph['name']}", f"{out}/checkpoint", cfg, bar)
         apply_update(opt, L.clip_grads(model, cfg.clip), f"step {step + 1}", f"{out}/checkpoint", bar)
@@ -533,6 +601,17 @@ def train(cfg: TrainConfig, out: str, resume: bool = False, verbose: bool = True
         return None
     return summarize(cfg, model, tok, val, out, losses, val_log, plan, meter, data_info, t_start, autocast_kw,
                      verbose)
+
+
+def set_fp8(model, on: bool) -> bool:
+    """Turn model.py's FP8 linear path on or off in every Linear (a function of the phase alone, so a resumed
+    run switches at the same step: FP8's per-tensor scales are dynamic, there is no state to carry). Returns
+    whether anything changed."""
+    linears = [m for m in model.modules() if isinstance(getattr(m, "fp8", None), bool)]
+    changed = any(m.fp8 != on for m in linears)
+    for m in linears:
+        m.fp8 = on
+    return changed
 
 
 def precision(device, fp32: bool, verbose: bool) -> dict:
@@ -625,8 +704,12 @@ def summarize(cfg, model, tok, val, out, losses, val_log, plan, meter, data_info
         for i, p in enumerate(prompts):
             print(f"--- {p!r}\n{sample(model, tok, p, seed=cfg.seed + i, autocast_kw=autocast_kw)}")
     tokens = len(losses) * cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    return {"val_loss": val_log[-1][1], "uniform_loss": round(math.log(tok.vocab_size), 4), "losses": losses,
-            "val_log": val_log, "val_loss_by_domain": val_by_domain, "induction": induction, "tokens": tokens,
+    compute = "bf16" if autocast_kw["enabled"] else "fp32"     # what a "bf16" phase ran in on this device
+    run_phases = [{"name": p["name"], "seq_len": p["seq_len"], "steps": [p["start"], p["end"] - 1],
+                   "precision": p["precision"] if p["precision"] == "fp8" else compute} for p in plan]
+    return {"val_loss": val_log[-1][1], "phases": run_phases, "uniform_loss": round(math.log(tok.vocab_size), 4),
+            "losses": losses, "val_log": val_log, "val_loss_by_domain": val_by_domain, "induction": induction,
+            "tokens": tokens,
             "seconds": round(time.time() - t_start, 1), "params": model.config.num_params(),
             "vocab_size": tok.vocab_size, **totals, "data": data_info, "out": out}
 
@@ -750,7 +833,7 @@ def coord_check(path: str, widths=(64, 128, 256, 512), steps=5, lr=1e-2, seed=0)
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Pretrain a Command A-architecture model with the report's recipe "
                                  "(data pipeline, BPE, muP, bf16/FP8, cooldown, context extension).")
-    ap.add_argument("--tiny", action="store_true", help="the ~2.5-minute CPU run (preset tiny, 4 MB corpus, 400 steps)")
+    ap.add_argument("--tiny", action="store_true", help="the few-minute CPU run (preset tiny, 4 MB corpus, 400 steps)")
     ap.add_argument("--out", default="out/tiny", help="output directory (HF checkpoint + tokenizer + plots)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
     ap.add_argument("--coord-check", metavar="PNG", help="run the muP coordinate check, write the plot, exit")
@@ -767,7 +850,8 @@ def main(argv=None):
                         ("mup_base_hidden_size", "muP base width (0: standard parametrization)"),
                         ("seed", "random seed"), ("eval_every", "steps between validation"),
                         ("ckpt_every", "steps between checkpoints"), ("log_every", "steps between log lines"),
-                        ("samples", "generations printed at the end")]:
+                        ("samples", "generations printed at the end"),
+                        ("instruct_frac", "share of main-mix tokens that is chat instruction data (tasks.py train)")]:
         default = getattr(d, f)
         typ = {"data": str, "max_steps": int, "mup_base_hidden_size": int}.get(f, type(default))
         ap.add_argument("--" + f.replace("_", "-"), type=typ, default=None,
@@ -777,8 +861,14 @@ def main(argv=None):
                     "log the single-process losses (bf16: within ~1e-5)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step (compiles once per "
                     "context stage: pays on long runs; measure with python model.py --bench --compile)")
+    ap.add_argument("--recompute", action="store_true", help="activation checkpointing per layer: keeps each "
+                    "layer's input only and recomputes the rest in backward (less memory, more compute)")
     ap.add_argument("--context-stages", default=None,
-                    help="cooldown context stages as 'mult:share,...' (default 1:0.5,4:0.3,8:0.2)")
+                    help="cooldown context stages as 'mult:share,...' (default 1:0.4,4:0.3,16:0.2,32:0.1, the "
+                    "report's 8K:32K:128K:256K ratios)")
+    ap.add_argument("--cooldown-data", choices=("high_quality", "main"), default=None,
+                    help="the cooldown's data at the main context: the high-quality mix (default, the report's) or "
+                    "the main mix (decay only; an ablation)")
     for a, what in (("dp", "data parallel (replicas)"), ("fsdp", "fully sharded data parallel"),
                     ("sp", "sequence parallel"), ("tp", "tensor parallel (Megatron)")):
         ap.add_argument(f"--{a}", type=int, default=1, help=f"{what} degree; the product of --dp --fsdp --sp --tp "
@@ -798,18 +888,23 @@ def main(argv=None):
         values["mup_base_hidden_size"] = None
     if args.fp8:
         values["fp8"] = True
+    if args.recompute:
+        values["recompute"] = True
     if args.context_stages:
         try:
             values["context_stages"] = [[int(a), float(b)] for a, b in
                                         (s.split(":") for s in args.context_stages.split(","))]
         except ValueError:
-            ap.error("--context-stages must look like 1:0.5,4:0.3,8:0.2")
+            ap.error("--context-stages must look like 1:0.4,4:0.3,16:0.2,32:0.1")
     cfg = TrainConfig(**values)
     pc = par.ParallelConfig(dp=args.dp, fsdp=args.fsdp, sp=args.sp, tp=args.tp)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         validate(cfg)
         pc.validate(PRESETS[cfg.preset], world)
+        if cfg.recompute and world > 1:
+            raise ValueError("--recompute is single-process for now: parallel.py's sharded forward does not "
+                             "checkpoint its layers (its collectives would rerun in backward)")
         if cfg.data is not None and not os.path.exists(cfg.data):
             raise FileNotFoundError(f"--data {cfg.data}: no such file or folder")
         res = train(cfg, args.out, resume=args.resume, parallel=pc if world > 1 else None, fp32=args.fp32,

@@ -116,8 +116,10 @@ def main(argv=None):
         ap.error("--steps must be >= 1")
     from tqdm import tqdm
     bar = tqdm(total=2 * (2 + len(layouts)), desc="parity runs", dynamic_ncols=True)
-    base = ["--tiny", "--max-steps", str(args.steps), "--seed", "0", "--samples", "0"]
-    tiny = dict(batch_size=16, grad_accum=1)         # pretrain.TINY's; checked by tests/test_parallel.py
+    # pretrain.TINY with twice its rows: its 4096-token stage then has 2 rows per step, one per data rank
+    tiny = dict(batch_size=64, grad_accum=1)         # checked against pretrain.TINY by tests/test_parallel.py
+    base = ["--tiny", "--batch-size", str(tiny["batch_size"]), "--max-steps", str(args.steps), "--seed", "0",
+            "--samples", "0"]
     rows = parity(base, tiny["batch_size"], tiny["grad_accum"], layouts, args.out,
                   progress=lambda r: (bar.update(1), bar.set_postfix_str(f"{r['precision']} {r['run']}")))
     bar.close()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pretrain as P
-from model import CommandA, ModelConfig
+from model import CommandA, ModelConfig, PRESETS
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +76,45 @@ def test_phases_extend_context_inside_the_cooldown():
     assert plan[0]["start"] == 0 and plan[-1]["end"] == 100
     assert all(a["end"] == b["start"] for a, b in zip(plan, plan[1:]))
     assert plan[1]["start"] == 70 and [P.phase_at(s, plan) for s in (0, 69, 70, 85, 99)] == [0, 0, 1, 2, 3]
+
+
+def test_tiny_stages_have_the_reports_four_context_ratios_and_cool_down_in_bf16():
+    """Report: the cooldown grows the context 8K -> 32K -> 128K -> 256K, i.e. 1:4:16:32 of the main context,
+    and trains in FP8 until the cooldown, which runs in BF16."""
+    for fp8 in (False, True):
+        plan = P.phases(P.TrainConfig(**{**P.TINY, "fp8": fp8}))
+        cool = [p for p in plan if p["name"] != "main"]
+        assert [p["seq_len"] // P.TINY["seq_len"] for p in cool] == [1, 4, 16, 32]
+        assert [p["mix"] for p in cool] == ["high_quality", "long", "long", "long"]
+        assert plan[0]["precision"] == ("fp8" if fp8 else "bf16") and all(p["precision"] == "bf16" for p in cool)
+    # every phase sees the same tokens per step: the longest stage still has whole rows
+    assert P.rows_per_batch(P.TrainConfig(**P.TINY), 32 * P.TINY["seq_len"]) == 1
+
+
+def test_instruction_data_comes_from_the_train_split_only(monkeypatch):
+    from suite import Suite
+    from tasks import SUITES
+    with open(os.path.join(ROOT, "chat.py"), encoding="utf-8") as f:
+        tok = Tokenizer.train([f.read()], 600)
+    splits, real = [], Suite.generate
+
+    def spy(self, seed, n, split="train", difficulty=1):
+        splits.append(split)
+        return real(self, seed, n, split, difficulty)
+    monkeypatch.setattr(Suite, "generate", spy)
+    docs = P.instruction_data(tok, 20_000, seed=0)
+    assert sum(map(len, docs)) >= 20_000 and set(splits) == {"train"}
+    monkeypatch.setattr(Suite, "generate", real)
+    # no test-split conversation (of any suite, at the seeds it drew) is among them
+    rounds = len(splits) // len(SUITES)
+    test = {tuple(tok.render_chat(ex.sft_messages(), ex.documents, ex.tools, ex.safety_mode,
+                                  add_generation_prompt=False))
+            for r in range(rounds) for s in SUITES.values() for ex in s.generate(r, 16, split="test")}
+    assert test and not test & {tuple(d[1:]) for d in docs}
+    assert all(d[0] == tok.bos_id for d in docs)
+    mixed = P.interleave(list(range(100)), ["a", "b", "c"], seed=0)
+    assert sorted(x for x in mixed if isinstance(x, int)) == list(range(100)) and len(mixed) == 103
+    assert [x for x in mixed if isinstance(x, str)] == ["a", "b", "c"]
 
 
 def test_coord_check_mup_keeps_logits_flat_where_sp_grows(tmp_path):
@@ -196,6 +235,54 @@ def test_fp8_flag_trains_end_to_end(tmp_path):
     assert CommandA.from_pretrained(tmp_path).config.fp8 is False  # fp8 is a runtime switch, not a checkpoint field
 
 
+def test_fp8_until_the_cooldown_then_bf16_and_resume_across_the_switch_is_exact(tmp_path, monkeypatch):
+    import model as M
+    calls, per_step, real_fb = [0], [], P.forward_backward
+    real_fp8 = M.fp8_linear
+
+    def counting_fp8(x, w):
+        calls[0] += 1
+        return real_fp8(x, w)
+
+    def fb(*a, **kw):
+        before = calls[0]
+        out = real_fb(*a, **kw)
+        per_step.append(calls[0] > before)
+        return out
+    monkeypatch.setattr(M, "fp8_linear", counting_fp8)
+    monkeypatch.setattr(P, "forward_backward", fb)
+    cfg = P.TrainConfig(preset="micro", vocab_size=512, corpus_mb=0.3, seq_len=64, batch_size=4, steps=8,
+                        cooldown_frac=0.5, samples=0, context_stages=[[1, 1.0]], eval_every=8, ckpt_every=8,
+                        fp8=True)
+    res = P.train(cfg, str(tmp_path / "direct"), verbose=False)
+    assert per_step == [True] * 4 + [False] * 4                     # FP8 in the main phase, off in the cooldown
+    assert [p["precision"] for p in res["phases"]][0] == "fp8" and res["phases"][1]["precision"] != "fp8"
+    assert res["phases"][0]["steps"] == [0, 3] and res["phases"][1]["steps"] == [4, 7]
+    # the CLI logs the switch, and a run killed after it resumes from a checkpoint before it, bit for bit
+    args = ["--preset", "micro", "--vocab-size", "512", "--corpus-mb", "0.3", "--seq-len", "64", "--batch-size",
+            "4", "--steps", "8", "--cooldown-frac", "0.5", "--fp8", "--samples", "0", "--context-stages", "1:1",
+            "--ckpt-every", "3", "--eval-every", "8", "--out", str(tmp_path / "cli")]
+    ref = run(args[:-1] + [str(tmp_path / "ref")])
+    assert "FP8 -> BF16" in ref.stdout + ref.stderr
+    assert run(args, env={"PRETRAIN_CRASH_AT_STEP": "5"}).returncode == 17   # last checkpoint: step 3, in FP8
+    assert summary(run(args + ["--resume"]))["losses"] == summary(ref)["losses"]
+
+
+def test_recompute_gives_the_same_losses(tmp_path):
+    cfg = dict(preset="micro", vocab_size=512, corpus_mb=0.3, seq_len=64, batch_size=4, steps=4, samples=0,
+               context_stages=[[1, 1.0]], eval_every=4, ckpt_every=4)
+    ref = P.train(P.TrainConfig(**cfg), str(tmp_path / "plain"), verbose=False)
+    res = P.train(P.TrainConfig(**cfg, recompute=True), str(tmp_path / "recompute"), verbose=False)
+    assert res["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=0)
+
+
+def test_recompute_bench_reports_time_and_memory_with_the_same_losses():
+    import bench
+    off, on = bench.recompute_bench("micro", batch=2, T=32, window=0, reps=1, rounds=1)
+    assert (off["recompute"], on["recompute"]) == (False, True) and off["losses"] == on["losses"]
+    assert off["step_s"] > 0 and on["step_s"] > 0 and off["peak_above_base_bytes"] >= 0
+
+
 def test_compile_flag_traces_the_training_step_and_changes_no_loss(tmp_path, monkeypatch):
     """--compile wraps the step in torch.compile. Dynamo's eager backend (the graph capture without inductor's
     minutes of C++ compilation) must trace the model's band attention and chunked loss and train the same."""
@@ -242,3 +329,52 @@ def test_induction_probe_separates_a_copier_from_a_guesser():
     guesser = P.induction_probe(Copier(False), (0, V), length=L)
     assert guesser["first"] == pytest.approx(math.log(V), abs=1e-3) == guesser["repeat"]
     assert copier["repeat"] < 1e-3 and copier["first"] == pytest.approx(math.log(V), abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------- ablations
+
+
+@pytest.mark.slow
+def test_ablation_cli_runs_every_claim_on_a_micro_config(tmp_path):
+    import ablate
+    p = subprocess.run([sys.executable, "ablate.py", "--micro", "--reps", "1", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.load(open(tmp_path / "ablate.json"))
+    v = r["variants"]
+    assert set(v) == set(ablate.VARIANTS) and (tmp_path / "ablate.png").exists()
+    tokens = {x["tokens"] for x in v.values()}
+    assert len(tokens) == 1                                                    # equal tokens for every variant
+    assert all(math.isfinite(x["val_loss"]) and x["step_tok_per_s"] > 0 for x in v.values())
+    # the sequential block has one more (weight-only) LayerNorm per layer, counted on the trained module;
+    # the attention variants differ only in KV bytes
+    n_layers, H = PRESETS["micro"].num_hidden_layers, PRESETS["micro"].hidden_size
+    assert v["sequential block"]["params"] - v[ablate.REPORT_MODEL]["params"] == n_layers * H
+    kv = {n: list(v[n]["kv_bytes"].values())[-1] for n in ("all full / NoPE", ablate.REPORT_MODEL,
+                                                            "all sliding / RoPE")}
+    assert kv["all full / NoPE"] > kv[ablate.REPORT_MODEL] > kv["all sliding / RoPE"]
+    assert v["no cooldown"]["phases"] == [{"name": "main", "seq_len": 64, "steps": [0, 7],
+                                           "precision": v["no cooldown"]["phases"][0]["precision"]}]
+    assert len(v[ablate.REPORT_MODEL]["phases"]) == 3 and "| sequential block |" in p.stdout
+    # decay only: the same cooldown steps, on the main mix at the main context
+    assert [(x["name"], x["steps"]) for x in v["decay on the main mix"]["phases"]] == [("main", [0, 5]),
+                                                                                        ("cooldown@64", [6, 7])]
+    assert v[ablate.REPORT_MODEL]["retrieval"]["distance"] == r["distance"] > PRESETS["micro"].sliding_window
+
+
+def test_sequential_block_is_the_sequential_formula():
+    import ablate
+    from model import rope_cos_sin
+    torch.manual_seed(0)
+    cfg = PRESETS["micro"]
+    layer = ablate.SequentialLayer(cfg, 0)
+    h = torch.randn(2, 5, cfg.hidden_size)
+    rope = rope_cos_sin(torch.arange(5).expand(2, 5), cfg.head_dim, cfg.rope_theta, h.dtype)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    h1 = h + layer.self_attn(layer.input_layernorm(h), rope, mask)
+    ref = h1 + layer.mlp(layer.post_attention_layernorm(h1))
+    torch.testing.assert_close(layer(h, rope, mask), ref)
+    parallel = h + layer.self_attn(layer.input_layernorm(h), rope, mask) + layer.mlp(layer.input_layernorm(h))
+    assert not torch.allclose(ref, parallel, atol=1e-4)
+    assert isinstance(ablate.sequential_model(cfg).model.layers[0], ablate.SequentialLayer)
+    assert not isinstance(CommandA(cfg).model.layers[0], ablate.SequentialLayer)   # the patch was undone
