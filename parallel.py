@@ -5,6 +5,7 @@ over a mesh of H100s" -- DP, FSDP, SP and Megatron-style TP), on torch.distribut
     torchrun --standalone --nproc_per_node 4 pretrain.py --tiny --fsdp 2 --tp 2      # one node (gloo on CPU)
     torchrun --nnodes 2 --node_rank R --rdzv_endpoint HOST:29500 --nproc_per_node 8 pretrain.py --fsdp 2 --tp 8
     python parallel.py --plan command-a --gpus 64 [--dp --fsdp --sp --tp] [--seq --micro-batch]   # plan the real run
+        [--gather-dtype bf16] [--recompute] [--decode-batch --decode-context]   # ranked: activation vs param traffic
 
 The PyTorch analog of JAX's named sharding is a DeviceMesh with named dims and DTensor placements. The four axes,
 in the order torchtitan composes them (TP first, then FSDP per block and on the root):
@@ -61,7 +62,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model import PRESETS, CommandA, ModelConfig, dense_masks, doc_ids_from_positions, nll_sum, \
+from model import PRESETS, CommandA, ModelConfig, dense_masks, doc_ids_from_positions, flops_per_token, nll_sum, \
     positions_from_doc_ids, rope_cos_sin
 
 AXES = ("dp", "fsdp", "sp", "tp")
@@ -524,7 +525,8 @@ class Layout:
             try:
                 self.pc.check_batch(B, T)
             except ValueError as e:
-                raise ValueError(f"phase {name} (rows of {T} tokens): {e}") from None
+                raise ValueError(f"phase {name} (rows of {T} tokens, {B} per step: the long stages keep the "
+                                 f"tokens per step, so they have fewer rows): {e}") from None
 
     def check_same_data(self, fingerprint: str):
         """Every rank must have built the same training data (each builds it deterministically)."""
@@ -568,12 +570,30 @@ class Layout:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The plan: memory and communication per GPU from the ZeRO / Megatron formulas (what parallelize() does)
+# The plan: memory and communication per GPU from the ZeRO / Megatron formulas (what parallelize() does), and a
+# cost model that ranks layouts. The report pretrains with DP, FSDP and SP only, "to minimize activation traffic",
+# and keeps TP for decoding. Two kinds of traffic, timed apart:
+#   ACTIVATION bytes -- TP's all-gather / reduce-scatter of the norm output and partial sums, SP's K/V gathers:
+#     every layer waits for them, forward and backward, so they sit on the critical path (exposed in full).
+#   PARAMETER bytes -- FSDP's all-gathers of the next block (prefetched while this one computes), its gradient
+#     reduce-scatters, the dp all-reduce: they overlap with compute and cost time only past it.
+#   comm s   = sum over collectives of bytes / link(group)  (activation s + parameter s, no overlap)
+#   exposed s = activation s + max(0, parameter s - compute s),  compute s = FLOPs / (bf16 peak x MFU)
+# A group runs on NVLink when its ranks sit in one node (the tp-fastest mesh of build_mesh: a tp group spans tp
+# consecutive ranks, sp spans sp x tp, the FSDP group fsdp x sp x tp, dp all), else on each GPU's InfiniBand
+# link, the slowest hop of the ring. Layouts process different tokens per step, so they rank by exposed seconds
+# per million tokens (fitting layouts first): the same order as estimated tokens/s, as compute per token is equal.
 
 H100_MEM = 80e9          # bytes of HBM on an H100 SXM
-# fp32 master, fp32 grads, Adam m + v; FSDP gathers fp32 params here (exact parity with one process; a
-# MixedPrecisionPolicy(param_dtype=bf16) would halve the gathered bytes and the all-gather traffic)
-BYTES = {"master": 4, "grad": 4, "adam": 8, "gathered": 4}
+H100 = {"hbm_bytes_per_s": 3.35e12, "bf16_flops": 989e12, "fp8_flops": 1979e12}   # SXM spec sheet, dense
+GPUS_PER_NODE = 8        # HGX H100: 8 GPUs on one NVSwitch
+# per GPU, per direction: NVLink 4 is 18 links x 25 GB/s = 450 GB/s; one ConnectX-7 NDR NIC (400 Gb/s) per GPU
+LINK_BYTES_PER_S = {"nvlink": 450e9, "ib": 50e9}
+MFU = 0.4                # assumed fraction of bf16 peak the GEMMs reach: how long compute lasts to hide FSDP behind
+BYTES = {"master": 4, "grad": 4, "adam": 8}           # per param: fp32 master, fp32 grads, Adam m + v
+# FSDP's gathered copy: fp32 is what parallelize() does (exact parity with one process); bf16 is
+# MixedPrecisionPolicy(param_dtype=bf16): half the gathered bytes and half the all-gather traffic
+GATHER_BYTES = {"fp32": 4, "bf16": 2}
 
 
 def collectives_per_step(cfg: ModelConfig, pc: ParallelConfig, micro_batches: int = 1) -> dict:
@@ -595,10 +615,17 @@ def collectives_per_step(cfg: ModelConfig, pc: ParallelConfig, micro_batches: in
     return dict(c)
 
 
+def link(pc: ParallelConfig, axis: str) -> float:
+    """Bytes/s one GPU moves in a collective over `axis`: NVLink if the group's ranks fit in one node."""
+    span = {"tp": pc.tp, "sp": pc.sp * pc.tp, "fsdp": pc.fsdp * pc.sp * pc.tp, "dp": pc.world}[axis]
+    return LINK_BYTES_PER_S["nvlink" if span <= GPUS_PER_NODE else "ib"]
+
+
 def plan(cfg: ModelConfig, pc: ParallelConfig, seq: int, micro_batch: int, micro_batches: int = 1,
-         recompute: bool = False) -> dict:
+         recompute: bool = False, gather_dtype: str = "fp32") -> dict:
     """Per-GPU memory (bytes) and communication (bytes sent per step, ring algorithms: an all-gather or
-    reduce-scatter of S bytes over g ranks sends (g-1)/g * S, an all-reduce twice that)."""
+    reduce-scatter of S bytes over g ranks sends (g-1)/g * S, an all-reduce twice that), split into activation
+    and parameter traffic, and the cost model's seconds."""
     H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     kvd = cfg.num_key_value_heads * cfg.head_dim
     t, s, shard = pc.tp, pc.sp, pc.fsdp * pc.sp
@@ -606,8 +633,9 @@ def plan(cfg: ModelConfig, pc: ParallelConfig, seq: int, micro_batch: int, micro
     replicated = V * H + (L + 1) * H                             # tied embedding + norms: not split by TP here
     per_tp_rank = L * layer_mats / t + replicated                # parameters one TP rank owns before FSDP
     p_local = per_tp_rank / shard                                # ... and after FSDP's sharding
+    gb = GATHER_BYTES[gather_dtype]
     mem = {"params": p_local * BYTES["master"], "grads": p_local * BYTES["grad"], "optimizer": p_local * BYTES["adam"],
-           "gathered": 2 * layer_mats / t * BYTES["gathered"]}   # two blocks unsharded at a time (prefetch)
+           "gathered": 2 * layer_mats / t * gb}                  # two blocks unsharded at a time (prefetch)
     # activations kept for backward, bf16 unless noted, per token per layer (no dropout, flash attention):
     # residual in fp32 4H, norm out 2H, q 2H, k+v 4*kvd, attention out 2H, gate/up/product 6I
     per_tok_layer = 10 * H + 4 * kvd + 6 * I
@@ -624,46 +652,126 @@ def plan(cfg: ModelConfig, pc: ParallelConfig, seq: int, micro_batch: int, micro
     ring = lambda g: (g - 1) / g                                 # noqa: E731
     m = micro_batches
     tok_mb = micro_batch * seq
-    comm = {
-        # FSDP: all-gather fp32 params forward and again backward, reduce-scatter fp32 grads (3 x the shard group)
-        "fsdp": m * 3 * ring(shard) * per_tp_rank * 4 if shard > 1 else 0.0,
-        "dp": 2 * ring(pc.dp) * p_local * 4 if pc.dp > 1 else 0.0,
-        # TP+SP per layer: AG of the norm output (fp32 residual dtype) + RS of the fp32 partials, x2 for backward
-        "tp": m * L * 4 * ring(t) * (tok_mb / s) * H * 4 + 2 * ring(t) * replicated / shard * 4 if t > 1 else 0.0,
-        # SP: K/V of local heads gathered forward, reduce-scattered backward (bf16)
-        "sp": m * L * 2 * ring(s) * tok_mb * 2 * kvd / t * 2 if s > 1 else 0.0,
-    }
+    # FSDP: all-gather params forward and again backward (gather dtype), reduce-scatter grads in fp32 -- torchtitan's
+    # reduce_dtype: a bf16 sum over many ranks keeps 8 mantissa bits, and Adam's update reads those small grads
+    fsdp_gather = m * 2 * ring(shard) * per_tp_rank * gb if shard > 1 else 0.0
+    fsdp_reduce = m * ring(shard) * per_tp_rank * 4 if shard > 1 else 0.0
+    # TP+SP per layer: AG of the norm output (fp32 residual dtype) + RS of the fp32 partials, x2 for backward;
+    # once per step the replicated (embedding, norm) grads are all-reduced over tp: parameter traffic
+    tp_act = m * L * 4 * ring(t) * (tok_mb / s) * H * 4 if t > 1 else 0.0
+    tp_grad = 2 * ring(t) * replicated / shard * 4 if t > 1 else 0.0
+    comm = {"fsdp": fsdp_gather + fsdp_reduce, "dp": 2 * ring(pc.dp) * p_local * 4 if pc.dp > 1 else 0.0,
+            "tp": tp_act + tp_grad,
+            # SP: K/V of local heads gathered forward, reduce-scattered backward (bf16)
+            "sp": m * L * 2 * ring(s) * tok_mb * 2 * kvd / t * 2 if s > 1 else 0.0}
     comm["total"] = sum(comm.values())
+    traffic = {"activation": tp_act + comm["sp"], "parameter": comm["fsdp"] + comm["dp"] + tp_grad,
+               "fsdp_gather": fsdp_gather, "grad_reduce": fsdp_reduce + comm["dp"] + tp_grad}
+    act_s = tp_act / link(pc, "tp") + comm["sp"] / link(pc, "sp")
+    param_s = comm["fsdp"] / link(pc, "fsdp") + comm["dp"] / link(pc, "dp") + tp_grad / link(pc, "tp")
+    tokens = pc.data * micro_batch * m * seq
+    # recompute runs the forward twice: 8N instead of 6N per token for the matmuls
+    flops = tokens / pc.world * flops_per_token(cfg, seq) * (4 / 3 if recompute else 1)
+    compute_s = flops / (H100["bf16_flops"] * MFU)
+    exposed = act_s + max(0.0, param_s - compute_s)
+    cost = {"activation_s": act_s, "parameter_s": param_s, "comm_s": act_s + param_s, "compute_s": compute_s,
+            "exposed_s": exposed, "exposed_s_per_mtok": exposed / tokens * 1e6}
     return {"layout": {a: getattr(pc, a) for a in AXES}, "gpus": pc.world, "seq": seq, "micro_batch": micro_batch,
-            "tokens_per_step": pc.data * micro_batch * m * seq,
+            "tokens_per_step": tokens, "gather_dtype": gather_dtype,
             "micro_batches": m, "recompute": recompute, "memory": mem, "comm_bytes_per_step": comm,
+            "traffic_bytes_per_step": traffic, "cost": cost,
             "collectives_per_step": {f"{op}@{ax}": n for (op, ax), n in collectives_per_step(cfg, pc, m).items()},
             "fits_h100": mem["total"] < H100_MEM}
 
 
-def candidate_layouts(gpus: int) -> list[ParallelConfig]:
-    out = [ParallelConfig(fsdp=gpus)]
-    for tp, sp in ((4, 1), (8, 1), (8, 2), (8, 4)):
-        if gpus % (tp * sp) == 0 and gpus >= tp * sp:
-            out.append(ParallelConfig(fsdp=gpus // (tp * sp), sp=sp, tp=tp))
-    if gpus % 32 == 0 and gpus > 32:     # HSDP: shard inside a group of 4 nodes, replicate across groups
-        out.append(ParallelConfig(dp=gpus // 32, fsdp=4, tp=8))
+def candidate_layouts(gpus: int, cfg: ModelConfig | None = None) -> list[ParallelConfig]:
+    """The report's pretraining axes without TP (pure FSDP, HSDP, FSDP x SP, DP x FSDP x SP; SP inside a node)
+    beside Megatron TP inside a node (alone or with SP). Each (sp, tp) is tried with one model replica over all
+    GPUs and as HSDP with replicas of 32 GPUs (4 nodes shard a 111B model's Adam state); no-SP no-TP also with
+    one-node replicas (fsdp on NVLink, the smaller models' layout). Layouts the preset's heads forbid are left out."""
+    out = []
+    for sp, tp in ((1, 1), (2, 1), (4, 1), (8, 1), (1, 4), (1, 8), (2, 8), (4, 8)):
+        for replica in ((gpus, 32, GPUS_PER_NODE) if sp * tp == 1 else (gpus, 32)):
+            if replica <= gpus and gpus % replica == 0 and replica % (sp * tp) == 0:
+                pc = ParallelConfig(dp=gpus // replica, fsdp=replica // (sp * tp), sp=sp, tp=tp)
+                try:
+                    pc.validate(cfg)
+                except ValueError:
+                    continue
+                if pc not in out:
+                    out.append(pc)
     return out
 
 
-def plan_table(cfg: ModelConfig, layouts, seq: int, micro_batch: int, recompute: bool) -> tuple[str, list]:
+def rank_plans(rows: list) -> list:
+    """Fitting layouts first, each group by exposed communication seconds per million tokens; sets r["rank"]."""
+    rows = sorted(rows, key=lambda r: (not r["fits_h100"], r["cost"]["exposed_s_per_mtok"]))
+    for i, r in enumerate(rows):
+        r["rank"] = i + 1
+    return rows
+
+
+def plan_table(cfg: ModelConfig, layouts, seq: int, micro_batch: int, recompute: bool,
+               gather_dtype: str = "fp32") -> tuple[str, list]:
     G = 1e9
-    rows = [plan(cfg, pc, seq, micro_batch, recompute=recompute) for pc in layouts]
-    lines = ["| dp | fsdp | sp | tp | tokens/step | params+grads+Adam GB | gathered GB | activations GB | total GB "
-             "| fits 80 GB | comm GB/step/GPU (fsdp / dp / tp / sp) |", "|" + "---|" * 11]
+    rows = rank_plans([plan(cfg, pc, seq, micro_batch, recompute=recompute, gather_dtype=gather_dtype)
+                       for pc in layouts])
+    lines = ["| rank | dp | fsdp | sp | tp | tokens/step | params+grads+Adam GB | gathered GB | activations GB | "
+             "total GB | fits 80 GB | activation GB/step (tp / sp) | parameter GB/step (gather / grads) | comm s "
+             "(act + param) | compute s | exposed s/step | exposed s per M tokens |", "|" + "---|" * 17]
     for r in rows:
-        m, c, l = r["memory"], r["comm_bytes_per_step"], r["layout"]
-        lines.append(f"| {l['dp']} | {l['fsdp']} | {l['sp']} | {l['tp']} | {r['tokens_per_step']:,} | "
+        m, c, tr, k, l = r["memory"], r["comm_bytes_per_step"], r["traffic_bytes_per_step"], r["cost"], r["layout"]
+        lines.append(f"| {r['rank']} | {l['dp']} | {l['fsdp']} | {l['sp']} | {l['tp']} | {r['tokens_per_step']:,} | "
                      f"{(m['params'] + m['grads'] + m['optimizer']) / G:.1f} | {m['gathered'] / G:.1f} | "
                      f"{m['activations'] / G:.1f} | {m['total'] / G:.1f} | {'yes' if r['fits_h100'] else 'no'} | "
-                     f"{c['total'] / G:.1f} ({c['fsdp'] / G:.1f} / {c['dp'] / G:.1f} / {c['tp'] / G:.1f} / "
-                     f"{c['sp'] / G:.1f}) |")
+                     f"{tr['activation'] / G:.1f} ({(tr['activation'] - c['sp']) / G:.1f} / {c['sp'] / G:.1f}) | "
+                     f"{tr['parameter'] / G:.0f} ({tr['fsdp_gather'] / G:.0f} / {tr['grad_reduce'] / G:.0f}) | "
+                     f"{k['activation_s']:.2f} + {k['parameter_s']:.2f} | {k['compute_s']:.2f} | "
+                     f"{k['exposed_s']:.2f} | {k['exposed_s_per_mtok']:.1f} |")
     return "\n".join(lines), rows
+
+
+def where_tp_is_needed(cfg: ModelConfig, gpus: int, micro_batch: int, recompute: bool, gather_dtype: str,
+                       seqs=(8192, 32768, 131072, 262144)) -> dict:
+    """Per seq: the best layout without TP and the best with it (the cheapest that fits, else the smallest), and
+    the longest power-of-two seq at which some no-TP layout still fits (activations of one row grow with seq;
+    only TP or more SP than a node's 8 split them further)."""
+    def best(seq, with_tp):
+        rows = [plan(cfg, pc, seq, micro_batch, recompute=recompute, gather_dtype=gather_dtype)
+                for pc in candidate_layouts(gpus, cfg) if (pc.tp > 1) == with_tp and seq % (pc.sp * pc.tp) == 0]
+        fit = [r for r in rows if r["fits_h100"]]
+        if fit:
+            return min(fit, key=lambda r: r["cost"]["exposed_s_per_mtok"])
+        return min(rows, key=lambda r: r["memory"]["total"]) if rows else None
+    fits = lambda r: bool(r and r["fits_h100"])                  # noqa: E731
+    gb = lambda r: r and r["memory"]["total"] / 1e9              # noqa: E731
+    out = []
+    for seq in seqs:
+        no_tp, tp = best(seq, False), best(seq, True)
+        verdict = ("fits without TP" if fits(no_tp) else "needs TP" if fits(tp) else
+                   "nothing fits: " + ("more GPUs or SP" if recompute else "--recompute, more GPUs or SP"))
+        out.append({"seq": seq, "no_tp": no_tp and no_tp["layout"], "no_tp_gb": gb(no_tp), "no_tp_fits": fits(no_tp),
+                    "tp": tp and tp["layout"], "tp_gb": gb(tp), "tp_fits": fits(tp), "verdict": verdict})
+    longest, seq = None, 1024
+    while seq <= 2 ** 21 and (best(seq, False) or {}).get("fits_h100"):
+        longest, seq = seq, 2 * seq
+    return {"per_seq": out, "longest_no_tp_seq": longest}
+
+
+def where_tp_table(w: dict, gpus: int, micro_batch: int, recompute: bool) -> str:
+    name = lambda l: (" x ".join(f"{a} {l[a]}" for a in AXES if l[a] > 1) or "1 GPU") if l else "-"  # noqa: E731
+    lines = [f"where TP is needed ({gpus} GPUs, micro-batch {micro_batch}, {'full' if recompute else 'no'} "
+             f"recompute; best = cheapest that fits, else smallest):",
+             "| seq | best no-TP layout | GB | fits | best TP layout | GB | fits | verdict |", "|" + "---|" * 8]
+    for r in w["per_seq"]:
+        gbs = [f"{g:.0f}" if g is not None else "-" for g in (r["no_tp_gb"], r["tp_gb"])]
+        lines.append(f"| {r['seq']:,} | {name(r['no_tp'])} | {gbs[0]} | {'yes' if r['no_tp_fits'] else 'no'} | "
+                     f"{name(r['tp'])} | {gbs[1]} | {'yes' if r['tp_fits'] else 'no'} | {r['verdict']} |")
+    n = w["longest_no_tp_seq"]
+    lines.append("no no-TP layout fits even at seq 1,024" if n is None else
+                 f"no-TP layouts fit at every seq tried, up to {n:,}" if n >= 2 ** 21 else
+                 f"no-TP layouts fit up to seq {n:,}; from seq {2 * n:,} on, TP (or sp > {GPUS_PER_NODE}) is needed")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -714,8 +822,6 @@ def shard_for_decode(model: CommandA, group=None) -> CommandA:
 # Decoding: why the report keeps TP for serving. At small batch every token reads all weights and the KV cache
 # once, so a decode step is bound by HBM bandwidth until the batch is large enough to be bound by FLOPs.
 
-H100 = {"hbm_bytes_per_s": 3.35e12, "bf16_flops": 989e12, "fp8_flops": 1979e12}   # SXM spec sheet, dense
-
 
 def decode_plan(cfg: ModelConfig, tp: int, batch: int, context: int, fp8: bool) -> dict:
     """Per GPU under TP: weight and KV bytes, the bandwidth-bound and compute-bound time of one decode step, and
@@ -735,12 +841,12 @@ def decode_plan(cfg: ModelConfig, tp: int, batch: int, context: int, fp8: bool) 
             "compute_bound_batch": math.ceil(weights / bw / per_token_gap) if per_token_gap > 0 else None}
 
 
-def decode_table(cfg: ModelConfig, context: int) -> str:
-    lines = ["| TP | precision | weights GB/GPU | KV GB/GPU (1 seq) | fits 80 GB | ms/step at batch 1 | tok/s at "
-             "batch 1 | compute-bound from batch |", "|---|---|---:|---:|---|---:|---:|---:|"]
+def decode_table(cfg: ModelConfig, context: int, batch: int = 1) -> str:
+    lines = [f"| TP | precision | weights GB/GPU | KV GB/GPU ({batch} seq) | fits 80 GB | ms/step at batch {batch} | "
+             f"tok/s per seq at batch {batch} | compute-bound from batch |", "|---|---|---:|---:|---|---:|---:|---:|"]
     for tp in (1, 2, 4, 8):
         for fp8 in (False, True):
-            r = decode_plan(cfg, tp, 1, context, fp8)
+            r = decode_plan(cfg, tp, batch, context, fp8)
             lines.append(f"| {tp} | {r['precision']} | {r['weight_gb']:.1f} | {r['kv_gb']:.2f} | "
                          f"{'yes' if r['fits_80gb'] else 'no'} | {r['step_ms']:.1f} | {r['tok_s_per_seq']:.0f} | "
                          f"{r['compute_bound_batch'] or 'never: KV-bound'} |")
@@ -748,8 +854,9 @@ def decode_table(cfg: ModelConfig, context: int) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Plan a parallel layout: memory per GPU and communication per step "
-                                 "from the ZeRO / Megatron formulas, for a model preset on H100s. (Loss parity "
+    ap = argparse.ArgumentParser(description="Plan a parallel layout: memory per GPU, activation and parameter "
+                                 "traffic per step, ranked by a cost model (see the plan section), for a model "
+                                 "preset on H100s; then where TP is needed, and decoding under TP. (Loss parity "
                                  "under torchrun is measured by python tests/parity.py.)")
     ap.add_argument("--plan", metavar="PRESET", required=True, help=f"model preset ({', '.join(PRESETS)})")
     ap.add_argument("--gpus", type=int, default=64, help="number of GPUs (default 64)")
@@ -759,14 +866,18 @@ def main(argv=None):
     ap.add_argument("--micro-batch", type=int, default=1, help="rows per data-parallel rank (dp x fsdp) per "
                     "micro-batch; sp and tp ranks share a row (default 1)")
     ap.add_argument("--recompute", action="store_true", help="full activation checkpointing per block")
+    ap.add_argument("--gather-dtype", choices=sorted(GATHER_BYTES), default="fp32", help="dtype FSDP all-gathers "
+                    "parameters in: fp32 (what parallelize() does) or bf16 (MixedPrecisionPolicy(param_dtype=bf16)); "
+                    "gradients reduce-scatter in fp32 either way (default fp32)")
     ap.add_argument("--decode-context", type=int, default=8192, help="context of the decode table (default 8192)")
+    ap.add_argument("--decode-batch", type=int, default=1, help="sequences decoded together (default 1)")
     args = ap.parse_args(argv)
     if args.plan not in PRESETS:
         ap.error(f"--plan {args.plan!r}: unknown preset; choose from {sorted(PRESETS)}")
-    if args.gpus < 1 or args.seq < 1 or args.micro_batch < 1:
-        ap.error("--gpus, --seq and --micro-batch must be >= 1")
+    if min(args.gpus, args.seq, args.micro_batch, args.decode_batch, args.decode_context) < 1:
+        ap.error("--gpus, --seq, --micro-batch, --decode-batch and --decode-context must be >= 1")
     cfg = PRESETS[args.plan]
-    layouts, chosen = candidate_layouts(args.gpus), None
+    layouts, chosen = candidate_layouts(args.gpus, cfg), None
     if any(getattr(args, a) is not None for a in AXES):
         given = {a: getattr(args, a) or 1 for a in AXES}
         if args.fsdp is None:                # fsdp takes the GPUs the other axes leave
@@ -774,28 +885,43 @@ def main(argv=None):
         chosen = ParallelConfig(**given)
         try:
             chosen.validate(cfg, args.gpus)
+            chosen.check_batch(chosen.data * args.micro_batch, args.seq)
         except ValueError as e:
             ap.error(str(e))
         layouts = [chosen] + [pc for pc in layouts if pc != chosen]
-    for pc in layouts:
-        pc.validate(cfg)
-    table, rows = plan_table(cfg, layouts, args.seq, args.micro_batch, args.recompute)
+    layouts = [pc for pc in layouts if args.seq % (pc.sp * pc.tp) == 0]
+    table, rows = plan_table(cfg, layouts, args.seq, args.micro_batch, args.recompute, args.gather_dtype)
     print(f"{args.plan}: {cfg.num_params() / 1e9:.1f}B params, {args.gpus} GPUs, seq {args.seq}, micro-batch "
           f"{args.micro_batch}, {'full recompute' if args.recompute else 'no recompute'}; fp32 master + grads "
-          f"+ Adam = 16 B/param split by tp x fsdp x sp")
+          f"+ Adam = 16 B/param split by tp x fsdp x sp; FSDP gathers {args.gather_dtype}, reduces grads in fp32")
+    print(f"cost model: activation traffic (TP, SP) exposed in full, parameter traffic (FSDP, DP) only past compute "
+          f"(bf16 peak x MFU {MFU}); NVLink {LINK_BYTES_PER_S['nvlink'] / 1e9:.0f} GB/s inside a node of "
+          f"{GPUS_PER_NODE}, InfiniBand {LINK_BYTES_PER_S['ib'] / 1e9:.0f} GB/s per GPU across; ranked by exposed "
+          f"s per M tokens, layouts that fit 80 GB first")
     print(table)
     if chosen is not None:
-        r, G = rows[0], 1e9
-        print(f"\nlayout dp={chosen.dp} fsdp={chosen.fsdp} sp={chosen.sp} tp={chosen.tp}:")
+        r, G = next(r for r in rows if r["layout"] == {a: getattr(chosen, a) for a in AXES}), 1e9
+        print(f"\nlayout dp={chosen.dp} fsdp={chosen.fsdp} sp={chosen.sp} tp={chosen.tp} (rank {r['rank']} of "
+              f"{len(rows)}):")
         print("  memory per GPU: " + ", ".join(f"{k} {v / G:.2f} GB" for k, v in r["memory"].items()))
-        print("  sent per GPU per step: " + ", ".join(f"{k} {v / G:.2f} GB" for k, v in r["comm_bytes_per_step"].items()))
+        print("  sent per GPU per step: " + ", ".join(f"{k} {v / G:.2f} GB"
+                                                      for k, v in r["comm_bytes_per_step"].items()))
         print("  collectives parallel.py issues per step: " +
               (", ".join(f"{k} x{v}" for k, v in r["collectives_per_step"].items()) or "none") +
               " (+ FSDP's all-gathers / reduce-scatters per block)")
-    print(f"\ndecoding {args.plan} on H100s (bandwidth {H100['hbm_bytes_per_s'] / 1e12:.2f} TB/s, context "
-          f"{args.decode_context}): a bound, not a measurement\n" + decode_table(cfg, args.decode_context))
-    decode = [decode_plan(cfg, tp, 1, args.decode_context, fp8) for tp in (1, 2, 4, 8) for fp8 in (False, True)]
-    print(json.dumps({"preset": args.plan, "params": cfg.num_params(), "rows": rows, "decode": decode}))
+    seqs = sorted({8192, 32768, 131072, 262144, args.seq})
+    tp_needed = where_tp_is_needed(cfg, args.gpus, args.micro_batch, args.recompute, args.gather_dtype, seqs)
+    print("\n" + where_tp_table(tp_needed, args.gpus, args.micro_batch, args.recompute))
+    print(f"\ndecoding {args.plan} on H100s at batch {args.decode_batch}, context {args.decode_context} (bandwidth "
+          f"{H100['hbm_bytes_per_s'] / 1e12:.2f} TB/s): a bound, not a measurement\n" +
+          decode_table(cfg, args.decode_context, args.decode_batch))
+    decode = [decode_plan(cfg, tp, args.decode_batch, args.decode_context, fp8) for tp in (1, 2, 4, 8)
+              for fp8 in (False, True)]
+    print(json.dumps({"preset": args.plan, "params": cfg.num_params(), "rows": rows, "decode": decode,
+                      "chosen": chosen and {a: getattr(chosen, a) for a in AXES}, "gather_dtype": args.gather_dtype,
+                      "cost_model": {"gpus_per_node": GPUS_PER_NODE, "link_bytes_per_s": LINK_BYTES_PER_S, "mfu": MFU},
+                      "where_tp_is_needed": tp_needed, "decode_batch": args.decode_batch,
+                      "decode_context": args.decode_context}))
     return rows
 
 

@@ -392,8 +392,8 @@ def test_plan_cli_command_a_table_and_json():
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    first = res["rows"][0]
-    assert first["layout"] == {"dp": 1, "fsdp": 8, "sp": 1, "tp": 8}
+    assert res["chosen"] == {"dp": 1, "fsdp": 8, "sp": 1, "tp": 8}
+    first = next(r for r in res["rows"] if r["layout"] == res["chosen"])
     # ZeRO accounting: 16 bytes/param split over tp x fsdp (the replicated embedding only over fsdp)
     cfg = P.PRESETS["command-a"]
     H, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
@@ -403,8 +403,12 @@ def test_plan_cli_command_a_table_and_json():
     full_fsdp = next(r for r in res["rows"] if r["layout"] == {"dp": 1, "fsdp": 64, "sp": 1, "tp": 1})
     assert full_fsdp["comm_bytes_per_step"]["tp"] == 0 and full_fsdp["comm_bytes_per_step"]["fsdp"] > 0
     plan_out, decode_out = proc.stdout.split("\ndecoding command-a")
+    plan_out, where_out = plan_out.split("\nwhere TP is needed")
     table = [l for l in plan_out.splitlines() if l.startswith("| ")]
-    assert len(table) == 1 + len(res["rows"]) and table[1].startswith("| 1 | 8 | 1 | 8 | 65,536 |")
+    assert len(table) == 1 + len(res["rows"])
+    assert any(l.startswith(f"| {first['rank']} | 1 | 8 | 1 | 8 | 65,536 |") for l in table)
+    assert f"(rank {first['rank']} of {len(res['rows'])})" in plan_out
+    assert len([l for l in where_out.splitlines() if l.startswith("| ")]) == 1 + 4      # seq 8K, 32K, 128K, 256K
     assert len([l for l in decode_out.splitlines() if l.startswith("| ")]) == 1 + len(res["decode"]) == 9
     assert first["collectives_per_step"]["all_gather@tp"] == 2 * L
     table_only = subprocess.run([sys.executable, "parallel.py", "--plan", "command-a", "--gpus", "64"], cwd=ROOT,
@@ -414,6 +418,126 @@ def test_plan_cli_command_a_table_and_json():
     bad = subprocess.run([sys.executable, "parallel.py", "--plan", "command-a", "--gpus", "64", "--tp", "16"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "num_key_value_heads=8" in bad.stderr
+
+
+def _plan_rows(gather_dtype="fp32", seq=8192, micro_batch=1, recompute=False, gpus=64):
+    cfg = P.PRESETS["command-a"]
+    return par.plan_table(cfg, par.candidate_layouts(gpus, cfg), seq, micro_batch, recompute, gather_dtype)
+
+
+def _row(rows, **layout):
+    return next(r for r in rows if r["layout"] == {"dp": 1, "fsdp": 1, "sp": 1, "tp": 1, **layout})
+
+
+def test_plan_lists_the_reports_no_tp_layouts_that_fit_beside_tp_ones_with_activation_and_parameter_traffic():
+    """The report pretrains with DP, FSDP and SP only: on 64 H100s at seq 8192, fsdp 8 x sp 8 fits (~67 GB) and
+    is listed with pure FSDP, HSDP and DP x FSDP x SP beside the TP layouts; its only activation traffic is SP's
+    K/V gathers, a TP layout's is the per-layer norm all-gather + partial-sum reduce-scatter."""
+    table, rows = _plan_rows()
+    cfg = P.PRESETS["command-a"]
+    H, L, N = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_params()
+    kvd = cfg.num_key_value_heads * cfg.head_dim
+    no_tp = [r for r in rows if r["layout"]["tp"] == 1]
+    fams = {(r["layout"]["dp"] > 1, r["layout"]["sp"] > 1) for r in no_tp if r["layout"]["fsdp"] > 1}
+    assert fams == {(False, False), (True, False), (False, True), (True, True)}   # FSDP, HSDP, FSDP x SP, all three
+    assert any(r["layout"]["tp"] > 1 and r["fits_h100"] for r in rows)
+    fs = _row(rows, fsdp=8, sp=8)
+    assert fs["fits_h100"] and 60e9 < fs["memory"]["total"] < 75e9
+    assert f"| {fs['rank']} | 1 | 8 | 8 | 1 | 65,536 |" in table and "| yes |" in table
+    tr = fs["traffic_bytes_per_step"]
+    assert tr["activation"] == pytest.approx(L * 2 * 7 / 8 * 8192 * 2 * kvd * 2)             # SP's K/V, bf16
+    assert tr["parameter"] == pytest.approx(3 * 63 / 64 * N * 4)        # fp32 gathers fwd + bwd, fp32 grad RS
+    assert _row(rows, fsdp=64)["traffic_bytes_per_step"]["activation"] == 0
+    tp = _row(rows, fsdp=8, tp=8)
+    assert tp["traffic_bytes_per_step"]["activation"] == pytest.approx(L * 4 * 7 / 8 * 8192 * H * 4)
+    assert tp["traffic_bytes_per_step"]["parameter"] < tr["parameter"] / 6      # TP splits the weights by 8
+    for r in rows:
+        t, c = r["traffic_bytes_per_step"], r["comm_bytes_per_step"]
+        assert t["activation"] + t["parameter"] == pytest.approx(c["total"])
+        assert (t["activation"] > c["sp"]) == (r["layout"]["tp"] > 1)
+
+
+def test_plan_bf16_gathers_halve_gathered_memory_and_the_fsdp_all_gather_traffic_only():
+    _, f32 = _plan_rows("fp32")
+    _, b16 = _plan_rows("bf16")
+    by = {json.dumps(r["layout"]): r for r in f32}
+    for r in b16:
+        a = by[json.dumps(r["layout"])]
+        assert r["gather_dtype"] == "bf16" and a["gather_dtype"] == "fp32"
+        assert r["memory"]["gathered"] == pytest.approx(a["memory"]["gathered"] / 2)
+        ta, tb = a["traffic_bytes_per_step"], r["traffic_bytes_per_step"]
+        assert ta["fsdp_gather"] > 0 and tb["fsdp_gather"] == pytest.approx(ta["fsdp_gather"] / 2)
+        assert tb["grad_reduce"] == pytest.approx(ta["grad_reduce"])                # grads reduce in fp32
+        assert tb["activation"] == pytest.approx(ta["activation"])
+        assert tb["parameter"] == pytest.approx(ta["parameter"] - ta["fsdp_gather"] / 2)
+        assert tb["parameter"] == pytest.approx(tb["fsdp_gather"] + tb["grad_reduce"])
+
+
+def test_plan_ranking_puts_fitting_layouts_first_in_order_of_the_stated_cost():
+    """exposed = activation s + max(0, parameter s - compute s): activation traffic on the critical path, FSDP's
+    behind compute; links: NVLink inside a node of 8, InfiniBand per GPU across; rank by exposed s per M tokens."""
+    for kw in ({}, {"gather_dtype": "bf16", "micro_batch": 4, "recompute": True}):
+        _, rows = _plan_rows(**kw)
+        assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1)) and rows[0]["fits_h100"]
+        fits = [r["fits_h100"] for r in rows]
+        assert fits == sorted(fits, reverse=True) and not all(fits)
+        for group in (True, False):
+            cost = [r["cost"]["exposed_s_per_mtok"] for r in rows if r["fits_h100"] == group]
+            assert cost == sorted(cost)
+        cheapest = min(rows, key=lambda r: r["cost"]["exposed_s_per_mtok"])
+        assert not cheapest["fits_h100"] and cheapest["rank"] > sum(fits)            # ranked after every fit
+        for r in rows:
+            c = r["cost"]
+            assert c["exposed_s"] == pytest.approx(c["activation_s"] + max(0, c["parameter_s"] - c["compute_s"]))
+            assert c["exposed_s_per_mtok"] == pytest.approx(c["exposed_s"] / r["tokens_per_step"] * 1e6)
+    nv, ib = par.LINK_BYTES_PER_S["nvlink"], par.LINK_BYTES_PER_S["ib"]
+    _, rows = _plan_rows()
+    tp = _row(rows, fsdp=8, tp=8)          # tp group inside a node, fsdp group (stride 8) across 8 nodes
+    assert tp["cost"]["activation_s"] == pytest.approx(tp["traffic_bytes_per_step"]["activation"] / nv)
+    fsdp_bytes = tp["comm_bytes_per_step"]["fsdp"]      # + the tp all-reduce of the replicated grads, on NVLink
+    tp_grad = tp["traffic_bytes_per_step"]["parameter"] - fsdp_bytes
+    assert tp["cost"]["parameter_s"] == pytest.approx(fsdp_bytes / ib + tp_grad / nv) and tp_grad > 0
+    fs = _row(rows, fsdp=8, sp=8)          # K/V gathers inside a node, FSDP over all 64 GPUs
+    assert fs["cost"]["activation_s"] == pytest.approx(fs["traffic_bytes_per_step"]["activation"] / nv)
+    assert fs["cost"]["parameter_s"] == pytest.approx(fs["traffic_bytes_per_step"]["parameter"] / ib)
+    hsdp = _row(rows, dp=8, fsdp=8)        # fsdp inside a node on NVLink, the dp all-reduce on InfiniBand
+    c = hsdp["comm_bytes_per_step"]
+    assert hsdp["cost"]["parameter_s"] == pytest.approx(c["fsdp"] / nv + c["dp"] / ib) and c["dp"] > 0
+    # at micro-batch 1 a GPU holds too few tokens to hide gathering all 111B params, and TP gathers 1/8 of them;
+    # with 4 rows (recompute, bf16 gathers) compute hides FSDP, and a no-TP layout is cheapest
+    assert rows[0]["layout"]["tp"] > 1
+    _, rows = _plan_rows("bf16", micro_batch=4, recompute=True)
+    assert rows[0]["layout"]["tp"] == 1 and rows[0]["layout"]["sp"] > 1
+
+
+def test_plan_where_tp_is_needed_is_the_seq_past_which_no_no_tp_layout_fits():
+    cfg = P.PRESETS["command-a"]
+    w = par.where_tp_is_needed(cfg, 64, 1, False, "fp32")
+    by = {r["seq"]: r for r in w["per_seq"]}
+    assert set(by) == {8192, 32768, 131072, 262144}
+    assert by[8192]["no_tp_fits"] and by[8192]["no_tp"]["tp"] == 1 and by[8192]["verdict"] == "fits without TP"
+    assert not by[32768]["no_tp_fits"] and by[32768]["tp_fits"] and by[32768]["verdict"] == "needs TP"
+    assert not by[262144]["no_tp_fits"] and not by[262144]["tp_fits"]
+    assert w["longest_no_tp_seq"] == 8192
+    no_tp = [pc for pc in par.candidate_layouts(64, cfg) if pc.tp == 1]
+    assert not any(par.plan(cfg, pc, 16384, 1)["fits_h100"] for pc in no_tp)
+    assert par.where_tp_is_needed(cfg, 64, 1, True, "bf16")["longest_no_tp_seq"] > 8192   # recompute: longer
+
+
+def test_plan_cli_gather_dtype_and_decode_batch_flags():
+    def run(*args):
+        return subprocess.run([sys.executable, "parallel.py", "--plan", "command-a", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    ok = run("--gather-dtype", "bf16", "--decode-batch", "4", "--decode-context", "16384")
+    assert ok.returncode == 0, ok.stderr
+    res = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert {"preset", "params", "rows", "decode", "where_tp_is_needed", "gather_dtype"} <= set(res)
+    assert res["gather_dtype"] == "bf16" and all(r["gather_dtype"] == "bf16" for r in res["rows"])
+    assert all(d["batch"] == 4 and d["context"] == 16384 for d in res["decode"])
+    assert "decoding command-a on H100s at batch 4, context 16384" in ok.stdout
+    assert "where TP is needed (64 GPUs" in ok.stdout and "no-TP layouts fit up to seq" in ok.stdout
+    bad = run("--gather-dtype", "fp16")
+    assert bad.returncode == 2 and "--gather-dtype" in bad.stderr
 
 
 # ---------------------------------------------------------------------------------------------------- pretrain.py
@@ -468,7 +592,7 @@ def test_parity_cli_compares_layouts_with_the_one_process_noise_floor(tmp_path, 
     assert f"| bf16 | dp=2 | 2 | {'yes' if dp['first_step_bit_equal'] else 'no'} |" in table and "(reference)" in table
     with pytest.raises(ValueError, match="axis=degree"):
         parity._layout_flags("pp=2")
-    assert (P.TINY["batch_size"], P.TINY.get("grad_accum", 1)) == (16, 1)   # the script's own copy of them
+    assert P.TINY["batch_size"] * 2 == 64 and P.TINY.get("grad_accum", 1) == 1   # parity.py: TINY, twice the rows
 
 
 def test_pretrain_layout_errors_are_clear(tmp_path):
