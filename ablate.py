@@ -156,6 +156,30 @@ def run(cfg: P.TrainConfig, claims, out: str, distance: int, reps: int, verbose=
             "variants": results}
 
 
+def race_only(out: str, reps: int) -> dict:
+    """The throughput race of a finished run again, without training: a step's time does not depend on the
+    weights, so fresh models of each variant's config race on the same batch, and ablate.json is updated."""
+    path = os.path.join(out, "ablate.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"--race-only: no {path}; run python ablate.py --out {out} first")
+    r = json.load(open(path))
+    cfg = P.TrainConfig(**r["config"])
+    with open(os.path.join(out, _slug(REPORT_MODEL), "config.json")) as f:   # the trained vocab and positions
+        mcfg = M.ModelConfig.from_hf_dict(json.load(f))
+    torch.manual_seed(cfg.seed)
+    models = {n: VARIANTS[n][2](mcfg) for n in r["variants"]}
+    batch = torch.randint(0, mcfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1),
+                          generator=torch.Generator().manual_seed(cfg.seed))
+    autocast_kw = P.precision(torch.device("cpu"), False, False)
+    for name, tps in step_throughput(models, batch, autocast_kw, reps).items():
+        r["variants"][name]["step_tok_per_s"] = round(tps)
+    r["threads"] = torch.get_num_threads()
+    print(tables(r))
+    plot(r, os.path.join(out, "ablate.png"))
+    atomic_write_json(path, r, indent=1)
+    return r
+
+
 def _slug(name: str) -> str:
     return name.split(" (")[0].replace(" / ", "-").replace(" ", "-")
 
@@ -185,7 +209,7 @@ def tables(r: dict) -> str:
                      f" / {32 * r['config']['seq_len']} (KiB) | Command A KV at 256K (GiB) |")
         out += [head, "|" + "---|" * (head.count("|") - 1)]
         for n, x in rows.items():
-            line = (f"| {n} | {x['params'] / 1e6:.2f}M | {x['val_loss']:.3f} | {x['step_tok_per_s']:,} | "
+            line = (f"| {n} | {x['params']:,} | {x['val_loss']:.3f} | {x['step_tok_per_s']:,} | "
                     f"{x['step_tok_per_s'] / base['step_tok_per_s']:.2f}x |")
             if claim == "attention":
                 kv = list(x["kv_bytes"].values())
@@ -216,6 +240,7 @@ def plot(r: dict, path: str):
                         label=n)
         axes[2].set_xticks([j + 0.4 - w / 2 for j in range(len(doms))], doms, rotation=30, ha="right")
         axes[2].set_ylabel("validation loss by domain")
+        axes[2].set_ylim(0, 1.35 * max(v[n]["val_loss_by_domain"][d] for n in cool for d in doms))  # legend room
         axes[2].legend(fontsize=8)
     fig.suptitle(f"ablations at equal tokens ({next(iter(v.values()))['tokens']:,} per run, seed "
                  f"{r['config']['seed']}): gray the report's model, blue block, orange attention, green cooldown",
@@ -239,6 +264,10 @@ def main(argv=None):
                          "reach L*(W-1), within the longest trained context)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions of the throughput race")
     ap.add_argument("--out", default="out/ablate", help="output directory (runs, ablate.json, ablate.png)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate for every variant (default: "
+                    "--tiny's 3e-3)")
+    ap.add_argument("--race-only", action="store_true", help="re-measure the throughput race alone (fresh models, "
+                    "no training) and update the step tok/s of --out's ablate.json: for a quiet machine")
     ap.add_argument("--micro", action="store_true", help="seconds-long smoke run (preset micro)")
     args = ap.parse_args(argv)
     claims = args.claims.split(",")
@@ -250,12 +279,14 @@ def main(argv=None):
     # the tiny recipe, with a cooldown of two stages (main context, then 4x) so every variant sees long rows
     base = MICRO if args.micro else {**P.TINY, "steps": args.steps, "context_stages": [[1, 0.5], [4, 0.5]],
                                      "eval_every": args.steps, "ckpt_every": args.steps, "samples": 0}
-    cfg = P.TrainConfig(**base)
+    cfg = P.TrainConfig(**{**base, **({"lr": args.lr} if args.lr else {})})
     m = PRESETS[cfg.preset]
     distance = args.distance or min(m.num_hidden_layers * m.sliding_window + 16, 4 * cfg.seq_len - 40)
     if not 0 < distance <= 4 * cfg.seq_len - 32:
         ap.error(f"--distance must be in [1, {4 * cfg.seq_len - 32}] (the longest trained context minus the copies)")
     tune_malloc()
+    if args.race_only:
+        return race_only(args.out, args.reps)
     t0 = time.time()
     r = run(cfg, claims, args.out, distance, args.reps)
     r["seconds"] = round(time.time() - t0, 1)

@@ -1,5 +1,4 @@
 """pretrain.py: muP groups, the schedule, exact resume, the CLI end to end, and its bad-input errors."""
-import errno
 import json
 import math
 import os
@@ -360,6 +359,13 @@ def test_ablation_cli_runs_every_claim_on_a_micro_config(tmp_path):
     assert [(x["name"], x["steps"]) for x in v["decay on the main mix"]["phases"]] == [("main", [0, 5]),
                                                                                         ("cooldown@64", [6, 7])]
     assert v[ablate.REPORT_MODEL]["retrieval"]["distance"] == r["distance"] > PRESETS["micro"].sliding_window
+    # --race-only re-measures the throughput of the saved run without training, and keeps everything else
+    p = subprocess.run([sys.executable, "ablate.py", "--micro", "--race-only", "--reps", "1", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r2 = json.load(open(tmp_path / "ablate.json"))
+    assert {n: x["val_loss"] for n, x in r2["variants"].items()} == {n: x["val_loss"] for n, x in v.items()}
+    assert all(x["step_tok_per_s"] > 0 for x in r2["variants"].values()) and "| no cooldown |" in p.stdout
 
 
 def test_sequential_block_is_the_sequential_formula():
