@@ -8,7 +8,8 @@ episodes run in:
          `direct-injected-document` tool call, SPEC 2); the verifier wants the fact from the right
          document, cited <co>..</co: 0:[i]> to it only
   tools  a question only tools can answer: a calculator (arithmetic by walking the AST: nothing is
-         executed), a price lookup by item code, and read-only SQLite on an orders table (run in sandbox.py)
+         executed), a price lookup by item code, read-only SQLite on an orders table, and (difficulty >= 2)
+         a `python` tool for computation over data given in the question (SQL and Python run in sandbox.py)
 
 run_react() is the agent loop, batched over episodes: each live episode generates one turn; its tool calls
 are checked against the tools' JSON specs, executed against the example's environment and fed back as tool
@@ -22,7 +23,7 @@ import json
 import operator
 from dataclasses import dataclass
 
-from sandbox import run_sql
+from sandbox import run_sandboxed, run_sql
 from suite import NAMES, Example, Suite, completion_text, numbers_in, response_of
 from tokenizer import parse_completion
 
@@ -135,6 +136,9 @@ TOOL_SPECS = {
     "sql": {"name": "sql", "description": "Run a read-only SQLite query on the table "
             "orders(id INTEGER, customer TEXT, status TEXT, amount INTEGER).",
             "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
+    "python": {"name": "python", "description": "Run a Python 3 program in a sandbox (no files, no network, "
+               "5 seconds) and return what it prints.",
+               "parameters": {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}},
 }
 ORDERS_SCHEMA = "CREATE TABLE orders (id INTEGER, customer TEXT, status TEXT, amount INTEGER);"
 STATUSES = ["shipped", "pending", "cancelled", "returned"]
@@ -150,10 +154,30 @@ def execute_tool(call: dict, env: dict) -> tuple[dict, bool]:
             if p["key"] not in env["prices"]:
                 return {"error": f"no item with code {p['key']}"}, True
             return {"price": env["prices"][p["key"]]}, False
+        if name == "python":
+            return run_python_tool(p["code"])
         res = run_sql(ORDERS_SCHEMA, {"orders": env["orders"]}, [p["query"]], limit=20)[0]
         return (res, "error" in res)
     except (ValueError, ArithmeticError, SyntaxError, TypeError, RecursionError, OverflowError) as e:
         return {"error": f"{type(e).__name__}: {e}"[:200]}, True
+
+
+def run_python_tool(code: str) -> tuple[dict, bool]:
+    """Model-written code runs only in the sandbox: its stdout, or the last line of its error (a traceback's
+    exception, a timeout, a resource limit) so the next turn can fix the program."""
+    res = run_sandboxed(code, timeout=5.0)
+    if res.ok:
+        return {"stdout": res.stdout[-1000:]}, False
+    why = ("timed out after 5 s" if res.timed_out else
+           (res.stderr.strip().splitlines() or [res.signal or f"exit status {res.returncode}"])[-1])
+    return {"error": why[:200], "stdout": res.stdout[-500:]}, True
+
+
+# computation over given data (the python tool): (question, how the reference program computes it)
+DATA_OPS = [("What is the total of the values above {t}?", "sum(x for x in data if x > {t})"),
+            ("How many of the values are divisible by {k}?", "sum(1 for x in data if x % {k} == 0)"),
+            ("What is the largest value minus the smallest one?", "max(data) - min(data)"),
+            ("What is the sum of the squares of the values?", "sum(x * x for x in data)")]
 
 
 def validate_call(call, tools: list) -> str | None:
@@ -178,7 +202,7 @@ class Tools(Suite):
         env = {"prices": {k: rng.randint(2, 99) for k in codes},
                "orders": [[i + 1, rng.choice(NAMES), rng.choice(STATUSES), rng.randint(5, 500)]
                           for i in range(rng.randint(6, 12))]}
-        kinds = ["calculator", "lookup", "sql"] + (["lookup+calculator"] if d >= 2 else [])
+        kinds = ["calculator", "lookup", "sql"] + (["lookup+calculator", "python"] if d >= 2 else [])
         kind = rng.choice(kinds)
         steps = []                                            # [(thinking, call)] of the reference trajectory
         if kind == "calculator":
@@ -192,6 +216,16 @@ class Tools(Suite):
             steps.append(("I will count them with a SQL query.",
                           ("sql", {"query": f"SELECT COUNT(*) FROM orders WHERE status = '{s}'"})))
             answer = sum(o[2] == s for o in env["orders"])
+        elif kind == "python":                                # too much arithmetic to do in the head
+            data = [rng.randint(1, 999) for _ in range(6 * d)]
+            question, expr = rng.choice(DATA_OPS)
+            t, k = rng.choice(sorted(data)[len(data) // 4:-len(data) // 4]), rng.randint(3, 9)
+            question, expr = question.format(t=t, k=k), expr.format(t=t, k=k)
+            env["data"] = data
+            user = f"Here are {len(data)} measurements: {data}. {question}"
+            answer = eval(expr, {"data": data})                  # our own expression, never model text
+            steps.append(("I will compute it with a short Python program.",
+                          ("python", {"code": f"data = {data}\nprint({expr})"})))
         else:
             key = rng.choice(codes)
             steps.append((f"I will look up the price of {key}.", ("lookup", {"key": key})))
@@ -203,12 +237,14 @@ class Tools(Suite):
                 steps.append((f"Now I multiply the price by {q}.",
                               ("calculator", {"expression": f"{answer}*{q}"})))
                 answer *= q
-        tools = [TOOL_SPECS[t] for t in ("calculator", "lookup", "sql")]
+        tools = [TOOL_SPECS[t] for t in ("calculator", "lookup", "sql") + (("python",) if kind == "python" else ())]
         messages = [{"role": "user", "content": user}]
         turns = []
         for j, (thought, (tool, params)) in enumerate(steps):
             call = {"tool_call_id": "0", "tool_name": tool, "parameters": params}
-            result, _ = execute_tool(call, env) if tool != "sql" else ({"rows": [[answer]]}, False)
+            # SQL and Python results are what the sandbox returns for the reference (not run here: speed)
+            result, _ = ({"rows": [[answer]]}, False) if tool == "sql" else (
+                ({"stdout": f"{answer}\n"}, False) if tool == "python" else execute_tool(call, env))
             turns += [{"role": "assistant", "thinking": thought, "tool_calls": [call]},
                       {"role": "tool", "tool_call_id": "0", "content": result}]
         turns.append({"role": "assistant", "content": f"The answer is {answer}."})

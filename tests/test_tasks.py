@@ -339,13 +339,35 @@ def oracle(tok, examples, default=""):
 
 def test_react_loop_runs_real_tools_and_feeds_results_back(tok):
     exs = [ex_of("tools", lambda c, k=k: c["kind"] == k, difficulty=2) for k in
-           ("calculator", "lookup", "sql", "lookup+calculator")]
+           ("calculator", "lookup", "sql", "lookup+calculator", "python")]
     eng = oracle(tok, exs)
     eps = T.run_react(eng, tok, exs, max_new_tokens=4096)
     for e in eps:
         assert e.error is None and SUITES["tools"].score(e.example, e.final) == 1.0, e.error
         assert e.steps == len([t for t in e.example.turns if t["role"] == "assistant"])
     assert any('"rows": [[' in tok.decode(p) for p in eng.prompts)                    # SQLite result fed back
+    py = exs[-1]                                                    # the sandbox ran the program: its stdout
+    assert any(f'"stdout": "{py.check["answer"]}\\n"' in tok.decode(p) for p in eng.prompts)
+
+
+def test_python_tool_runs_in_the_sandbox_and_bad_code_scores_zero(tok):
+    ex = ex_of("tools", lambda c: c["kind"] == "python", difficulty=2)
+    code = ex.turns[0]["tool_calls"][0]["parameters"]["code"]
+    assert agents.execute_tool({"tool_name": "python", "parameters": {"code": code}}, ex.check["env"]) == \
+        ({"stdout": f"{ex.check['answer']}\n"}, False)
+    for bad, why in (("print(1/0)", "ZeroDivisionError"), ("print(", "SyntaxError"),
+                     ("import os; print(os.listdir('/root'))", "outside the sandbox"), ("while True: pass", "SIG")):
+        r, err = agents.execute_tool({"tool_name": "python", "parameters": {"code": bad}}, ex.check["env"])
+        assert err and why in r["error"], (bad, r)
+    # an episode whose program is wrong (it sums everything) and that answers with its output scores 0
+    wrong = code.rsplit("\n", 1)[0] + "\nprint(sum(data) + 1)"
+    call = {"tool_call_id": "0", "tool_name": "python", "parameters": {"code": wrong}}
+    first = assistant_text({"role": "assistant", "thinking": "I will compute it.", "tool_calls": [call]})
+    out = agents.execute_tool(call, ex.check["env"])[0]["stdout"]
+    eng = Scripted(tok, default=assistant_text({"role": "assistant", "content": f"The answer is {out.strip()}."}))
+    eng.table[tuple(tok.render_chat(ex.messages, ex.documents, ex.tools, ex.safety_mode))] = first
+    [e] = T.run_react(eng, tok, [ex], max_new_tokens=4096)
+    assert e.steps == 2 and e.error is None and SUITES["tools"].score(ex, e.final) == 0.0
 
 
 def test_react_loop_scores_malformed_calls_zero(tok):
