@@ -192,9 +192,13 @@ class Instruct(Suite):
                   "What is {n} as a word?", "Give me the number {n} written as a word.")
 
     def make(self, rng, d):
-        kind = rng.choice(self.KINDS)
+        # structured data (report: reasoning over tables and structured data) from difficulty 2, so the easy
+        # end is unchanged
+        kind = rng.choice(self.KINDS + (("table", "records") if d >= 2 else ()))
         sys_msg, check = None, {"kind": kind}
-        if kind in ("upper", "lower"):
+        if kind in ("table", "records"):
+            user, resp, check["answer"], check["names"] = self.structured(rng, d, kind)
+        elif kind in ("upper", "lower"):
             phrase = f"the {rng.choice(COLORS)} {rng.choice(ANIMALS)} eats a {rng.choice(FRUITS)}"
             if d >= 2:
                 phrase += f" in {rng.choice(COUNTRIES)}"
@@ -246,9 +250,42 @@ class Instruct(Suite):
         split_key = f"sys_language|{lang}|{i}|{j}" if kind == "sys_language" else key
         return {"key": key, "split_key": split_key, "messages": messages, "check": check, **_resp(resp)}
 
+    @staticmethod
+    def structured(rng, d, kind):
+        """A Markdown table or a JSON list of records, and one question over it: lookup, filter-count, sum of
+        a filtered column, argmax. -> (user, reference response, answer: a number or a name, every name)."""
+        rows = [{"name": n, "city": rng.choice(CITIES[:4]), "age": rng.randint(20, 70),
+                 "salary": rng.randint(20, 99) * 1000} for n in rng.sample(NAMES, 3 + 2 * d)]
+        data = ("| name | city | age | salary |\n|---|---|---|---|\n" +
+                "\n".join(f"| {r['name']} | {r['city']} | {r['age']} | {r['salary']} |" for r in rows)
+                if kind == "table" else json.dumps(rows))
+        r, city = rng.choice(rows), rng.choice([x["city"] for x in rows])
+        op = rng.choice(("lookup", "count", "sum", "argmax"))
+        if op == "lookup":
+            q, ans = f"What is the age of {r['name']}?", r["age"]
+        elif op == "count":
+            q, ans = f"How many people live in {city}?", sum(x["city"] == city for x in rows)
+        elif op == "sum":
+            q, ans = f"What is the total salary of the people in {city}?", sum(x["salary"] for x in rows
+                                                                            if x["city"] == city)
+        else:
+            col = rng.choice(("age", "salary"))
+            best = max(rows, key=lambda x: (x[col], x["name"]))
+            q, ans = f"Who has the highest {col}? Give the name.", best["name"]
+            if sum(x[col] == best[col] for x in rows) > 1:       # a tie has no single answer: ask the age
+                q, ans = f"What is the age of {r['name']}?", r["age"]
+        what = "this table" if kind == "table" else "these JSON records"
+        return f"Answer from {what}.\n\n{data}\n\n{q}", f"The answer is {ans}.", ans, [x["name"] for x in rows]
+
     def verify(self, ex, completion):
         r, _ = response_of(completion)
         c, kind = ex.check, ex.check["kind"]
+        if kind in ("table", "records"):          # by value: the last number, or the one name mentioned
+            if isinstance(c["answer"], str):
+                said = [n for n in c["names"] if n.lower() in words_of(r)]
+                return float(said == [c["answer"]])
+            nums = numbers_in(r)
+            return float(bool(nums) and nums[-1] == c["answer"])
         if kind in ("upper", "lower"):
             letters = [ch for ch in r if ch.isalpha()]
             case_ok = bool(letters) and all(ch.isupper() if kind == "upper" else ch.islower() for ch in letters)

@@ -469,3 +469,27 @@ def test_cli_show_and_bad_input(tmp_path):
     assert p.returncode != 0 and "cannot load checkpoint" in p.stderr
     p = run_cli(["--ckpt", str(tmp_path), "--out", str(tmp_path / "config.json" / "sub")])   # under a file
     assert p.returncode != 0 and "cannot write results" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_table_and_record_questions_are_verified_by_value():
+    exs = [e for e in SUITES["instruct"].generate(0, 200, "test", difficulty=2) if e.check["kind"] in
+           ("table", "records")]
+    assert {e.check["kind"] for e in exs} == {"table", "records"} and len(exs) > 20
+    assert {type(e.check["answer"]) for e in exs} == {int, str}                        # values and argmax names
+    s = SUITES["instruct"]
+    for e in exs:
+        a, names = e.check["answer"], e.check["names"]
+        assert s.score(e, e.reference) == 1.0 and s.score(e, f"It is {a}.") == 1.0     # plain text too
+        if isinstance(a, str):
+            other = next(n for n in names if n != a)
+            planted = [f"The answer is {other}.", f"{a} or {other}.", "I cannot tell."]
+        else:
+            planted = [f"The answer is {a + 1}.", f"The answer is {a}, no, {a * 2 + 1}.", "It is in the table."]
+        assert all(s.score(e, p) == 0.0 for p in planted), e.messages[-1]["content"]
+    # the easy end is unchanged: no structured-data questions at difficulty 1
+    assert not [e for e in s.generate(0, 200, "test", difficulty=1) if e.check["kind"] in ("table", "records")]
+    # the same seed gives the same tables; train and test never share one
+    again = [e for e in SUITES["instruct"].generate(0, 200, "test", difficulty=2) if e.check["kind"] == "table"]
+    assert [e.messages for e in again] == [e.messages for e in exs if e.check["kind"] == "table"]
+    train = {json.dumps(e.messages) for e in SUITES["instruct"].generate(0, 400, "train", difficulty=2)}
+    assert not train & {json.dumps(e.messages) for e in exs}
