@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import model as M
 import pretrain as P
+from bench import race
 from model import CommandA, DecoderLayer, LayerNorm, PRESETS, atomic_write_json, pyplot, save_figure, tune_malloc
 
 
@@ -111,13 +112,7 @@ def step_throughput(models: dict, batch: torch.Tensor, autocast_kw, reps: int = 
             opt.zero_grad(set_to_none=True)
         step()
         steps[name] = step
-    best = dict.fromkeys(steps, float("inf"))
-    for _ in range(reps):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: batch[:, :-1].numel() / t for name, t in best.items()}
+    return {name: batch[:, :-1].numel() / t for name, t in race(steps, reps).items()}
 
 
 def run(cfg: P.TrainConfig, claims, out: str, distance: int, reps: int, verbose=True) -> dict:

@@ -285,6 +285,18 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
 # The training step (python model.py --bench)
 
 
+def race(steps: dict, reps: int) -> dict:
+    """Seconds per call of each function: interleaved round-robin (the machine's drift hits all alike), best of
+    `reps`. Callers warm up first."""
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(reps):
+        for m, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            best[m] = min(best[m], time.perf_counter() - t0)
+    return best
+
+
 def _train_step(model, ids, bf16, hf=False):
     """One fwd + bwd + AdamW step on ids (B, T+1): ours takes targets, transformers shifts its labels itself."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)   # both models: pretrain.adamw's choice
@@ -323,12 +335,7 @@ def train_bench(presets=("tiny", "small"), batch=4, T=512, window=128, reps=5, c
             step(), step()
             if "compile" in m:
                 print(f"{name:6s} {m}: warm-up incl. compilation {time.perf_counter() - t0:.1f} s")
-        best = dict.fromkeys(steps, float("inf"))
-        for _ in range(reps):
-            for m, step in steps.items():
-                t0 = time.perf_counter()
-                step()
-                best[m] = min(best[m], time.perf_counter() - t0)
+        best = race(steps, reps)
         for m, dt in best.items():
             tok_s = batch * T / dt
             mfu = tok_s * flops_per_token(cfg, T) / peak
