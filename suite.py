@@ -123,6 +123,12 @@ def words_of(text: str) -> list:
     return out + (["".join(cur).rstrip("'")] if cur else [])
 
 
+def strip_fence(text: str) -> str:
+    """The inside of the first ``` fenced block, or the whole text."""
+    m = re.search(r"```[a-zA-Z+#]*\n?(.*?)```", text, re.S)
+    return (m.group(1) if m else text).strip()
+
+
 class Suite:
     """generate(seed, n, split, difficulty) -> examples; score(example, completion) -> [0, 1]."""
     name = ""

@@ -14,13 +14,15 @@ answer is checked by a program (a fact, a citation, a unit test, a query result,
                 distractors with the same kind of fact               cited <co>..</co: 0:[i]> to it only
   tools         a question only tools can answer (calculator, key-   the final answer after a ReAct loop
                 value lookup, SQLite); agents.run_react drives it    (malformed calls score 0)
-  code          a small Python function / a SQL query                unit tests / query result, run in
-                                                                     the sandbox (run_sandboxed)
+  code          Python functions and SQLite queries; from difficulty   unit tests / query results / program
+                2 programs in 8 languages, translation, Python<->SQL,  outputs, run in the sandbox or the
+                idioms, optimisation, DuckDB (coding.py)               jail (sandbox.run_program)
   math          arithmetic word problems, 1 operation at difficulty  the final number (reasoning allowed)
                 1, 3-6 above
-  multilingual  number words, asked in 20 phrasings per language:    the word, in that language's script
-                6 languages x 1-5 at difficulty 1, the report's 23
-                x 1-10 at 2, half of them as sums at 3
+  multilingual  number words, asked in 20 phrasings per language:    the word, in that language's script;
+                6 languages x 1-5 at difficulty 1, the report's 23     the sentence word by word; the
+                x 1-10 at 2; from 2 also translation, math, RAG and    existing checks plus the language
+                safety in the languages (multilingual.py)              (multilingual.in_language)
   safety        harmful requests and benign look-alikes, under       refuse what the mode forbids, help
                 CONTEXTUAL and STRICT preambles                      with what it allows (over-refusal = 0)
   long_context  a fact far behind the sliding window, several sizes  the fact (not a distractor's)
@@ -34,8 +36,9 @@ the reference is the code alone; math 1 is one operation; multilingual 1 is 30 f
 
 Where the parts live: suite.py holds what every suite shares (Example, the Suite contract, split_of and
 carve_val, reading a completion, the word lists); agents.py holds rag and tools, the tool environment and the
-ReAct loop (the report's "RAG, Tool Use and Agents"); sandbox.py runs model-written code. This file holds the
-other six suites, the registry SUITES, the evaluation (evaluate, pairwise) and the CLI.
+ReAct loop (the report's "RAG, Tool Use and Agents"); coding.py the code suite, multilingual.py the languages
+and the multilingual suite; sandbox.py runs model-written code. This file holds the other four suites, the
+registry SUITES, the evaluation (evaluate, pairwise) and the CLI.
 
 Splits: an example belongs to "train" or "test" by a hash of its split key, so the two never share a key
 whatever the seeds; a generator draws until it has n examples of its split. Where the answer is read from the
@@ -66,14 +69,14 @@ import string
 import sys
 import tempfile
 import time
-import unicodedata
 
 from tqdm import tqdm
 
 from agents import RAG, Tools, run_react
-from sandbox import run_python_tests, run_sql
+from coding import Code
+from multilingual import LANGS, Multilingual, number_word, says_number_in
 from suite import (ANIMALS, CATEGORIES, CITIES, COLORS, COUNTRIES, FRUITS, JOBS, NAMES, SPLITS, Example, Suite,
-                   assistant_text, numbers_in, response_of, words_of)
+                   assistant_text, numbers_in, response_of, strip_fence, words_of)
 from tokenizer import chat_text
 
 
@@ -82,95 +85,12 @@ def _resp(text: str) -> dict:
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Languages: instruct's language preambles and the multilingual suite
-
-# The report's 23 languages (SPEC 5): two ways to ask for a number in words in the language itself, and the
-# words one..ten. The multilingual suite adds English framings and quote styles (MULTI_FRAMES, NUM_STYLES).
-LANGS = {
-    "English": (("Write the number {n} in words.", "How do you spell the number {n}?"),
-                "one two three four five six seven eight nine ten"),
-    "French": (("Écris le nombre {n} en toutes lettres.", "Comment s'écrit le nombre {n} en lettres ?"),
-               "un deux trois quatre cinq six sept huit neuf dix"),
-    "Spanish": (("Escribe el número {n} en letras.", "¿Cómo se escribe el número {n} con letras?"),
-                "uno dos tres cuatro cinco seis siete ocho nueve diez"),
-    "Italian": (("Scrivi il numero {n} in lettere.", "Come si scrive il numero {n} in lettere?"),
-                "uno due tre quattro cinque sei sette otto nove dieci"),
-    "German": (("Schreibe die Zahl {n} in Worten.", "Wie schreibt man die Zahl {n} als Wort?"),
-               "eins zwei drei vier fünf sechs sieben acht neun zehn"),
-    "Portuguese": (("Escreva o número {n} por extenso.", "Como se escreve o número {n} por extenso?"),
-                   "um dois três quatro cinco seis sete oito nove dez"),
-    "Japanese": (("数字の{n}を漢数字で書いてください。", "{n}を漢数字で書くと何ですか？"),
-                 "一 二 三 四 五 六 七 八 九 十"),
-    "Korean": (("숫자 {n}을 고유어로 쓰세요.", "숫자 {n}의 고유어 이름은 무엇인가요?"),
-               "하나 둘 셋 넷 다섯 여섯 일곱 여덟 아홉 열"),
-    "Arabic": (("اكتب العدد {n} بالحروف.", "كيف يُكتب العدد {n} بالحروف؟"),
-               "واحد اثنان ثلاثة أربعة خمسة ستة سبعة ثمانية تسعة عشرة"),
-    "Chinese": (("请用汉字写出数字{n}。", "数字{n}用汉字怎么写？"), "一 二 三 四 五 六 七 八 九 十"),
-    "Russian": (("Напишите число {n} словами.", "Как пишется число {n} словами?"),
-                "один два три четыре пять шесть семь восемь девять десять"),
-    "Indonesian": (("Tuliskan angka {n} dengan huruf.", "Bagaimana menulis angka {n} dengan huruf?"),
-                   "satu dua tiga empat lima enam tujuh delapan sembilan sepuluh"),
-    "Turkish": (("{n} sayısını yazıyla yazın.", "{n} sayısı yazıyla nasıl yazılır?"),
-                "bir iki üç dört beş altı yedi sekiz dokuz on"),
-    "Dutch": (("Schrijf het getal {n} in woorden.", "Hoe schrijf je het getal {n} in letters?"),
-              "een twee drie vier vijf zes zeven acht negen tien"),
-    "Polish": (("Napisz liczbę {n} słownie.", "Jak zapisać liczbę {n} słownie?"),
-               "jeden dwa trzy cztery pięć sześć siedem osiem dziewięć dziesięć"),
-    "Persian": (("عدد {n} را با حروف بنویسید.", "عدد {n} با حروف چگونه نوشته می‌شود؟"),
-                "یک دو سه چهار پنج شش هفت هشت نه ده"),
-    "Vietnamese": (("Viết số {n} bằng chữ.", "Số {n} viết bằng chữ như thế nào?"),
-                   "một hai ba bốn năm sáu bảy tám chín mười"),
-    "Czech": (("Napište číslo {n} slovy.", "Jak se píše číslo {n} slovy?"),
-              "jedna dva tři čtyři pět šest sedm osm devět deset"),
-    "Hindi": (("संख्या {n} को शब्दों में लिखिए।", "संख्या {n} को शब्दों में कैसे लिखते हैं?"),
-              "एक दो तीन चार पाँच छह सात आठ नौ दस"),
-    "Ukrainian": (("Напишіть число {n} словами.", "Як написати число {n} словами?"),
-                  "один два три чотири п'ять шість сім вісім дев'ять десять"),
-    "Romanian": (("Scrie numărul {n} în litere.", "Cum se scrie numărul {n} în litere?"),
-                 "unu doi trei patru cinci șase șapte opt nouă zece"),
-    "Greek": (("Γράψε τον αριθμό {n} ολογράφως.", "Πώς γράφεται ο αριθμός {n} ολογράφως;"),
-              "ένα δύο τρία τέσσερα πέντε έξι επτά οκτώ εννέα δέκα"),
-    "Hebrew": (("כתבו את המספר {n} במילים.", "איך כותבים את המספר {n} במילים?"),
-               "אחת שתיים שלוש ארבע חמש שש שבע שמונה תשע עשר"),
-}
-# Unicode script of each language's letters (by character name prefix), for the "answered in it" check.
-SCRIPTS = {"Japanese": ("CJK", "HIRAGANA", "KATAKANA"), "Chinese": ("CJK",), "Korean": ("HANGUL",),
-           "Arabic": ("ARABIC",), "Persian": ("ARABIC",), "Russian": ("CYRILLIC",), "Ukrainian": ("CYRILLIC",),
-           "Hindi": ("DEVANAGARI",), "Greek": ("GREEK",), "Hebrew": ("HEBREW",)}
-
-
-def number_word(lang: str, n: int) -> str:
-    return LANGS[lang][1].split()[n - 1]
-
-
-def in_script(text: str, lang: str) -> bool:
-    """More than half the letters are in the language's script (Latin for the rest)."""
-    want = SCRIPTS.get(lang, ("LATIN",))
-    letters = [c for c in text if c.isalpha()]
-    hits = sum(unicodedata.name(c, "").startswith(want) for c in letters)
-    return bool(letters) and hits * 2 > len(letters)
-
-
-def says_number_in(text: str, lang: str, n: int) -> bool:
-    """The answer names n in `lang`, in that language's script. CJK has no spaces: a character match."""
-    word = unicodedata.normalize("NFC", number_word(lang, n)).lower()
-    text = unicodedata.normalize("NFC", text).replace("’", "'")
-    found = word in text if lang in ("Japanese", "Chinese") else word in words_of(text)
-    return found and in_script(text, lang)
-
-
-# -----------------------------------------------------------------------------------------------------------
 # instruct: format constraints and preamble (system message) adherence
-
-
-def _strip_fence(text: str) -> str:
-    m = re.search(r"```[a-zA-Z]*\n?(.*?)```", text, re.S)
-    return (m.group(1) if m else text).strip()
 
 
 def _json_obj(text: str):
     try:
-        obj = json.loads(_strip_fence(text))
+        obj = json.loads(strip_fence(text))
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None
@@ -310,115 +230,6 @@ class Instruct(Suite):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# code: Python functions checked by unit tests, SQL queries checked by their results (both in the sandbox)
-
-# (name, description with {k}, reference source, reference function in Python, argument generator)
-PY_TASKS = [
-    ("add_to_all", "returns a new list with {k} added to every element of the list xs",
-     "def add_to_all(xs):\n    return [x + {k} for x in xs]", lambda k: lambda xs: [x + k for x in xs],
-     lambda r: ([r.randint(-50, 50) for _ in range(r.randint(0, 6))],)),
-    ("count_letter", "returns how many times the letter '{c}' occurs in the string s",
-     "def count_letter(s):\n    return s.count('{c}')", lambda c: lambda s: s.count(c),
-     lambda r: ("".join(r.choice("abcdeklmr ") for _ in range(r.randint(0, 12))),)),
-    ("multiples_below", "returns the sum of all positive multiples of {k} that are below n",
-     "def multiples_below(n):\n    return sum(range({k}, n, {k}))", lambda k: lambda n: sum(range(k, n, k)),
-     lambda r: (r.randint(0, 200),)),
-    ("reverse_words", "returns the string s with the order of its space-separated words reversed",
-     "def reverse_words(s):\n    return ' '.join(s.split()[::-1])", lambda k: lambda s: " ".join(s.split()[::-1]),
-     lambda r: (" ".join(r.sample(FRUITS, r.randint(1, 5))),)),
-    ("is_palindrome", "returns True if the string s reads the same backwards, else False",
-     "def is_palindrome(s):\n    return s == s[::-1]", lambda k: lambda s: s == s[::-1],
-     lambda r: (r.choice(["level", "abba", "kayak", "", "apple", "ab", "abca", "noon"]),)),
-    ("square_evens", "returns the squares of the even numbers in the list xs, in order",
-     "def square_evens(xs):\n    return [x * x for x in xs if x % 2 == 0]",
-     lambda k: lambda xs: [x * x for x in xs if x % 2 == 0],
-     lambda r: ([r.randint(-9, 9) for _ in range(r.randint(0, 7))],)),
-    ("clamp", "returns x limited to the range {lo}..{hi}",
-     "def clamp(x):\n    return max({lo}, min({hi}, x))", None, lambda r: (r.randint(-100, 100),)),
-    ("fizz", "returns 'Fizz' if n is divisible by {k}, otherwise the number n as a string",
-     "def fizz(n):\n    return 'Fizz' if n % {k} == 0 else str(n)",
-     lambda k: lambda n: "Fizz" if n % k == 0 else str(n),
-     lambda r: (r.randint(1, 60),)),
-]
-
-SQL_SCHEMA = "CREATE TABLE employees (id INTEGER, name TEXT, dept TEXT, salary INTEGER, city TEXT);"
-DEPTS = ["Sales", "Research", "Support", "Finance"]
-SQL_TASKS = [  # (question, reference query, ordered result?)
-    ("the names of all employees in the {dept} department, sorted by name",
-     "SELECT name FROM employees WHERE dept = '{dept}' ORDER BY name", True),
-    ("the number of employees who work in {city}", "SELECT COUNT(*) FROM employees WHERE city = '{city}'", False),
-    ("the names and salaries of employees earning more than {x}, highest salary first, ties by name",
-     "SELECT name, salary FROM employees WHERE salary > {x} ORDER BY salary DESC, name", True),
-    ("each department with its average salary rounded to 2 decimals, sorted by department",
-     "SELECT dept, ROUND(AVG(salary), 2) FROM employees GROUP BY dept ORDER BY dept", True),
-    ("the total salary paid in the {dept} department",
-     "SELECT SUM(salary) FROM employees WHERE dept = '{dept}'", False),
-]
-
-
-PY_FRAMES = ("Write a Python function `{sig}` that {desc}.", "Implement `{sig}` in Python: it {desc}.",
-             "Define a Python function `{sig}` which {desc}.")
-SQL_FRAMES = ("Write one SQL query that returns {q}.", "Give a single SQLite query returning {q}.",
-              "Which SQL query returns {q}? Write it.")
-
-
-class Code(Suite):
-    """How to write each function / query family is learned; its constants are read from the prompt. The split
-    is by prompt text: the hidden test cases (or table rows) vary the content but not what the model sees, so
-    splitting on them would put the same prompt, with the same reference, in both splits."""
-    name = "code"
-
-    def make(self, rng, d):
-        if rng.random() < 0.5:
-            return self._python(rng, d)
-        return self._sql(rng, d)
-
-    def _python(self, rng, d):
-        name, desc, src, ref, gen = rng.choice(PY_TASKS[:4 + 2 * d])
-        slots = {"k": rng.randint(2, 9), "c": rng.choice("aekmr")}
-        lo = rng.randint(-20, 0)
-        slots.update(lo=lo, hi=lo + rng.randint(5, 40))
-        fn = (lambda x: max(slots["lo"], min(slots["hi"], x))) if name == "clamp" else (
-            ref(slots["c"]) if name == "count_letter" else ref(slots["k"]))
-        cases = []
-        for _ in range(6):
-            args = gen(rng)
-            cases.append((list(args), fn(*args)))
-        sig = src.split(":")[0].replace("def ", "")
-        user = rng.choice(PY_FRAMES).format(sig=sig, desc=desc.format(**slots))
-        code = src.format(**slots)
-        return {"key": json.dumps([user, cases]), "split_key": user, "messages": [{"role": "user", "content": user}],
-                "check": {"lang": "python", "fn": name, "task": name, "cases": cases},
-                **_resp(f"```python\n{code}\n```")}
-
-    def _sql(self, rng, d):
-        rows = [[i + 1, rng.choice(NAMES), rng.choice(DEPTS), rng.randrange(2000, 9000, 50), rng.choice(CITIES[:4])]
-                for i in range(rng.randint(5, 5 + 5 * d))]
-        t = rng.randrange(2 + d)
-        q, ref, ordered = SQL_TASKS[t]
-        slots = {"dept": rng.choice(DEPTS), "city": rng.choice(CITIES[:4]), "x": rng.randrange(3000, 8000, 500)}
-        user = (f"The SQLite table is {SQL_SCHEMA[len('CREATE TABLE '):].rstrip(';')}. "
-                + rng.choice(SQL_FRAMES).format(q=q.format(**slots)))
-        return {"key": json.dumps([user, rows]), "split_key": user, "messages": [{"role": "user", "content": user}],
-                "check": {"lang": "sql", "task": f"sql{t}", "rows": rows, "query": ref.format(**slots),
-                          "ordered": ordered},
-                **_resp(f"```sql\n{ref.format(**slots)}\n```")}
-
-    def verify(self, ex, completion):
-        r, _ = response_of(completion)
-        src, c = _strip_fence(r), ex.check
-        if not src:
-            return 0.0
-        if c["lang"] == "python":
-            return run_python_tests(src, c["fn"], c["cases"])[0]
-        want, got = run_sql(SQL_SCHEMA, {"employees": c["rows"]}, [c["query"], src])
-        if "rows" not in got or "rows" not in want:
-            return 0.0
-        a, b = got["rows"], want["rows"]
-        return float(a == b if c["ordered"] else sorted(map(json.dumps, a)) == sorted(map(json.dumps, b)))
-
-
-# -----------------------------------------------------------------------------------------------------------
 # math: multi-step arithmetic word problems with a verified final answer
 
 ITEMS = ["apples", "marbles", "coins", "stickers", "books", "pencils", "shells", "cards"]
@@ -467,51 +278,6 @@ class Math(Suite):
         m = re.findall(r"answer is\s*:?\s*\**\s*(-?\d[\d,]*(?:\.\d+)?)", r, re.I)
         nums = [float(m[-1].replace(",", ""))] if m else numbers_in(r)
         return float(bool(nums) and nums[-1] == ex.check["answer"])
-
-
-# -----------------------------------------------------------------------------------------------------------
-# multilingual: posed and answered in each of the 23 languages
-
-
-# Framings in English that name the language (the answer is still in that language), and quote styles for the
-# number: with LANGS' two in-language templates, 5 x 4 = 20 phrasings per language.
-MULTI_FRAMES = ("How do you write the number {n} in {lang}? Answer with one word.",
-                "In {lang}, what is the word for {n}?",
-                "Translate the number {n} into {lang}, in words.")
-NUM_STYLES = ("{n}", "“{n}”", "«{n}»", "'{n}'")
-MULTI_EASY = ("French", "Spanish", "Italian", "German", "Portuguese", "Dutch")   # difficulty 1's languages
-
-
-class Multilingual(Suite):
-    """The answer is a fact to learn (the word for n in a language), so the split is by phrasing: every
-    (language, n) pair is asked in train under the train phrasings, and test asks it under held-out ones."""
-    name = "multilingual"
-    max_difficulty = 3
-
-    def make(self, rng, d):
-        # difficulty 1: 30 facts (MULTI_EASY x 1..5) the tiny model can learn in an expert's budget; 2: all 23
-        # languages x 1..10 (230 facts); 3: half of them posed as sums
-        lang = rng.choice(MULTI_EASY if d == 1 else sorted(LANGS))
-        templates = LANGS[lang][0] + MULTI_FRAMES
-        t, q = rng.randrange(len(templates)), rng.randrange(len(NUM_STYLES))
-        if d >= 3 and rng.random() < 0.5:                  # a sum, still answered as a word
-            n = rng.randint(2, 10)
-            a = rng.randint(1, n - 1)
-            shown = f"{a} + {n - a}"
-        else:
-            n = rng.randint(1, 5 if d == 1 else 10)
-            shown = str(n)
-        user = templates[t].format(n=NUM_STYLES[q].format(n=shown), lang=lang)
-        # test holds out one template per quote style, shifted per language: 4 of the 20 phrasings (1/5 =
-        # TEST_FRACTION) with every language tested, every template and style seen in train, every fact too
-        held = (t + q + sorted(LANGS).index(lang)) % len(templates) == 0
-        return {"key": f"{lang}|{user}", "split": "test" if held else "train",
-                "messages": [{"role": "user", "content": user}],
-                "check": {"lang": lang, "n": n}, **_resp(number_word(lang, n))}
-
-    def verify(self, ex, completion):
-        r, _ = response_of(completion)
-        return float(says_number_in(r, ex.check["lang"], ex.check["n"]))
 
 
 # -----------------------------------------------------------------------------------------------------------

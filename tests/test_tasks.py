@@ -13,6 +13,8 @@ import time
 import pytest
 
 import agents
+import coding as C
+import multilingual as ML
 import tasks as T
 from suite import carve_val
 from tasks import SUITES, assistant_text
@@ -40,7 +42,7 @@ def resp(text):
 @pytest.fixture(scope="module")
 def tok():
     texts = [open(os.path.join(ROOT, f), encoding="utf-8").read()
-             for f in ("tokenizer.py", "suite.py", "tasks.py", "agents.py")]   # every suite's source
+             for f in ("tokenizer.py", "suite.py", "tasks.py", "agents.py", "coding.py", "multilingual.py")]
     return Tokenizer.train(texts, vocab_size=512)
 
 
@@ -75,7 +77,7 @@ def test_instruct_rejects_broken_constraints():
     assert score(wl, resp("The fruit is " + wl.check["fruit"] + " " + "really " * wl.check["k"])) == 0
     assert score(wl, resp(f"The fruit is {wl.check['others'][0]}.")) == 0
     lang = ex_of("instruct", lambda c: c["kind"] == "sys_language")
-    assert score(lang, resp(T.number_word("English", lang.check["n"]))) == 0              # wrong language
+    assert score(lang, resp(ML.number_word("English", lang.check["n"]))) == 0              # wrong language
 
 
 def test_rag_rejects_wrong_fact_and_wrong_citation():
@@ -118,12 +120,12 @@ def test_math_multilingual_long_context_reject_wrong_answers():
     assert score(m, resp("I don't know.")) == 0
     fr = ex_of("multilingual", lambda c: c["lang"] == "French" and c["n"] not in (6,))
     n = fr.check["n"]
-    assert score(fr, resp(T.number_word("French", n))) == 1
-    assert score(fr, resp(T.number_word("English", n))) == 0                             # wrong language
+    assert score(fr, resp(ML.number_word("French", n))) == 1
+    assert score(fr, resp(ML.number_word("English", n))) == 0                             # wrong language
     ru = ex_of("multilingual", lambda c: c["lang"] == "Russian", difficulty=2)
     assert score(ru, resp("odin dva tri chetyre pyat shest sem vosem devyat desyat")) == 0  # wrong script
     hi = ex_of("multilingual", lambda c: c["lang"] == "Hindi", difficulty=2)
-    assert score(hi, resp(T.number_word("Hindi", hi.check["n"]) + "।")) == 1               # marks are letters
+    assert score(hi, resp(ML.number_word("Hindi", hi.check["n"]) + "।")) == 1               # marks are letters
     lc = ex_of("long_context", lambda c: True, difficulty=2)
     assert score(lc, resp(f"It is {lc.check['others'][0]}.")) == 0                        # a distractor's fact
     assert score(lc, resp(f"{lc.check['code']} or {lc.check['others'][0]}")) == 0
@@ -132,19 +134,19 @@ def test_math_multilingual_long_context_reject_wrong_answers():
 def test_multilingual_covers_the_23_languages_each_verified():
     spec = ("English, French, Spanish, Italian, German, Portuguese, Japanese, Korean, Arabic, Chinese, Russian, "
             "Indonesian, Turkish, Dutch, Polish, Persian, Vietnamese, Czech, Hindi, Ukrainian, Romanian, Greek, Hebrew")
-    assert sorted(T.LANGS) == sorted(spec.split(", "))
-    for lang in T.LANGS:
-        templates = T.LANGS[lang][0]
-        assert len(templates) >= 2 and all("{n}" in t for t in templates) and len(T.LANGS[lang][1].split()) == 10
+    assert sorted(ML.LANGS) == sorted(spec.split(", "))
+    for lang in ML.LANGS:
+        templates = ML.LANGS[lang][0]
+        assert len(templates) >= 2 and all("{n}" in t for t in templates) and len(ML.LANGS[lang][1].split()) == 10
         for n in range(1, 11):
-            assert T.says_number_in(f"{T.number_word(lang, n)}.", lang, n), (lang, n)
-            en = T.number_word("English", n)
-            if en != T.number_word(lang, n):
-                assert not T.says_number_in(en, lang, n), (lang, n)                    # English is not it
-            assert not T.says_number_in(T.number_word(lang, n % 10 + 1), lang, n)      # another number is not it
-    assert {e.check["lang"] for e in SUITES["multilingual"].generate(0, 120, "train", 2)} == set(T.LANGS)
+            assert ML.says_number_in(f"{ML.number_word(lang, n)}.", lang, n), (lang, n)
+            en = ML.number_word("English", n)
+            if en != ML.number_word(lang, n):
+                assert not ML.says_number_in(en, lang, n), (lang, n)                    # English is not it
+            assert not ML.says_number_in(ML.number_word(lang, n % 10 + 1), lang, n)      # another number is not it
+    assert {e.check["lang"] for e in SUITES["multilingual"].generate(0, 120, "train", 2)} == set(ML.LANGS)
     easy = SUITES["multilingual"].generate(0, 120, "train", 1)     # difficulty 1: 6 languages x 1..5
-    assert {e.check["lang"] for e in easy} == set(T.MULTI_EASY) and {e.check["n"] for e in easy} == {1, 2, 3, 4, 5}
+    assert {e.check["lang"] for e in easy} == set(ML.MULTI_EASY) and {e.check["n"] for e in easy} == {1, 2, 3, 4, 5}
 
 
 def test_safety_scores_refusal_and_over_refusal():
@@ -211,7 +213,7 @@ def test_splits_are_disjoint(name):
 
 # What a test example needs to have learned (a fact, not something read from its prompt), per suite.
 LEARNED = {
-    "multilingual": lambda e: (e.check["lang"], e.check["n"]),
+    "multilingual": lambda e: (e.check["lang"], e.check["n"]) if "n" in e.check else None,
     "instruct": lambda e: (e.check["lang"], e.check["n"]) if e.check["kind"] == "sys_language" else None,
     "code": lambda e: e.check["task"],
     "safety": lambda e: (e.safety_mode, e.check["request"]),
@@ -225,15 +227,15 @@ def test_facts_in_test_are_taught_in_train_under_other_phrasings(name, difficult
     """The split holds out phrasings, not facts: every test example's fact occurs in train (at a training-sized
     n), and no test prompt string is a train prompt string."""
     fact, suite = LEARNED[name], SUITES[name]
-    n = {"multilingual": 2500, "instruct": 5000}.get(name, 400)           # instruct: 1 in 8 is sys_language
+    n = {"multilingual": 2500, "instruct": 5000, "code": 1500}.get(name, 400)   # instruct: 1 in 8 is sys_language
     train = suite.generate(0, n, "train", difficulty)
-    test = suite.generate(0, 300, "test", difficulty)
+    test = suite.generate(0, 600 if name == "multilingual" else 300, "test", difficulty)   # half are numbers at 2-3
     taught = {fact(e) for e in train}
     needed = {fact(e) for e in test} - {None}
     assert needed and not needed - taught, sorted(needed - taught)[:5]
     assert not {prompt_of(e) for e in train} & {prompt_of(e) for e in test}
     if name == "multilingual":           # the rule-based holdout tests every language of the difficulty
-        assert {e.check["lang"] for e in test} == set(T.MULTI_EASY if difficulty == 1 else T.LANGS)
+        assert {e.check["lang"] for e in test} == set(ML.MULTI_EASY if difficulty == 1 else ML.LANGS)
         assert len(needed) == 30 if difficulty == 1 else len(needed) > 150
 
 
