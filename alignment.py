@@ -34,7 +34,7 @@ import data as D
 import tasks as T
 from model import CommandA, ModelConfig, atomic_write_json, pyplot, save_figure
 from pretrain import apply_update, read_train_state, restore_rngs, write_train_state   # one checkpoint format for both loops
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, parse_completion
 
 # ----------------------------------------------------------------------------------------------------------
 # The losses (SPEC 6). Inputs: per-example tensors [N]; outputs: per-example losses [N].
@@ -286,6 +286,17 @@ def score_suites(model, tok, examples, max_new=96) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+def parse_final(text: str):
+    """A completion's (or ReAct episode's final turn's) assistant message; None if there is none."""
+    if not text:
+        return None
+    p = parse_completion(text)
+    msg = {"role": "assistant", "content": p["response"]}
+    if p.get("thinking"):
+        msg["thinking"] = p["thinking"]
+    return msg
+
+
 # The reward model: the CommandA trunk + a scalar head on the last token (report 3.2, "Reward Models")
 
 
@@ -341,6 +352,17 @@ class RewardModel(CommandA):
             ids = tok.render_chat(msgs, docs, tools, mode, add_generation_prompt=False)
             seqs.append((ids, [0] * len(ids)))
         return self.score_sequences(seqs, tok.pad_id, batch_size)
+
+    def judge(self, tok: Tokenizer):
+        """The report's pairwise judge as a reward model (tasks.judge_pairs / tasks.pairwise take it in place of
+        the verifiers): > 0 when it prefers A's answer. Each whole conversation, prompt and answer, is scored; a
+        missing answer (a failed ReAct episode) is an empty assistant turn."""
+        def judge(ex: T.Example, a: str, b: str) -> float:
+            turns = [parse_final(x) or {"role": "assistant", "content": ""} for x in (a, b)]
+            ra, rb = self.score_conversations(tok, [(ex.messages + [t], ex.documents, ex.tools, ex.safety_mode)
+                                                    for t in turns])
+            return 0.0 if abs(ra - rb) < 1e-5 else ra - rb   # float noise between batch rows is a tie
+        return judge
 
     def save(self, path: str, tok: Tokenizer):
         self.save_pretrained(path, extra_config={"architectures": ["Cohere2ForSequenceClassification"],

@@ -41,7 +41,7 @@ import data as D
 import merge as M
 import tasks as T
 from alignment import (
-    PREF_LOSSES, Indices, RewardModel, StageConfig, best_of_n, bt_loss, check_pairs, completion_nll, copg_loss,
+    PREF_LOSSES, Indices, RewardModel, StageConfig, best_of_n, parse_final, bt_loss, check_pairs, completion_nll, copg_loss,
     copg_offline_objective, copg_online_objective, dpo_loss, hinge_loss, ipo_loss, ipo_sft_loss, make_engine,
     pair_sequences, pref_objective, reference_logps, reference_pairs, render, rm_accuracy, rm_objective,
     rm_reward_fn, run_bandit, sample, score_suites, seq, sequence_logps, sft_objective, sft_sequences, slic_loss,
@@ -49,7 +49,6 @@ from alignment import (
 from model import CommandA, atomic_write_text, pyplot, save_figure
 from pretrain import precision
 from stages import bench, fingerprint_of, load_init, print_table, run_stage, write_outputs
-from tokenizer import parse_completion
 
 # SPEC 9: the losses are part of posttrain's public interface (they live in alignment.py)
 __all__ = ["dpo_loss", "ipo_loss", "hinge_loss", "slic_loss", "srpo_loss", "ipo_sft_loss", "bt_loss", "copg_loss",
@@ -334,17 +333,6 @@ def check_no_leak(train: dict, test: dict):
                            f"data: the split is broken")
 
 
-def parse_final(text: str):
-    """A ReAct episode's final turn as an assistant message (None if the episode produced none)."""
-    if not text:
-        return None
-    p = parse_completion(text)
-    msg = {"role": "assistant", "content": p["response"]}
-    if p.get("thinking"):
-        msg["thinking"] = p["thinking"]
-    return msg
-
-
 def run_pipeline(init: str, out: str, cfg: PipelineConfig, verbose=True) -> dict:
     """The report's Figure 3, stage by stage (module docstring), then the polished model against the RL soup."""
     P_ = Pipeline(init, out, cfg, verbose)
@@ -579,14 +567,32 @@ def pairwise_vs_rl_soup(P_, rm) -> dict:
     c, tok = P_.cfg, P_.tok
     suites = [s for s in EVAL_SUITES if not T.SUITES[s].multi_turn]
 
-    def rm_judge(ex, a, b):
-        ra, rb = rm.score_conversations(tok, [(ex.messages + [parse_final(x) or {"role": "assistant", "content": ""}],
-                                               ex.documents, ex.tools, ex.safety_mode) for x in (a, b)])
-        return ra - rb
     ra, rb = (T.evaluate_details(P_.load(stage), tok, suites, n=c.n_eval, seed=c.seed, max_new_tokens=c.max_new)
               for stage in ("polished", "rl soup"))
-    pw = {"verifiers": T.judge_pairs(ra, rb), "reward_model": T.judge_pairs(ra, rb, rm_judge)}
+    pw = {"verifiers": T.judge_pairs(ra, rb), "reward_model": T.judge_pairs(ra, rb, rm.judge(tok))}
     return {k: {"win": v["win"], "tie": v["tie"], "loss": v["loss"], "win_rate": v["win_rate"]} for k, v in pw.items()}
+
+
+def run_pairwise(args) -> dict:
+    """`posttrain.py pairwise`: win / tie / loss of A against B per judge, one generation pass per model."""
+    if args.n < 1 or args.max_new < 1 or args.difficulty < 1:
+        raise ValueError("--n, --max-new and --difficulty must be >= 1")
+    suites = T.check_suites(args.suites or [s for s in T.SUITES if not T.SUITES[s].multi_turn])
+    (a, tok), (b, tok_b) = load_init(args.a), load_init(args.b)
+    if tok_b.ranks != tok.ranks:
+        raise ValueError("the two checkpoints have different tokenizers; pairwise needs one")
+    ra, rb = (T.evaluate_details(m, tok, suites, n=args.n, seed=args.seed, max_new_tokens=args.max_new,
+                                 difficulty=args.difficulty) for m in (a, b))
+    res = {"verifiers": T.judge_pairs(ra, rb)}
+    if args.rm:
+        res["reward_model"] = T.judge_pairs(ra, rb, RewardModel.load(args.rm, tok).judge(tok))
+    print(f"{'judge':<14} {'suite':<14} {'win':>6} {'tie':>6} {'loss':>6}   (A = {args.a}, B = {args.b})")
+    for judge, r in res.items():
+        for k, v in r["per_suite"].items():
+            print(f"{judge:<14} {k:<14} {v['win']:6.2f} {v['tie']:6.2f} {v['loss']:6.2f}")
+    print(json.dumps({j: {k: round(v, 4) for k, v in r.items() if k in ("win", "tie", "loss", "win_rate")}
+                      for j, r in res.items()}))
+    return res
 
 
 def in_domain(scores: dict, d: str) -> float:
@@ -747,6 +753,16 @@ def build_parser():
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
+    p = sub.add_parser("pairwise", help="two checkpoints answer the same test prompts; the verifiers judge, and the "
+                       "reward model too with --rm", formatter_class=ap.formatter_class)
+    p.add_argument("--a", required=True, help="checkpoint A")
+    p.add_argument("--b", required=True, help="checkpoint B (same tokenizer)")
+    p.add_argument("--rm", default=None, help="also judge with this reward model (posttrain.py rm --out DIR)")
+    p.add_argument("--suites", default=None, help="comma-separated suites (default: every single-turn suite)")
+    p.add_argument("--n", type=int, default=16, help="test examples per suite")
+    p.add_argument("--difficulty", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new", type=int, default=64, help="tokens per answer")
     p = sub.add_parser("bandit", help="CoPG's 3-armed bandit vs DPO", formatter_class=ap.formatter_class)
     p.add_argument("--iters", type=int, default=1500)
     p.add_argument("--beta", type=float, default=0.5)
@@ -774,10 +790,10 @@ def main(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.stage is None and args.tiny == args.micro:
-        ap.error("give a stage (sft, rm, pref, copg, bon, bench, bandit) or exactly one of --tiny / --micro")
+        ap.error("give a stage (sft, rm, pref, copg, bon, pairwise, bench, bandit) or exactly one of --tiny / --micro")
     if args.stage == "bandit" and (args.iters < 1 or not args.beta > 0):
         ap.error("--iters must be >= 1 and --beta > 0")
-    if args.stage not in (None, "bench", "bandit"):
+    if args.stage not in (None, "bench", "bandit", "pairwise"):
         check_stage_args(ap, args)
     try:                                     # a bad input is one line on stderr and exit status 2, no traceback
         if args.stage is None:
@@ -795,6 +811,8 @@ def main(argv=None):
                   f"sampling, {100 * res['copg_update_frac']:.0f}% scoring + update")
             print(json.dumps(res))
             return res
+        if args.stage == "pairwise":
+            return run_pairwise(args)
         if args.stage == "bandit":
             summary = run_bandit(args.iters, args.beta, args.out)
             print(json.dumps(summary))

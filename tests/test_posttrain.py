@@ -543,3 +543,28 @@ def test_pipeline_needs_an_init():
     r = cli("--micro", "--init", "out/does-not-exist/tiny", "--out", "/tmp/never-written")
     assert r.returncode == 2 and "pretrain.py --tiny" in r.stderr
     assert not os.path.exists("/tmp/never-written")
+
+
+def test_pairwise_with_the_reward_model_as_judge(tok, init_dir, tmp_path):
+    """tasks' pairwise takes the reward model as its judge: antisymmetric, a tie for equal answers, and the
+    `posttrain.py pairwise --rm` CLI reports both judges."""
+    torch.manual_seed(1)
+    rm = A.RewardModel(micro_model(tok).config)
+    torch.nn.init.normal_(rm.score.weight, std=1.0)                     # a head that prefers something
+    judge = rm.judge(tok)
+    ex = T.SUITES["math"].generate(0, 1, "test")[0]
+    a, b = "<|START_RESPONSE|>The answer is 4.<|END_RESPONSE|>", "<|START_RESPONSE|>no idea<|END_RESPONSE|>"
+    assert judge(ex, a, b) == pytest.approx(-judge(ex, b, a), abs=1e-5) and judge(ex, a, b) != 0
+    assert judge(ex, a, a) == pytest.approx(0.0, abs=1e-6) and judge(ex, None, "") == pytest.approx(0.0, abs=1e-6)
+    recs = {"math": [{"example": ex, "completion": a}]}
+    verdict = T.judge_pairs(recs, {"math": [{"example": ex, "completion": b}]}, judge)
+    assert verdict["n"] == 1 and verdict["win"] == float(judge(ex, a, b) > 0)
+    rm_dir = str(tmp_path / "rm")
+    rm.save(rm_dir, tok)
+    r = cli("pairwise", "--a", init_dir, "--b", init_dir, "--rm", rm_dir, "--suites", "math", "--n", "2",
+            "--max-new", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out) == {"verifiers", "reward_model"} and out["reward_model"]["tie"] == 1.0   # same model: ties
+    r = cli("pairwise", "--a", init_dir, "--b", init_dir, "--n", "0")
+    assert r.returncode == 2 and "--n" in r.stderr
