@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import json
+import random
 import re
 
 from sandbox import LANGUAGES, SandboxConfig, run_program, run_python_tests, run_sandboxed, run_sql
@@ -203,8 +204,10 @@ def idiom_of(src: str) -> str | None:
     return "loop" if loops and not comps else "comprehension" if comps and not loops else None
 
 
-# (name, what it computes, the slow reference (quadratic or worse), an efficient one, small-case and large-case
-# argument makers). The large case takes the slow version minutes; an O(n) or O(n log log n) one, milliseconds.
+# (name, what it computes, the slow reference (quadratic or worse), an efficient one, the small-case argument
+# maker, the large case's size (or size range) and its argument maker). The large case takes the slow version
+# minutes; an O(n) or O(n log log n) one, milliseconds. It is built from a seed when verified, so an example stays
+# small and generation fast.
 OPTIMIZE = [
     ("count_pairs", "counts the pairs i < j with xs[i] + xs[j] == k",
      "def count_pairs(xs, k):\n    n = 0\n    for i in range(len(xs)):\n        for j in range(i + 1, len(xs)):\n"
@@ -212,19 +215,19 @@ OPTIMIZE = [
      "def count_pairs(xs, k):\n    seen, n = {}, 0\n    for x in xs:\n        n += seen.get(k - x, 0)\n"
      "        seen[x] = seen.get(x, 0) + 1\n    return n",
      lambda r: [[r.randint(0, 9) for _ in range(r.randint(0, 8))], r.randint(0, 18)],
-     lambda r: [[r.randint(0, 999) for _ in range(20000)], r.randint(500, 1500)]),
+     20000, lambda n, r: [[r.randint(0, 999) for _ in range(n)], r.randint(500, 1500)]),
     ("has_duplicate", "tells whether any value occurs twice in xs",
      "def has_duplicate(xs):\n    for i in range(len(xs)):\n        for j in range(i + 1, len(xs)):\n"
      "            if xs[i] == xs[j]:\n                return True\n    return False",
      "def has_duplicate(xs):\n    return len(set(xs)) < len(xs)",
      lambda r: [[r.randint(0, 9) for _ in range(r.randint(0, 5))]],
-     lambda r: [r.sample(range(10 ** 6), 20000)]),
+     20000, lambda n, r: [r.sample(range(10 ** 6), n)]),
     ("count_primes", "counts the primes below n",
      "def count_primes(n):\n    return sum(1 for m in range(2, n) if all(m % d for d in range(2, m)))",
      "def count_primes(n):\n    if n < 3:\n        return 0\n    sieve = bytearray([1]) * n\n    sieve[0] = sieve[1] = 0\n"
      "    for p in range(2, int(n ** 0.5) + 1):\n        if sieve[p]:\n"
      "            sieve[p * p::p] = bytearray(len(range(p * p, n, p)))\n    return sum(sieve)",
-     lambda r: [r.randint(0, 60)], lambda r: [r.randint(150000, 200000)]),
+     lambda r: [r.randint(0, 60)], (150000, 200000), lambda n, r: [n]),
 ]
 
 
@@ -420,15 +423,15 @@ class Code(Suite):
                           "task": f"idiom:{name}:{to}"}, "response": fenced("python", want)}
 
     def _optimize(self, rng, d):
-        name, desc, slow, fast, small, big = rng.choice(OPTIMIZE)
-        cases = [small(rng) for _ in range(5)] + [big(rng)]
-        size = f"n = {cases[-1][0]}" if name == "count_primes" else f"{len(cases[-1][0]):,} numbers"
-        user = (f"This Python function {desc}. It is correct, but far too slow for inputs of {size}. Rewrite "
+        name, desc, slow, fast, small, size, big = rng.choice(OPTIMIZE)
+        n = size if isinstance(size, int) else rng.randint(*size)
+        shown = f"n = {n}" if name == "count_primes" else f"{n:,} numbers"
+        user = (f"This Python function {desc}. It is correct, but far too slow for inputs of {shown}. Rewrite "
                 f"`{name}` so that it gives the same results in well under a second:\n\n{fenced('python', slow)}")
-        return {"key": json.dumps([user, cases[:5]]), "split_key": user,
-                "messages": [{"role": "user", "content": user}],
-                "check": {"kind": "optimize", "fn": name, "task": f"optimize:{name}",
-                          "cases": [(a, _run_fn(fast, name, a)) for a in cases]}, "response": fenced("python", fast)}
+        cases = [(a, _run_fn(fast, name, a)) for a in (small(rng) for _ in range(5))]
+        return {"key": json.dumps([user, cases]), "split_key": user, "messages": [{"role": "user", "content": user}],
+                "check": {"kind": "optimize", "fn": name, "task": f"optimize:{name}", "cases": cases,
+                          "big": [n, rng.randrange(2 ** 31)]}, "response": fenced("python", fast)}
 
     def _duckdb(self, rng, d):
         rows = _employees(rng, d)
@@ -474,6 +477,8 @@ class Code(Suite):
             want, got = py_calls(c["given"], c["fn"], c["calls"]), py_calls(src, c["fn"], c["calls"])
             return float(want is not None and got == want)
         if kind == "optimize":                    # the large case inside the 1-second CPU limit, or nothing
-            return run_python_tests(src, c["fn"], c["cases"], timeout=10.0)[0]
+            _, _, _, fast, _, _, big = next(o for o in OPTIMIZE if o[0] == c["fn"])
+            args = big(c["big"][0], random.Random(c["big"][1]))
+            return run_python_tests(src, c["fn"], c["cases"] + [(args, _run_fn(fast, c["fn"], args))], timeout=10.0)[0]
         want, got = run_duckdb(c["rows"], [c["query"], src])
         return float(same_rows(got.get("rows"), want.get("rows"), c["ordered"]))

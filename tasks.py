@@ -610,6 +610,29 @@ def show(suite: str, n: int, seed: int, split: str, difficulty: int):
         print()
 
 
+def bench(n: int = 200, n_verify: int = 24, seed: int = 0) -> list:
+    """Generation speed (examples/s) of every suite at every difficulty, and verification speed of the references
+    (the verifier's own cost: sandboxes, compilers and the jail for code), per kind where a suite has kinds."""
+    rows = []
+    for name, suite in SUITES.items():
+        for d in range(1, suite.max_difficulty + 1):
+            t0 = time.perf_counter()
+            exs = suite.generate(seed, n, "train", d)
+            gen = len(exs) / (time.perf_counter() - t0)
+            kinds = {}
+            for ex in exs:
+                c = ex.check if isinstance(ex.check, dict) else {}
+                kind = c.get("kind") or {"code": c.get("lang"), "multilingual": "number"}.get(name, "-")
+                kinds.setdefault(kind, []).append(ex)
+            for kind, group in sorted(kinds.items()):
+                t0, sample = time.perf_counter(), group[:max(3, n_verify * len(group) // len(exs))]
+                ok = sum(suite.score(ex, ex.reference) == 1.0 for ex in sample)
+                rows.append({"suite": name, "difficulty": d, "kind": kind, "share": round(len(group) / len(exs), 3),
+                             "gen_per_s": round(gen), "verified": len(sample), "reference_ok": ok,
+                             "verify_per_s": round(len(sample) / (time.perf_counter() - t0), 1)})
+    return rows
+
+
 def _load(ckpt: str):
     import torch
     import serve
@@ -625,6 +648,8 @@ def main(argv=None):
     ap.add_argument("--ckpt", help="checkpoint directory (config.json + safetensors + tokenizer.json)")
     ap.add_argument("--vs", metavar="CKPT_B", help="pairwise: compare --ckpt (A) against this checkpoint (B)")
     ap.add_argument("--show", metavar="SUITE", help="print a few rendered examples of SUITE with references")
+    ap.add_argument("--bench", action="store_true", help="generation and verification speed per suite, difficulty "
+                    "and kind (writes --out/tasks_bench.json when --out is given)")
     ap.add_argument("--suites", default=None, help=f"comma-separated subset of: {','.join(SUITES)} (default all)")
     ap.add_argument("--n", type=int, default=None, help="examples per suite (default 32; --show: 3)")
     ap.add_argument("--seed", type=int, default=0, help="generator and sampling seed")
@@ -643,6 +668,17 @@ def main(argv=None):
             check_suites([args.show])
     except ValueError as e:
         ap.error(str(e))
+    if args.bench:
+        rows = bench(seed=args.seed)
+        print(f"{'suite':<13} {'d':>1} {'kind':<17} {'share':>5} {'gen ex/s':>9} {'verify ex/s':>11} {'refs ok':>8}")
+        for r in rows:
+            print(f"{r['suite']:<13} {r['difficulty']:>1} {r['kind']:<17} {r['share']:5.2f} {r['gen_per_s']:9,} "
+                  f"{r['verify_per_s']:11.1f} {r['reference_ok']:>4}/{r['verified']:<3}")
+        if args.out:
+            from model import atomic_write_json
+            os.makedirs(args.out, exist_ok=True)
+            atomic_write_json(os.path.join(args.out, "tasks_bench.json"), rows, indent=1)
+        return
     if args.show:
         show(args.show, args.n, args.seed, args.split, min(args.difficulty, SUITES[args.show].max_difficulty))
         print(json.dumps({"suite": args.show, "shown": args.n}))

@@ -81,6 +81,10 @@ def test_new_kinds_start_at_difficulty_2_and_split_cleanly():
     test = SUITES["multilingual"].generate(0, 300, "test", 2)
     assert {e.check.get("kind", "number") for e in train} == {"number", *ML.KINDS}
     assert not {e.id for e in train} & {e.id for e in test}
+    prompt = lambda e: (e.messages[-1]["content"], e.safety_mode, str(e.documents))        # noqa: E731
+    assert not {prompt(e) for e in train} & {prompt(e) for e in test}
+    a, b = ([e.to_dict() for e in SUITES["multilingual"].generate(7, 40, "test", 3)] for _ in range(2))
+    assert a == b and a != [e.to_dict() for e in SUITES["multilingual"].generate(8, 40, "test", 3)]
     # every test translation's target sentence is taught in train from other source languages (at training size)
     more = SUITES["multilingual"].generate(1, 6000, "train", 2)
     taught = {(e.check["lang"], e.check["want"]) for e in train + more if e.check.get("kind") == "translate"}
