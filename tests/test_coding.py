@@ -70,7 +70,9 @@ def test_jail_contains_native_programs():
 
 def test_program_and_port_kinds_run_both_versions():
     ex = example("program", lambda c: c["lang"] == "javascript")
-    assert score(ex, C.fenced("javascript", C.program("javascript", ex.check["task"].split(":")[1], 0))) < 1
+    assert score(ex, ex.reference[len("<|START_RESPONSE|>"):-len("<|END_RESPONSE|>")]) == 1.0
+    other = "sum" if not ex.check["task"].endswith(":sum") else "max"                # another task's program
+    assert score(ex, C.fenced("javascript", C.program("javascript", other, 2))) < 1
     need("cpp")
     ex = example("port", lambda c: c["lang"] == "cpp" and "count_div" in c["task"])
     assert score(ex, ex.reference[len("<|START_RESPONSE|>"):-len("<|END_RESPONSE|>")]) == 1.0
