@@ -17,6 +17,7 @@ forge its own test report (the tests run in its process): the sandbox protects t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -357,9 +358,11 @@ def toolchain(lang: str) -> dict | None:
 def _go_cache() -> str:
     """A warm Go build cache, built once per machine from a fixed program (Go compiles its standard library on
     first use: 13 s); each run gets a private copy, so no program can poison another's build."""
-    warm = os.path.join(tempfile.gettempdir(), f"sandbox-go-cache-{os.geteuid()}")
+    tc = toolchain("go")
+    tag = hashlib.sha1(tc["exe"].encode()).hexdigest()[:8]          # one per Go installation
+    warm = os.path.join(tempfile.gettempdir(), f"sandbox-go-cache-{os.geteuid()}-{tag}")
     if not os.path.isdir(warm):
-        tc, tmp = toolchain("go"), tempfile.mkdtemp(prefix="sandbox-go-warm-")
+        tmp = tempfile.mkdtemp(prefix="sandbox-go-warm-")
         with open(os.path.join(tmp, "main.go"), "w") as f:
             f.write('package main\nimport ("bufio"; "fmt"; "os"; "sort"; "strconv"; "strings")\nfunc main() {\n'
                     '\tw := bufio.NewWriter(os.Stdout); defer w.Flush(); s := []string{"b", "a"}; sort.Strings(s)\n'
@@ -537,7 +540,8 @@ exit $rc
 
 
 def _pg_warm(tc: dict) -> str | None:
-    warm = os.path.join(tempfile.gettempdir(), f"sandbox-pg-data-{os.geteuid()}")
+    tag = hashlib.sha1(tc["exe"].encode()).hexdigest()[:8]          # one per server build: data dirs are versioned
+    warm = os.path.join(tempfile.gettempdir(), f"sandbox-pg-data-{os.geteuid()}-{tag}")
     if not os.path.isdir(warm):
         root, binds = _jail_root(tc)
         try:
