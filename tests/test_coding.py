@@ -20,7 +20,7 @@ def score(ex, text):
     return SUITES["code"].score(ex, resp(text))
 
 
-def example(kind, pred=lambda c: True, difficulty=2, n=400):
+def example(kind, pred=lambda c: True, difficulty=2, n=1500):
     for ex in SUITES["code"].generate(0, n, "train", difficulty=difficulty):
         if ex.check.get("kind") == kind and pred(ex.check):
             return ex
