@@ -276,10 +276,11 @@ def run_sql(schema: str, rows: dict, queries: list, limit: int = 1000, timeout: 
 #
 # A native program cannot be guarded by an audit hook, so it gets kernel boundaries instead: a private mount
 # namespace whose root holds only the system directories and its toolchain (read-only, no setuid), its working
-# directory and an empty /tmp; a private network namespace with no interfaces; a /proc that shows only its own
-# user's processes (hidepid=2); the user nobody; the rlimits above, and the same process-group kill. This needs
-# root or unprivileged user namespaces (then the program runs as the caller mapped to root inside, without the
-# drop to nobody); where neither works, the language is reported unavailable rather than run unjailed.
+# directory and an empty /tmp; a private network namespace with no interfaces; a PID namespace with its own /proc
+# (nothing outside is visible, and nothing inside outlives the run); the user nobody; the rlimits above, and the
+# same process-group kill. This needs root or unprivileged user namespaces (then the program runs as the caller
+# mapped to root inside, without the drop to nobody); where neither works, the language reports the jail's error
+# and scores 0 rather than run unjailed.
 
 # name: (source file, compile argv or None, run argv, extra limits). Compilers and VMs reserve address space
 # and start threads, so they get a large RLIMIT_AS (a backstop: the heap flags bound the real use) and nproc.
@@ -407,16 +408,10 @@ def _jail(root: str, binds: list, cfg: SandboxConfig, as_root: bool):
             check(libc.mount(src.encode(), dst, None, _MS_BIND | _MS_REC, None), f"bind {src}")
             check(libc.mount(None, dst, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_REC, None),
                   f"read-only {src}")
-        if as_root:                                # a /proc that shows only nobody's processes (without it Java
-            libc.mount(b"proc", (root + "/proc").encode(), b"proc",   # and rustc cannot find themselves)
-                       _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"hidepid=2")
         os.chroot(root)
         os.chdir("/work")
         _limits(cfg)()
-        if as_root:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
+        if as_root:        # counted for nobody once unshare (below) has switched to it; root itself is exempt
             resource.setrlimit(resource.RLIMIT_NPROC, (cfg.nproc, cfg.nproc))
     return apply
 
@@ -426,9 +421,13 @@ def _run_jailed(root: str, argv: list, env: dict, binds: list, cfg: SandboxConfi
     paths = {k: os.path.join(root, f".{k}") for k in ("stdin", "stdout", "stderr")}
     with open(paths["stdin"], "w", encoding="utf-8") as f:
         f.write(stdin)
+    # Inside the jail, util-linux's unshare makes a PID namespace and mounts its /proc (Java and rustc read
+    # /proc/self/exe; nothing else is visible), then runs the program as its first child. When that child exits
+    # the kernel kills everything left in the namespace: a program that daemonizes (setsid + fork) outlives
+    # neither the run nor the process-group kill. As root, unshare also drops to nobody after mounting /proc.
     as_root = os.geteuid() == 0
-    if not as_root:        # in a user namespace /proc can only be mounted for a PID namespace of its own: util-linux's
-        argv = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "unchanged", "--"] + list(argv)
+    drop = ["--setgid", "65534", "--setuid", "65534"] if as_root else []
+    argv = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "unchanged", *drop, "--"] + list(argv)
     with open(paths["stdin"], "rb") as inp, open(paths["stdout"], "wb") as out, open(paths["stderr"], "wb") as err:
         try:
             proc = subprocess.Popen(argv, cwd=work, env=env, stdin=inp, stdout=out, stderr=err, close_fds=True,
@@ -517,11 +516,19 @@ def run_program(lang: str, source: str, inputs: list, timeout: float = 5.0, cpu_
                             nproc=256 if vm or lang == "go" else 16, nofile=256, fsize_kb=65536 if vm else 1024)
         res = [_run_jailed(root, run, tc["env"], binds, cfg, x) for x in inputs]
         bad = next((r for r in res if not r.ok), None)
-        return {"outputs": [r.stdout if r.ok else None for r in res], "results": res,
-                "error": bad and ("timed out" if bad.timed_out else (bad.stderr.strip().splitlines() or
-                                                                     [bad.signal or f"exit {bad.returncode}"])[-1][:300])}
+        return {"outputs": [r.stdout if r.ok else None for r in res], "results": res, "error": bad and _why(bad)}
     finally:
         _rmtree_jail(root)
+
+
+def _why(r: SandboxResult) -> str:
+    """A failed jailed run's reason: the program's last stderr line, else that a limit killed it (unshare, the
+    jail's init, reports a killed child only as its own failure)."""
+    if r.timed_out:
+        return "timed out"
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("unshare: ")]
+    return (lines[-1] if lines else r.signal or f"exit {r.returncode} (killed by a limit: CPU, memory or "
+                                                 f"processes)")[:300]
 
 
 def _rmtree_jail(root: str):

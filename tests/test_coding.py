@@ -2,6 +2,7 @@
 and rejects planted wrong answers (a wrong translation, a slow solution, the wrong idiom, a wrong query); the
 jail contains what a native program tries; difficulty 1 is what it was."""
 import os
+import subprocess
 import time
 
 import pytest
@@ -53,16 +54,23 @@ def test_every_language_runs_its_references_and_fails_wrong_programs(lang):
 
 def test_jail_contains_native_programs():
     need("bash")
-    src = ("id -u; ls /root 2>&1; cat /proc/1/environ 2>&1; echo x > /usr/evil 2>&1 || echo ro;"
-           " (exec 3<>/dev/tcp/1.1.1.1/80) 2>&1 || echo nonet; ls /")
+    src = ("id -u; ls /root 2>&1; echo x > /usr/evil 2>&1 || echo ro;"
+           " (exec 3<>/dev/tcp/1.1.1.1/80) 2>&1 || echo nonet; ls /; ls /proc | grep -c '^[0-9]'; cat /proc/*/environ")
     out = run_program("bash", src, [""])["outputs"][0]
     assert out.splitlines()[0] == ("65534" if os.geteuid() == 0 else "0")   # nobody (or the caller, mapped)
     assert "No such file" in out and "ro" in out.split() and "nonet" in out.split()      # no /root, ro /usr, no net
     assert "home" not in out.split() and "work" in out.split()                           # a throwaway root
+    n_procs = int(out.split("usr\nwork\n")[1].split()[0])
+    assert n_procs <= 4 and "/root" not in out.split("usr\nwork\n")[1]     # its own PID namespace: no one else's
+    # processes (unshare, bash, ls/grep), and no environment but the jail's own
     t0 = time.time()
     loop = run_program("bash", "while :; do :; done", [""], timeout=3.0, cpu_s=1)
     bomb = run_program("bash", ":(){ :|:& };:", [""], timeout=3.0, cpu_s=1)
-    assert loop["outputs"] == [None] and loop["results"][0].signal in ("SIGXCPU", "SIGKILL")
+    assert loop["outputs"] == [None] and not loop["results"][0].timed_out          # the CPU limit, not the clock
+    daemon = run_program("bash", "(setsid sleep 4321 > /dev/null 2>&1 &); echo left", [""])   # escapes the group
+    assert daemon["outputs"] == ["left\n"]
+    time.sleep(0.3)
+    assert subprocess.run(["pgrep", "-f", "sleep 4321"], capture_output=True).returncode == 1   # but not the PID ns
     assert not bomb["results"][0].timed_out or bomb["outputs"] == [None]          # the process cap stops the bomb
     assert time.time() - t0 < 15
     need("cpp")
