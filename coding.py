@@ -33,8 +33,8 @@ import json
 import random
 import re
 
-from sandbox import (LANGUAGES, SandboxConfig, run_postgres, run_program, run_python_tests, run_sandboxed,
-                     run_sql)
+from sandbox import (LANGUAGES, MARK, SandboxConfig, last_report, run_postgres, run_program, run_python_tests,
+                     run_sandboxed, run_sql)
 from suite import CITIES, FRUITS, NAMES, Suite, response_of, strip_fence
 
 
@@ -272,18 +272,18 @@ for q in QUERIES:
         out.append({{"rows": [[round(v, 2) if isinstance(v, float) else v for v in r] for r in rows]}})
     except Exception as e:
         out.append({{"error": f"{{type(e).__name__}}: {{e}}"[:300]}})
-print("@@DUCK@@" + json.dumps(out, default=str))
+print({mark!r} + json.dumps(out, default=str))
 '''
 
 
 def run_duckdb(rows: list, queries: list) -> list:
     """Queries against an in-memory DuckDB employees table, in the sandbox with file access off: one
     {"rows"} or {"error"} per query."""
-    res = run_sandboxed(_DUCK_RUN.format(rows=json.dumps(rows), queries=list(queries)), timeout=20,
+    res = run_sandboxed(_DUCK_RUN.format(rows=json.dumps(rows), queries=list(queries), mark=MARK), timeout=20,
                         preload=("duckdb",), config=SandboxConfig(cpu_s=5, mem_mb=2048, nproc=64))
-    for line in reversed(res.stdout.splitlines()):
-        if line.startswith("@@DUCK@@"):
-            return json.loads(line[len("@@DUCK@@"):])
+    rep = last_report(res)
+    if isinstance(rep, list) and len(rep) == len(queries):
+        return rep
     why = "timed out" if res.timed_out else (res.stderr.strip().splitlines() or ["no result"])[-1][:200]
     return [{"error": f"sandbox: {why}"}] * len(queries)
 
@@ -334,15 +334,14 @@ _PY_CALLS = r'''
 import json
 ns = {{"__name__": "solution"}}
 exec(compile({src!r}, "solution.py", "exec"), ns)
-print("@@CALLS@@" + json.dumps([ns[{fn!r}](*a) for a in json.loads({calls!r})], default=repr))
+print({mark!r} + json.dumps([ns[{fn!r}](*a) for a in json.loads({calls!r})], default=repr))
 '''
 
 
 def py_calls(src: str, fn: str, calls: list):
     """[fn(*args) for args in calls] with `src` run in the sandbox, as JSON values; None if anything failed."""
-    res = run_sandboxed(_PY_CALLS.format(src=src, fn=fn, calls=json.dumps(calls)), timeout=5.0)
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("@@CALLS@@")]
-    return json.loads(lines[-1][len("@@CALLS@@"):]) if res.ok and lines else None
+    res = run_sandboxed(_PY_CALLS.format(src=src, fn=fn, calls=json.dumps(calls), mark=MARK), timeout=5.0)
+    return last_report(res) if res.ok else None
 
 
 def same_rows(a, b, ordered: bool) -> bool:

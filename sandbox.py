@@ -132,6 +132,29 @@ def _limits(cfg: SandboxConfig):
     return apply
 
 
+def _finish(proc, cfg: SandboxConfig, out_path: str, err_path: str, t0: float) -> SandboxResult:
+    """Wait up to the wall-clock limit, kill the whole session (anything it managed to start dies too), and read
+    back the capped output: the end of every sandboxed or jailed run."""
+    timed_out = False
+    try:
+        proc.wait(timeout=cfg.timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+    def read(p):
+        with open(p, "rb") as f:
+            return f.read(cfg.max_output).decode("utf-8", errors="replace")
+    rc = proc.returncode
+    sig = signal.Signals(-rc).name if rc is not None and rc < 0 and -rc in signal.valid_signals() else (
+        f"signal {-rc}" if rc is not None and rc < 0 else None)
+    return SandboxResult(rc, read(out_path), read(err_path), timed_out, sig, time.monotonic() - t0)
+
+
 def run_sandboxed(code: str, timeout: float | None = None, config: SandboxConfig | None = None,
                   files: dict | None = None, stdin: str | None = None,
                   preload: tuple = ()) -> SandboxResult:
@@ -163,46 +186,29 @@ def run_sandboxed(code: str, timeout: float | None = None, config: SandboxConfig
             f.write(stdin or "")
         paths = [os.path.dirname(os.path.dirname(importlib.util.find_spec(m).origin)) for m in preload
                  if importlib.util.find_spec(m)]
-        wrapper = (_WRAPPER.replace("__PRELOAD__", repr(_PRELOAD + tuple(preload))).replace("__PATHS__", repr(paths)).replace("__NPROC__", str(int(cfg.nproc)))
-                   .replace("__GUARD__", str(bool(cfg.guard))))
+        wrapper = (_WRAPPER.replace("__PRELOAD__", repr(_PRELOAD + tuple(preload))).replace("__PATHS__", repr(paths))
+                   .replace("__NPROC__", str(int(cfg.nproc))).replace("__GUARD__", str(bool(cfg.guard))))
         out_path, err_path = os.path.join(work, ".stdout"), os.path.join(work, ".stderr")
-        with open(out_path, "wb") as out, open(err_path, "wb") as err, open(os.path.join(work, ".stdin"), "rb") as inp:
+        stdin_path = os.path.join(work, ".stdin")
+        with open(out_path, "wb") as out, open(err_path, "wb") as err, open(stdin_path, "rb") as inp:
             proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", wrapper], cwd=work, env={},
                                     stdin=inp, stdout=out, stderr=err, preexec_fn=_limits(cfg),
                                     start_new_session=True, close_fds=True)
-            timed_out = False
-            try:
-                proc.wait(timeout=cfg.timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            try:                                    # the whole session: anything it managed to start dies too
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
-
-        def read(p):
-            with open(p, "rb") as f:
-                return f.read(cfg.max_output).decode("utf-8", errors="replace")
-        rc = proc.returncode
-        try:
-            sig = signal.Signals(-rc).name if rc is not None and rc < 0 else None
-        except ValueError:
-            sig = f"signal {-rc}"
-        return SandboxResult(rc, read(out_path), read(err_path), timed_out, sig, time.monotonic() - t0)
+        return _finish(proc, cfg, out_path, err_path, t0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 # The harness for unit tests and SQL checks prints one marked JSON line; the last such line is the report.
-_MARK = "@@RESULT@@"
+MARK = "@@RESULT@@"
 
 
-def _last_report(res: SandboxResult):
+def last_report(res: SandboxResult):
+    """The JSON after the last MARK line a sandboxed harness printed (None if there is none or it is broken)."""
     for line in reversed(res.stdout.splitlines()):
-        if line.startswith(_MARK):
+        if line.startswith(MARK):
             try:
-                return json.loads(line[len(_MARK):])
+                return json.loads(line[len(MARK):])
             except ValueError:
                 return None
     return None
@@ -252,8 +258,8 @@ print("{mark}" + json.dumps(out))
 def run_python_tests(src: str, fn: str, cases: list, timeout: float = 5.0) -> tuple[float, dict]:
     """Fraction of (args, expected) cases the function `fn` defined by `src` passes, in the sandbox."""
     cases = [(json.dumps(a), json.dumps(w)) for a, w in cases]
-    res = run_sandboxed(_PY_TESTS.format(src=src, fn=fn, cases=cases, mark=_MARK), timeout=timeout)
-    rep = _last_report(res)
+    res = run_sandboxed(_PY_TESTS.format(src=src, fn=fn, cases=cases, mark=MARK), timeout=timeout)
+    rep = last_report(res)
     if not isinstance(rep, dict) or not isinstance(rep.get("passed"), int):
         return 0.0, {"error": (res.stderr or "no report")[-300:], "signal": res.signal, "timed_out": res.timed_out}
     return min(max(rep["passed"], 0), len(cases)) / max(len(cases), 1), rep
@@ -263,8 +269,8 @@ def run_sql(schema: str, rows: dict, queries: list, limit: int = 1000, timeout: 
     """Execute read-only queries against an in-memory SQLite database, in the sandbox: one dict per query,
     {"rows": [...]} or {"error": "..."}; everything an error if the sandbox itself failed."""
     res = run_sandboxed(_SQL_RUN.format(schema=schema, rows=json.dumps(rows), queries=list(queries), limit=limit,
-                                        mark=_MARK), timeout=timeout)
-    rep = _last_report(res)
+                                        mark=MARK), timeout=timeout)
+    rep = last_report(res)
     if not isinstance(rep, list) or len(rep) != len(queries):
         why = "timed out" if res.timed_out else (res.stderr.strip().splitlines() or ["no result"])[-1][:200]
         return [{"error": f"sandbox: {why}"}] * len(queries)
@@ -434,23 +440,7 @@ def _run_jailed(root: str, argv: list, env: dict, binds: list, cfg: SandboxConfi
                                     preexec_fn=_jail(root, binds, cfg, as_root), start_new_session=True)
         except (OSError, subprocess.SubprocessError) as e:
             return SandboxResult(None, "", f"sandbox: cannot start the jail: {e}", False, None, 0.0)
-        timed_out = False
-        try:
-            proc.wait(timeout=cfg.timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
-
-    def read(p):
-        with open(p, "rb") as f:
-            return f.read(cfg.max_output).decode("utf-8", errors="replace")
-    rc = proc.returncode
-    sig = signal.Signals(-rc).name if rc is not None and rc < 0 and -rc in signal.valid_signals() else None
-    return SandboxResult(rc, read(paths["stdout"]), read(paths["stderr"]), timed_out, sig, time.monotonic() - t0)
+    return _finish(proc, cfg, paths["stdout"], paths["stderr"], t0)
 
 
 def _jail_root(tc: dict) -> tuple[str, list]:
@@ -486,9 +476,7 @@ def run_program(lang: str, source: str, inputs: list, timeout: float = 5.0, cpu_
     if lang == "python":
         res = [run_sandboxed(source, timeout=timeout, config=SandboxConfig(cpu_s=cpu_s), stdin=x) for x in inputs]
         bad = next((r for r in res if not r.ok), None)
-        return {"outputs": [r.stdout if r.ok else None for r in res], "results": res,
-                "error": bad and ("timed out" if bad.timed_out else (bad.stderr.strip().splitlines() or
-                                                                     [bad.signal or "failed"])[-1][:300])}
+        return {"outputs": [r.stdout if r.ok else None for r in res], "results": res, "error": bad and _why(bad)}
     if lang not in LANGUAGES:
         raise ValueError(f"unknown language {lang!r}: choose from python, {', '.join(LANGUAGES)}")
     tc = toolchain(lang)
@@ -518,21 +506,18 @@ def run_program(lang: str, source: str, inputs: list, timeout: float = 5.0, cpu_
         bad = next((r for r in res if not r.ok), None)
         return {"outputs": [r.stdout if r.ok else None for r in res], "results": res, "error": bad and _why(bad)}
     finally:
-        _rmtree_jail(root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _why(r: SandboxResult) -> str:
-    """A failed jailed run's reason: the program's last stderr line, else that a limit killed it (unshare, the
-    jail's init, reports a killed child only as its own failure)."""
+    """A failed run's reason: the program's last stderr line, else that a limit killed it (in the jail, unshare,
+    its init, reports a killed child only as its own failure)."""
     if r.timed_out:
         return "timed out"
     lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("unshare: ")]
     return (lines[-1] if lines else r.signal or f"exit {r.returncode} (killed by a limit: CPU, memory or "
                                                  f"processes)")[:300]
 
-
-def _rmtree_jail(root: str):
-    shutil.rmtree(root, ignore_errors=True)
 
 
 # PostgreSQL: a whole server inside the jail, one per check. initdb runs once per machine (2 s) into a warm data
@@ -568,7 +553,7 @@ def _pg_warm(tc: dict) -> str | None:
             except OSError:
                 pass
         finally:
-            _rmtree_jail(root)
+            shutil.rmtree(root, ignore_errors=True)
     return warm
 
 
@@ -596,7 +581,7 @@ def run_postgres(setup_sql: str, query: str, timeout: float = 20.0) -> dict:
             return {"error": why}
         return {"rows": [line.split("|") for line in r.stdout.splitlines()]}
     finally:
-        _rmtree_jail(root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 _JAIL_ERROR: list = []
