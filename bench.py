@@ -164,9 +164,10 @@ def decode_race(cfg, prompt_len, new_tokens, batches, reps=3, compile=True, name
     torch.manual_seed(0)
     model = CommandA(cfg).eval()
     kw = dict(max_batch=max(batches), max_len=prompt_len + new_tokens, prefix_cache_mb=0)
-    gens = {"engine": Engine(model, **kw)}
+    gens = {"engine": Engine(model, **kw), "engine-unpacked": Engine(model, pack_weights=False, **kw)}
     if compile:
         gens["engine+compile"] = Engine(model, compile=True, **kw)
+        gens["compile-unpacked"] = Engine(model, compile=True, pack_weights=False, **kw)
     gens = {m: (lambda x, n, e=e: torch.tensor(e.generate(x.tolist(), n, stop_tokens=[]))) for m, e in gens.items()}
     hf = _hf_generate(model)
     if hf is not None:
@@ -192,7 +193,7 @@ def decode_race(cfg, prompt_len, new_tokens, batches, reps=3, compile=True, name
             if "hf-generate" in best:
                 r["vs_hf_generate"] = round(best[m] / best["hf-generate"], 2)
             rows.append(r)
-            print(f"{name} {m:15s} B={B:3d}  end-to-end {best[m]:9.1f} tok/s (best of {reps}; same tokens: "
+            print(f"{name} {m:16s} B={B:3d}  end-to-end {best[m]:9.1f} tok/s (best of {reps}; same tokens: "
                   f"{same[m]})" + (f"  {r['vs_hf_generate']:.2f}x hf-generate" if "vs_hf_generate" in r else ""))
     return rows
 
@@ -210,6 +211,8 @@ def bench(presets=("tiny", "small"), batches=(1, 8, 32), prompt_len=128, new_tok
         # no prefix cache here: repeated prompts would hit it and these rows measure prefill itself
         kw = dict(max_batch=max(batches), max_len=prompt_len + new_tokens, prefix_cache_mb=0)
         engines = [("engine", Engine(model, fused=True, **kw)),
+                   # fused, without oneDNN-packed weights for batches of 8+ rows (FusedDecode): what packing buys
+                   ("engine-unpacked", Engine(model, fused=True, pack_weights=False, **kw)),
                    # the same engine decoding through model.py's generic forward: what FusedDecode buys
                    ("engine-unfused", Engine(model, fused=False, **kw))]
         if compile:   # the fused decode step compiled in static shapes, the prefill's generic forward dynamic

@@ -565,11 +565,11 @@ def dense_masks(cfg: ModelConfig, q_pos, q_doc, kv_pos, kv_doc) -> dict:
     return {kind: attention_allowed(q_pos, kv_pos, q_doc, kv_doc, cfg.window_of(kind)) for kind in LAYER_KINDS}
 
 
-def output_logits(h, lm_head, cfg: ModelConfig, transposed=False):
+def output_logits(h, lm_head, cfg: ModelConfig, matmul=F.linear):
     """Final-norm hidden states (..., H) -> fp32 logits (..., V) = h @ E^T * logit_scale, with muP's output
-    multiplier 1/m riding on the scale. lm_head is the tied embedding E (V, H), or E^T (H, V) contiguous when
-    transposed (serve.py's decode step: the layout in which a one-row matmul is fastest on CPU)."""
-    y = h @ lm_head if transposed else F.linear(h, lm_head)
+    multiplier 1/m riding on the scale. lm_head is the tied embedding E (V, H) for F.linear; serve.py's decode
+    step passes its own copy of E and the matmul for it (E^T contiguous, or oneDNN-packed)."""
+    y = matmul(h, lm_head)
     return y.float() * (cfg.logit_scale / cfg.width_mult)
 
 

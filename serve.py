@@ -256,6 +256,48 @@ class PrefixCache:
 # The decode step, fused: what the parallel block buys at serving time
 
 
+# oneDNN's pre-packed weights (CPU, fp32). A matmul of a few rows against a large weight spends most of its time
+# re-packing the weight into the kernel's blocked layout, every call, from memory (a decode step's weights are out
+# of cache by the time it comes back to them). Packed once, the kernel streams them as they are. Measured on the
+# 2-core AVX2 machine, a whole step's matmuls with cold weights: 1.2-1.6x faster at 8-64 rows (race, tiny and
+# small shapes); at 1-4 rows the plain K x N matmul wins (1 row runs at memory bandwidth), so they keep it.
+PACKED_MIN_BATCH = 8
+
+
+@torch.library.custom_op("commanda::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ W^T, W (N, K) packed by torch.ops.mkldnn._reorder_linear_weight. A custom op so that torch.compile
+    calls it as it is (inductor lowers oneDNN linears only for weights frozen into the graph as constants)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+@torch.library.custom_op("commanda::packed_linear_add", mutates_args=())
+def packed_linear_add(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h + x @ W^T in one oneDNN call (the add is the kernel's post-op), W packed as in packed_linear."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, h, w, None, "add")
+
+
+@packed_linear.register_fake
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@packed_linear_add.register_fake
+def _(x, h, w):
+    return torch.empty_like(h)
+
+
+def pack_weight(w: torch.Tensor, batch_hint: int = 16):
+    """(N, K) weight -> oneDNN's blocked layout for x @ w^T, or None where that is not available or not measured
+    to pay (not CPU, not fp32, a torch built without oneDNN)."""
+    if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_hint)
+    except (RuntimeError, AttributeError):
+        return None
+
+
 class FusedDecode:
     """One decode step (one new token per live sequence) straight on the WindowKVCache, with the parallel
     block's two fusions (the report's reason for the parallel block is throughput, and this is where it shows):
@@ -271,12 +313,15 @@ class FusedDecode:
     F.linear's N x K for fp32 at N >= 3584). Only the weights are concatenated: the norm modules, RoPE,
     attention and output logits are model.py's own; tests check the step against the uncached model.
 
-    The fused weights are a copy (one more model's worth of memory, so Engine uses this only below a size
-    budget) rebuilt whenever a parameter changes in place (tensor._version), so an Engine sampling from a
-    policy that is being trained (posttrain.py) never decodes with stale weights."""
+    On CPU in fp32, batches of PACKED_MIN_BATCH rows or more run the same two matmuls (and the output layer)
+    on oneDNN-packed copies of the fused weights instead (pack=False: never).
 
-    def __init__(self, model: CommandA):
-        self.model, self.cfg = model, model.config
+    The fused weights are a copy (one more model's worth of memory, two with the packed copies, so Engine uses
+    this only below a size budget) rebuilt whenever a parameter changes in place (tensor._version), so an
+    Engine sampling from a policy that is being trained (posttrain.py) never decodes with stale weights."""
+
+    def __init__(self, model: CommandA, pack: bool = True):
+        self.model, self.cfg, self.pack = model, model.config, pack
         self._params = list(model.parameters())     # walking the module tree each step costs ~0.4 ms
         self._versions = None
         self.refresh()
@@ -291,14 +336,18 @@ class FusedDecode:
         key = self._version_key()
         if key == self._versions:
             return
-        fresh = []
+        fresh, packed = [], []
         for layer in self.model.model.layers:
             a, m = layer.self_attn, layer.mlp
             w_in = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight,
-                              m.up_proj.weight]).t().contiguous()
-            w_out = torch.cat([a.o_proj.weight, m.down_proj.weight], dim=1).t().contiguous()
-            fresh.append((w_in, w_out))
+                              m.up_proj.weight])
+            w_out = torch.cat([a.o_proj.weight, m.down_proj.weight], dim=1)
+            fresh.append((w_in.t().contiguous(), w_out.t().contiguous()))
+            packed.append((pack_weight(w_in), pack_weight(w_out)) if self.pack else (None,))
         fresh.append((self.model.model.embed_tokens.weight.t().contiguous(),))  # the tied output embedding, (H, V)
+        packed.append((pack_weight(self.model.model.embed_tokens.weight) if self.pack else None,))
+        # the packed copies are rebuilt, not copied into: they only exist on CPU, where no CUDA graph holds them
+        self.packed = packed if all(w is not None for p in packed for w in p) else None
         if self._versions is None:
             self.weights = fresh
         else:
@@ -331,8 +380,10 @@ class FusedDecode:
             masks[kind] = ok[:, None, None, :] if static or not bool(ok.all()) else None
         cos, sin = rope_cos_sin(pos[:, None], dh, cfg.rope_theta, self.embed.dtype)  # (B, 1, 1, dh)
         h = F.embedding(ids, self.embed)                                  # (B, H)
+        packed = self.packed if self.packed is not None and B >= PACKED_MIN_BATCH else None
         for i, (layer, (w_in, w_out)) in enumerate(zip(self.model.model.layers, self.weights)):
-            y = layer.input_layernorm(h) @ w_in                           # (B, nq + 2 nk + 2 I)
+            x = layer.input_layernorm(h)
+            y = packed_linear(x, packed[i][0]) if packed else x @ w_in    # (B, nq + 2 nk + 2 I)
             qk = y[:, :nq + nk].view(B, nh + nkv, 1, dh)
             kind = layer.self_attn.kind
             if kind == "sliding":                                         # RoPE on q and k at once; NoPE on full
@@ -350,11 +401,14 @@ class FusedDecode:
             attn = attend(q, K, V, masks[kind])                           # (B, nh, 1, dh)
             g, u = y[:, nq + 2 * nk:nq + 2 * nk + I], y[:, nq + 2 * nk + I:]
             z = torch.cat([attn.reshape(B, nq), F.silu(g) * u], dim=1)   # [attn, swiglu] feeds [Wo^T; Wdown^T]
-            if layer.add_branches is residual_add:
-                h = torch.addmm(h, z, w_out)                              # h + o_proj(attn) + down_proj(mlp)
+            if layer.add_branches is residual_add:                        # h + o_proj(attn) + down_proj(mlp)
+                h = packed_linear_add(z, h, packed[i][1]) if packed else torch.addmm(h, z, w_out)
             else:                                                         # a TP rank: the hook all-reduces
-                h = layer.add_branches(h, z @ w_out, 0)
-        return output_logits(self.model.model.norm(h), self.weights[-1][0], cfg, transposed=True)
+                h = layer.add_branches(h, packed_linear(z, packed[i][1]) if packed else z @ w_out, 0)
+        h = self.model.model.norm(h)
+        if packed:
+            return output_logits(h, packed[-1][0], cfg, matmul=packed_linear)
+        return output_logits(h, self.weights[-1][0], cfg, matmul=torch.matmul)
 
 
 class StaticDecode:
@@ -474,7 +528,7 @@ class Engine:
     def __init__(self, model: CommandA, tokenizer=None, max_batch: int = 32, max_len: int | None = None,
                  prefill_tokens: int | None = None, cache_dtype: torch.dtype | None = None, compile: bool = False,
                  fused: bool | None = None, cuda_graphs: bool = False, prefix_cache_mb: float = 256,
-                 prefix_block: int = 64, tp_group=None):
+                 prefix_block: int = 64, tp_group=None, pack_weights: bool = True):
         self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, model.config
         # tensor parallelism (parallel.shard_for_decode): rank 0 schedules, the other ranks follow() its calls;
         # the prefix cache is rank 0's own state, and CUDA graphs would capture collectives: both off under TP
@@ -492,7 +546,7 @@ class Engine:
         fused = fused or cuda_graphs                    # the graphs replay the fused step
         if fused and self.cfg.fp8:
             raise ValueError("fused decode (and so --cuda-graphs) has no FP8 path: use fused=False with fp8 weights")
-        self.fused = FusedDecode(model) if fused else None
+        self.fused = FusedDecode(model, pack=pack_weights) if fused else None
         # compile=True: the fused decode step is compiled in static shapes (StaticDecode, below); the generic
         # forward (prefill, and decode when not fused) with dynamic=True, since batch size and cache length
         # change every call. The cache's Python bookkeeping stays eager (a graph break), where it belongs.

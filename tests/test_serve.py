@@ -108,6 +108,47 @@ def test_fused_decode_logits_match_the_model_and_follow_weight_updates():
         assert after == [argmax_decode(model, p, 6) for p in prompts] and after != before
 
 
+@torch.no_grad()
+def test_packed_weights_decode_like_the_model_and_follow_weight_updates():
+    """Batches of PACKED_MIN_BATCH+ rows decode on oneDNN-packed weights (CPU fp32): the same logits as the
+    unpacked fused step, the tokens of the uncached model, and the new weights after an in-place update."""
+    from serve import PACKED_MIN_BATCH
+    model = make(seed=5)
+    prompts = prompts_of((13, 3, 1, 7, 9, 2, 12, 5, 4, 8), seed=6)      # 10 rows: packed from 8 live rows up
+    got = {}
+    for pack in (True, False):
+        engine = Engine(model, max_batch=len(prompts), max_len=64, pack_weights=pack)
+        assert (engine.fused.packed is not None) == (pack and torch.backends.mkldnn.is_available())
+        logits = []
+        engine._sample = lambda lg, reqs, keep=logits: (keep.append(lg.clone()), lg.argmax(-1).tolist())[1]
+        engine.generate(prompts, 5, stop_tokens=[])
+        got[pack] = logits
+    assert max(lg.shape[0] for lg in got[True]) >= PACKED_MIN_BATCH
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    engine = Engine(model, max_batch=len(prompts), max_len=64)
+    before = engine.generate(prompts, 4)
+    assert before == [argmax_decode(model, p, 4) for p in prompts]
+    for p in model.parameters():
+        p.mul_(1.1)                                                    # an optimizer step, in place
+    after = engine.generate(prompts, 4)
+    assert after == [argmax_decode(model, p, 4) for p in prompts] and after != before
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a torch built with oneDNN")
+def test_packed_linear_ops_match_matmul_eager_and_compiled():
+    """The two custom ops over a packed weight equal x @ W^T (+ h), and torch.compile calls them as they are."""
+    from serve import pack_weight, packed_linear, packed_linear_add
+    g = torch.Generator().manual_seed(0)
+    w, x, h = torch.randn(48, 40, generator=g), torch.randn(9, 40, generator=g), torch.randn(9, 48, generator=g)
+    p = pack_weight(w)
+    assert p is not None and pack_weight(w.double()) is None          # fp32 only
+    torch.testing.assert_close(packed_linear(x, p), x @ w.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_linear_add(x, h, p), h + x @ w.T, atol=1e-5, rtol=1e-5)
+    step = torch.compile(lambda x, h: packed_linear_add(torch.relu(x), h, p) * 2, dynamic=False)
+    torch.testing.assert_close(step(x, h), 2 * (h + torch.relu(x) @ w.T), atol=1e-5, rtol=1e-5)
+
+
 def test_static_decode_padding_buckets_match_uncached_argmax(model):
     """StaticDecode (the CUDA-graph form, run eagerly here): batches padded to 1/2/4 rows, full layers over all
     max_len slots under a mask; requests of mixed lengths join and leave; tokens equal the uncached model's."""
@@ -531,7 +572,7 @@ def test_bench_reports_baselines_and_kv_bytes():
     import bench
     race = dict(cfg=bench.PRESETS["micro"], prompt_len=6, new_tokens=4, batches=(1, 3))
     r = bench.bench(("micro",), batches=(1, 2), prompt_len=20, new_tokens=4, long_ctx=64, reps=1, decode_config=race)
-    assert {row["method"] for row in r["rows"]} == {"engine", "engine-unfused"}
+    assert {row["method"] for row in r["rows"]} == {"engine", "engine-unpacked", "engine-unfused"}
     assert {(row["method"], row["batch"]) for row in r["rows"]} >= {("engine", 1), ("engine", 2)}
     methods = {row["method"] for row in r["batch1"]}
     try:
@@ -539,11 +580,11 @@ def test_bench_reports_baselines_and_kv_bytes():
         hf = {"hf-generate"}
     except ImportError:
         hf = set()
-    assert methods == {"engine", "engine-unfused", "naive-recompute", "model.KVCache"} | hf
+    assert methods == {"engine", "engine-unpacked", "engine-unfused", "naive-recompute", "model.KVCache"} | hf
     assert all(row["same_tokens_as_engine"] for row in r["batch1"])
     # the decode race: every method at batch 1 and 3, the same tokens; the batch-1 bound from measured bandwidth
     assert {(row["batch"], row["method"]) for row in r["decode_race"]} == \
-        {(b, m) for b in (1, 3) for m in {"engine"} | hf}
+        {(b, m) for b in (1, 3) for m in {"engine", "engine-unpacked"} | hf}
     assert all(row["same_tokens"] for row in r["decode_race"])
     assert r["bandwidth_bytes_s"] > 1e8
     for row in r["batch1_bound"]:
