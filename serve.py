@@ -420,6 +420,8 @@ class StaticDecode:
     a graph captured once per bucket replays with new tokens. graphs=False runs the same static step eagerly:
     that is how the padding and masking are tested on a CPU."""
 
+    compiled_buckets = 0      # over all compiled instances in this process (see recompile_limit below)
+
     def __init__(self, fused: FusedDecode, cache: "WindowKVCache", graphs: bool, compile: bool = False):
         if graphs and not cache.k[0].is_cuda:
             raise ValueError("CUDA graphs need the model and cache on a CUDA device")
@@ -433,8 +435,12 @@ class StaticDecode:
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.pos = torch.zeros(n, dtype=torch.long, device=dev)
         self.buckets = sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
-        if compile:                                         # one compiled graph per bucket must fit dynamo's cache
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets) + 2)
+        if compile:   # one compiled graph per bucket must fit dynamo's cache, which is per code object: every
+            # StaticDecode of the process compiles the same `step` code, so the limit grows with each one (the
+            # bench's compiled engines fell back to eager, silently, once the first ones had used it up)
+            StaticDecode.compiled_buckets += len(self.buckets)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       StaticDecode.compiled_buckets + 2)
         self.captured = {}                                  # bucket -> (graph, output buffer)
 
     def refresh(self):

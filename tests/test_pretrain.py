@@ -1,4 +1,5 @@
 """pretrain.py: muP groups, the schedule, exact resume, the CLI end to end, and its bad-input errors."""
+import dataclasses
 import json
 import math
 import os
@@ -279,6 +280,32 @@ def test_recompute_bench_reports_time_and_memory_with_the_same_losses():
     off, on = bench.recompute_bench("micro", batch=2, T=32, window=0, reps=1, rounds=1)
     assert (off["recompute"], on["recompute"]) == (False, True) and off["losses"] == on["losses"]
     assert off["step_s"] > 0 and on["step_s"] > 0 and off["peak_above_base_bytes"] >= 0
+
+
+def test_train_bench_races_each_precision_against_transformers_in_the_same_precision(monkeypatch):
+    import bench
+    try:
+        import transformers  # noqa: F401  (the yardstick rows appear only where transformers is installed)
+        hf = {"transformers-bf16", "transformers-fp32"}
+    except ImportError:
+        hf = set()
+    # where bf16 matmuls are slower than fp32 (emulated: no native bf16) only fp32 races
+    monkeypatch.setattr(bench, "measure_matmul_peak", lambda dtype: {torch.bfloat16: 1e9, torch.float32: 1e11}[dtype])
+    r = bench.train_bench(("micro",), batch=2, T=32, window=8, reps=1)
+    assert {row["method"] for row in r["rows"]} == {"fp32"} | {m for m in hf if "fp32" in m}
+    monkeypatch.setattr(bench, "measure_matmul_peak", lambda dtype: {torch.bfloat16: 2e11, torch.float32: 1e11}[dtype])
+    r = bench.train_bench(("micro",), batch=2, T=32, window=8, reps=1)
+    rows = {row["method"]: row for row in r["rows"]}
+    assert set(rows) == {"bf16", "fp32"} | hf
+    cfg = dataclasses.replace(bench.PRESETS["micro"], sliding_window=8)
+    for m, row in rows.items():
+        prec = row["precision"]
+        assert prec == ("fp32" if "fp32" in m else "bf16") and row["window"] == 8
+        assert row["mfu"] == pytest.approx(row["tok_per_s"] * bench.flops_per_token(cfg, 32) / r["peak_flops"][prec],
+                                           rel=1e-2, abs=1e-4)
+        if hf:   # each precision against transformers in the same precision
+            ref = rows["transformers-" + prec]["tok_per_s"]
+            assert row["vs_transformers"] == pytest.approx(row["tok_per_s"] / ref, abs=0.011)
 
 
 def test_compile_flag_traces_the_training_step_and_changes_no_loss(tmp_path, monkeypatch):
