@@ -148,6 +148,9 @@ class WindowKVCache:
         return tokens * self.cfg.kv_bytes_per_token_per_layer(el)
 
     # --- the protocol model.py calls -----------------------------------------------------------------------
+    # Both stay eager under torch.compile: their bookkeeping is data-dependent (nonzero, host reads), and dynamo
+    # tracing into them broke the graph at every such statement, each piece compiled on its own
+    @torch.compiler.disable
     def reserve(self, position_ids: torch.Tensor) -> dict:
         r0, r1, W = self.r0, self.r1, self.W
         B, T = position_ids.shape
@@ -184,6 +187,7 @@ class WindowKVCache:
             ring_pos[kb, kp % W] = kp     # after the cat above, which copied the old positions
         return out
 
+    @torch.compiler.disable
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         K, V, r0, r1 = self.k[layer_idx], self.v[layer_idx], self.r0, self.r1
         if self.tap is not None:                 # every new position, before the ring drops all but the last W
