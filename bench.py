@@ -332,15 +332,14 @@ def train_bench(presets=("tiny", "small"), batch=4, T=512, window=128, reps=5, c
         torch.manual_seed(0)
         model = CommandA(cfg)
         ids = torch.randint(0, cfg.vocab_size, (batch, T + 1))
-        steps = {"bf16": _train_step(model, ids, True), "fp32": _train_step(model, ids, False)}
+        precisions = ("bf16", "fp32") if bf16 else ("fp32",)
+        steps = {p: _train_step(model, ids, p == "bf16") for p in precisions}
         hf = _hf_model(model)
         if hf is not None:
-            steps["transformers-bf16"] = _train_step(hf, ids, True, hf=True)
-            steps["transformers-fp32"] = _train_step(hf, ids, False, hf=True)
+            steps.update({"transformers-" + p: _train_step(hf, ids, p == "bf16", hf=True) for p in precisions})
         if compile:
-            steps["bf16+compile"] = _train_step(torch.compile(model), ids, True)
-            steps["fp32+compile"] = _train_step(torch.compile(model), ids, False)
-        steps = {m: s for m, s in steps.items() if bf16 or "fp32" in m}
+            compiled = torch.compile(model)
+            steps.update({p + "+compile": _train_step(compiled, ids, p == "bf16") for p in precisions})
         for m, step in steps.items():                 # warm-up (and compilation)
             t0 = time.perf_counter()
             step(), step()
@@ -349,8 +348,8 @@ def train_bench(presets=("tiny", "small"), batch=4, T=512, window=128, reps=5, c
         best = race(steps, reps)
         # the peak again after the race, keeping the best: a peak taken while a neighbour loads the machine
         # understates it (here MFU read 116% once), and the MFU must not depend on when the peak happened to run
-        peaks = {p: max(v, measure_matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32))
-                 for p, v in peaks.items() if p == "fp32" or bf16}
+        peaks = {p: max(peaks[p], measure_matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32))
+                 for p in precisions}
         print(f"{name:6s} matmul peaks, best so far: " + ", ".join(f"{p} {v / 1e9:.1f}" for p, v in peaks.items())
               + " GFLOP/s")
         for m, dt in best.items():

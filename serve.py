@@ -263,8 +263,9 @@ class PrefixCache:
 # oneDNN's pre-packed weights (CPU, fp32). A matmul of a few rows against a large weight spends most of its time
 # re-packing the weight into the kernel's blocked layout, every call, from memory (a decode step's weights are out
 # of cache by the time it comes back to them). Packed once, the kernel streams them as they are. Measured on the
-# 2-core AVX2 machine, a whole step's matmuls with cold weights: 1.2-1.6x faster at 8-64 rows (race, tiny and
-# small shapes); at 1-4 rows the plain K x N matmul wins (1 row runs at memory bandwidth), so they keep it.
+# 2-core AVX2 machine, a whole step's matmuls with cold weights: 1.1-1.6x faster at 8-64 rows on the race and
+# small shapes, and at 16-64 on tiny (0.98x at 8); 0.4-0.96x at 1-2 rows, where the plain K x N matmul stays
+# (1 row runs at memory bandwidth).
 PACKED_MIN_BATCH = 8
 
 
@@ -279,6 +280,11 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def packed_linear_add(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """h + x @ W^T in one oneDNN call (the add is the kernel's post-op), W packed as in packed_linear."""
     return torch.ops.mkldnn._linear_pointwise.binary(x, h, w, None, "add")
+
+
+def addmm_into(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h + x @ w for w K x N: packed_linear_add's unpacked counterpart."""
+    return torch.addmm(h, x, w)
 
 
 @packed_linear.register_fake
@@ -340,18 +346,17 @@ class FusedDecode:
         key = self._version_key()
         if key == self._versions:
             return
-        fresh, packed = [], []
+        n_by_k = []                                   # (w_in, w_out) per layer, then the tied embedding, all N x K
         for layer in self.model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            w_in = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight,
-                              m.up_proj.weight])
-            w_out = torch.cat([a.o_proj.weight, m.down_proj.weight], dim=1)
-            fresh.append((w_in.t().contiguous(), w_out.t().contiguous()))
-            packed.append((pack_weight(w_in), pack_weight(w_out)) if self.pack else (None,))
-        fresh.append((self.model.model.embed_tokens.weight.t().contiguous(),))  # the tied output embedding, (H, V)
-        packed.append((pack_weight(self.model.model.embed_tokens.weight) if self.pack else None,))
+            n_by_k.append((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight,
+                                      m.up_proj.weight]),
+                           torch.cat([a.o_proj.weight, m.down_proj.weight], dim=1)))
+        n_by_k.append((self.model.model.embed_tokens.weight,))
+        fresh = [tuple(w.t().contiguous() for w in ws) for ws in n_by_k]    # K x N (the output embedding: H x V)
         # the packed copies are rebuilt, not copied into: they only exist on CPU, where no CUDA graph holds them
-        self.packed = packed if all(w is not None for p in packed for w in p) else None
+        packed = [tuple(pack_weight(w) for w in ws) for ws in n_by_k] if self.pack else None
+        self.packed = packed if packed and all(w is not None for ws in packed for w in ws) else None
         if self._versions is None:
             self.weights = fresh
         else:
@@ -384,10 +389,13 @@ class FusedDecode:
             masks[kind] = ok[:, None, None, :] if static or not bool(ok.all()) else None
         cos, sin = rope_cos_sin(pos[:, None], dh, cfg.rope_theta, self.embed.dtype)  # (B, 1, 1, dh)
         h = F.embedding(ids, self.embed)                                  # (B, H)
-        packed = self.packed if self.packed is not None and B >= PACKED_MIN_BATCH else None
-        for i, (layer, (w_in, w_out)) in enumerate(zip(self.model.model.layers, self.weights)):
-            x = layer.input_layernorm(h)
-            y = packed_linear(x, packed[i][0]) if packed else x @ w_in    # (B, nq + 2 nk + 2 I)
+        # the two matmuls per layer and the output layer: on the packed copies for batches (PACKED_MIN_BATCH)
+        if self.packed is not None and B >= PACKED_MIN_BATCH:
+            weights, mm, mm_add = self.packed, packed_linear, packed_linear_add
+        else:
+            weights, mm, mm_add = self.weights, torch.matmul, addmm_into
+        for i, (layer, (w_in, w_out)) in enumerate(zip(self.model.model.layers, weights)):
+            y = mm(layer.input_layernorm(h), w_in)                        # (B, nq + 2 nk + 2 I)
             qk = y[:, :nq + nk].view(B, nh + nkv, 1, dh)
             kind = layer.self_attn.kind
             if kind == "sliding":                                         # RoPE on q and k at once; NoPE on full
@@ -405,14 +413,11 @@ class FusedDecode:
             attn = attend(q, K, V, masks[kind])                           # (B, nh, 1, dh)
             g, u = y[:, nq + 2 * nk:nq + 2 * nk + I], y[:, nq + 2 * nk + I:]
             z = torch.cat([attn.reshape(B, nq), F.silu(g) * u], dim=1)   # [attn, swiglu] feeds [Wo^T; Wdown^T]
-            if layer.add_branches is residual_add:                        # h + o_proj(attn) + down_proj(mlp)
-                h = packed_linear_add(z, h, packed[i][1]) if packed else torch.addmm(h, z, w_out)
+            if layer.add_branches is residual_add:
+                h = mm_add(z, h, w_out)                                   # h + o_proj(attn) + down_proj(mlp)
             else:                                                         # a TP rank: the hook all-reduces
-                h = layer.add_branches(h, packed_linear(z, packed[i][1]) if packed else z @ w_out, 0)
-        h = self.model.model.norm(h)
-        if packed:
-            return output_logits(h, packed[-1][0], cfg, matmul=packed_linear)
-        return output_logits(h, self.weights[-1][0], cfg, matmul=torch.matmul)
+                h = layer.add_branches(h, mm(z, w_out), 0)
+        return output_logits(self.model.model.norm(h), weights[-1][0], cfg, matmul=mm)
 
 
 class StaticDecode:
