@@ -109,10 +109,13 @@ def test_fused_decode_logits_match_the_model_and_follow_weight_updates():
 
 
 @torch.no_grad()
-def test_packed_weights_decode_like_the_model_and_follow_weight_updates():
+def test_packed_weights_decode_like_the_model_and_follow_weight_updates(monkeypatch):
     """Batches of PACKED_MIN_BATCH+ rows decode on oneDNN-packed weights (CPU fp32): the same logits as the
     unpacked fused step, the tokens of the uncached model, and the new weights after an in-place update."""
+    import serve
     from serve import PACKED_MIN_BATCH
+    rows, real = [], serve.packed_linear                               # the packed path must actually run
+    monkeypatch.setattr(serve, "packed_linear", lambda x, w: (rows.append(x.shape[0]), real(x, w))[1])
     model = make(seed=5)
     prompts = prompts_of((13, 3, 1, 7, 9, 2, 12, 5, 4, 8), seed=6)      # 10 rows: packed from 8 live rows up
     got = {}
@@ -124,6 +127,8 @@ def test_packed_weights_decode_like_the_model_and_follow_weight_updates():
         engine.generate(prompts, 5, stop_tokens=[])
         got[pack] = logits
     assert max(lg.shape[0] for lg in got[True]) >= PACKED_MIN_BATCH
+    if torch.backends.mkldnn.is_available():
+        assert rows and min(rows) >= PACKED_MIN_BATCH                 # it ran, on the batches
     for a, b in zip(got[True], got[False]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     engine = Engine(model, max_batch=len(prompts), max_len=64)
