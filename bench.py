@@ -4,6 +4,7 @@ The project's speed measurements, as CLIs:
     python model.py --bench [--compile]          # the training step, against transformers' Cohere2 (this file)
     python serve.py --bench [--bench-presets tiny,small] [--compile]     # the engine (serve.py hands over)
     python bench.py --train ... | --bench ...    # the same two, directly
+    python bench.py --gpu [--compile]            # issue #17's device checks, one table (a lent GPU's few minutes)
 
 Training step: fwd + bwd + AdamW tok/s and MFU (against the bf16 matmul peak measured in the same run) in bf16
 autocast and fp32, beside transformers' Cohere2ForCausalLM on the same weights and shapes (when installed).
@@ -23,7 +24,7 @@ import time
 
 import torch
 
-from model import CommandA, PRESETS, flops_per_token, measure_matmul_peak, tune_malloc
+from model import CommandA, ModelConfig, PRESETS, flops_per_token, measure_matmul_peak, tune_malloc
 from serve import Engine, KVCache, WindowKVCache
 
 
@@ -305,7 +306,7 @@ def _train_step(model, ids, bf16, hf=False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)   # both models: pretrain.adamw's choice
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = (model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss if hf else
                     model(ids[:, :-1], targets=ids[:, 1:]))
         loss.backward()
@@ -389,7 +390,7 @@ def _recompute_child(preset: str, batch: int, T: int, window: int, recompute: bo
     bf16, best, losses = bf16_is_fast("cpu"), float("inf"), []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(ids[:, :-1], targets=ids[:, 1:])
         loss.backward()
         opt.step()
@@ -424,6 +425,197 @@ def recompute_bench(preset="small", batch=4, T=512, window=128, reps=3, rounds=2
     return [off, on]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Issue #17's device checks (python bench.py --gpu): one prepared run for the few minutes a GPU is lent.
+# Every number comes from this run: the bf16 matmul peak and the memory bandwidth are measured first, the way
+# the CPU rows are, so MFU and the decode bound need no spec sheet. `--device cpu --size micro` runs the same
+# code on a CPU in seconds (the test does), skipping what only CUDA has (FlexAttention's backward, CUDA graphs).
+
+# ~1B parameters in Command A's layout: 3 sliding (the report's 4K window) : 1 full, GQA 16:4, head_dim 128
+GPU_1B = ModelConfig(vocab_size=32768, hidden_size=2048, intermediate_size=5632, num_hidden_layers=20,
+                     num_attention_heads=16, num_key_value_heads=4, sliding_window=4096,
+                     max_position_embeddings=16384)
+CHECK_SIZES = {   # model, training batch x seq, attention check (T, window), decode race config
+    "1b": dict(cfg=GPU_1B, batch=1, T=8192, attn_T=8192, attn_W=2048, decode=DECODE_RACE),
+    "micro": dict(cfg=dataclasses.replace(PRESETS["micro"], sliding_window=16), batch=2, T=64, attn_T=256, attn_W=64,
+                  decode=dict(DECODE_RACE, cfg=PRESETS["micro"], prompt_len=16, new_tokens=16)),
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best_seconds(fn, device, reps, warmup=2):
+    """Best wall time of fn() over `reps` calls, the device drained before and after each (CUDA runs async)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def device_matmul_peak(device, dtype=torch.bfloat16) -> float:
+    """FLOP/s of square matmuls measured now (a CPU: model.measure_matmul_peak; a GPU: 8192^3, ten per timing)."""
+    if device.type == "cpu":
+        return measure_matmul_peak(dtype)
+    n = 8192
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    return 10 * 2 * n ** 3 / _best_seconds(lambda: [a @ b for _ in range(10)], device, reps=3)
+
+
+def device_bandwidth(device) -> float:
+    """Bytes/s of one streaming read (a sum over 512 MiB on a CPU, 4 GiB on a GPU), measured now."""
+    if device.type == "cpu":
+        return measure_memory_bandwidth()
+    x = torch.ones(2 ** 30, device=device)
+    return x.numel() * 4 / _best_seconds(x.sum, device, reps=5)
+
+
+def check_training(cfg, device, batch, T, reps, peak):
+    """bf16 autocast and FP8 (`_scaled_mm` e4m3/e5m2) training steps of the same weights, interleaved: tok/s,
+    MFU against the measured bf16 peak, and each step's first loss (FP8 must train the same model)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        models = {"bf16": CommandA(cfg), "fp8": CommandA(dataclasses.replace(cfg, fp8=True))}
+    models["fp8"].load_state_dict(models["bf16"].state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (batch, T + 1), device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        first = {p: m(ids[:, :-1], targets=ids[:, 1:]).item() for p, m in models.items()}
+    steps = {p: _train_step(m, ids, True) for p, m in models.items()}
+    for step in steps.values():
+        step(), step()
+    best = race({p: (lambda s=s: (s(), _sync(device))) for p, s in steps.items()}, reps)
+    rows = []
+    for p, dt in best.items():
+        tok_s = batch * T / dt
+        rows.append({"check": f"train {p}", "tok_per_s": round(tok_s), "step_s": round(dt, 4),
+                     "mfu": round(tok_s * flops_per_token(cfg, T) / peak, 4), "first_loss": round(first[p], 4),
+                     "vs_bf16": round(best["bf16"] / dt, 3)})
+    del models, steps
+    return rows
+
+
+def check_attention(cfg, device, T, W, reps):
+    """A sliding layer's attention forward + backward at T tokens, window W: FlexAttention with model.py's block
+    mask (it must skip the blocks outside the band: its time over the causal layer's should follow the work,
+    keys in the band over keys under the causal mask) against SDPA under the same mask as a dense boolean one
+    (and, for the full layer, SDPA's causal flash kernel). The 1b size runs T 8192 with W 2048 (band = 0.44 of
+    the causal keys): SDPA with a dense mask and GQA falls back to a kernel that materializes the scores."""
+    if device.type != "cuda":
+        return [{"check": "attention", "skipped": "FlexAttention has no CPU backward (torch 2.13): CUDA only"}]
+    from model import attend, dense_masks
+    B, nh, nkv, dh = 1, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    cfg = dataclasses.replace(cfg, sliding_window=W, attn_backend="flex")
+    with torch.device("meta"):        # only its _masks() is used: no weights
+        shell = CommandA(cfg)
+    pos = torch.arange(T, device=device).expand(B, T)
+    doc = torch.zeros_like(pos)
+    flex, dense = shell._masks(B, T, device, pos, doc, None), dense_masks(cfg, pos, doc, pos, doc)
+    q = torch.randn(B, nh, T, dh, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, nkv, T, dh, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    runs = {"flex sliding": flex["sliding"], "sdpa sliding (dense mask)": dense["sliding"],
+            "flex full": flex["full"], "sdpa full (dense mask)": dense["full"],
+            "sdpa full (is_causal: flash)": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=True)}
+    rows, ms = [], {}
+    for name, mask in runs.items():
+        ms[name] = 1000 * _best_seconds(lambda m=mask: attend(q, k, v, m).sum().backward(), device, reps)
+    err = (attend(q, k, v, flex["sliding"]) - attend(q, k, v, dense["sliding"])).abs().max().item()
+    band = sum(min(i + 1, W) for i in range(T)) / (T * (T + 1) / 2)   # keys in the band over causal keys
+    for name, t in ms.items():
+        row = {"check": f"attention {name}", "T": T, "window": W, "fwd_bwd_ms": round(t, 2)}
+        if name == "flex sliding":
+            row.update(vs_sdpa=round(ms["sdpa sliding (dense mask)"] / t, 2), max_abs_err_vs_sdpa=round(err, 4),
+                       time_over_full=round(t / ms["flex full"], 3), work_over_full=round(band, 3))
+        rows.append(row)
+    return rows
+
+
+def check_decode(cfg, device, prompt_len, new_tokens, batches, reps, compile):
+    """Greedy generation, end to end, of the engine (eager; CUDA graphs; compiled + CUDA graphs with `compile`)
+    against transformers' `generate` on the same weights, bf16 on a GPU (fp32 on a CPU, as the CPU race)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = CommandA(cfg).eval()
+    hf = _hf_model(model)                            # built from fp32 CPU weights, then moved alike
+    model.to(device, dtype)
+    kw = dict(max_batch=max(batches), max_len=prompt_len + new_tokens, prefix_cache_mb=0)
+    engines = {"engine": Engine(model, **kw)}
+    if device.type == "cuda":
+        engines["engine+cuda-graphs"] = Engine(model, cuda_graphs=True, **kw)
+        if compile:
+            engines["compile+cuda-graphs"] = Engine(model, cuda_graphs=True, compile=True, **kw)
+    gens = {m: (lambda x, n, e=e: torch.tensor(e.generate(x.tolist(), n, stop_tokens=[]))) for m, e in engines.items()}
+    if hf is not None:
+        hf.to(device, dtype).eval()
+        gens["hf-generate"] = lambda x, n: hf.generate(x.to(device), attention_mask=torch.ones_like(x, device=device),
+                                                       max_new_tokens=n, min_new_tokens=n,
+                                                       do_sample=False)[:, x.shape[1]:].cpu()
+    rows = []
+    for B in batches:
+        p = torch.randint(0, cfg.vocab_size, (B, prompt_len), generator=torch.Generator().manual_seed(B))
+        outs = {m: gen(p, new_tokens) for m, gen in gens.items()}      # warm-up (graphs, compilation) + tokens
+        best = race({m: (lambda g=gen: (g(p, new_tokens), _sync(device))) for m, gen in gens.items()}, reps)
+        for m, dt in best.items():
+            row = {"check": f"decode {m}", "batch": B, "tok_per_s": round(B * new_tokens / dt, 1),
+                   "same_tokens_as_engine": round((outs[m] == outs["engine"]).float().mean().item(), 3)}
+            if "hf-generate" in best:
+                row["vs_hf_generate"] = round(best["hf-generate"] / dt, 2)
+            rows.append(row)
+    return rows
+
+
+def check_decode_bound(cfg, device, bandwidth, new_tokens=128):
+    """Batch-1 decode of the ~1B model against its bound: weight bytes per token over the measured bandwidth."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = CommandA(cfg).to(dtype).eval()
+    engine = Engine(model, max_batch=1, max_len=16 + new_tokens, prefix_cache_mb=0,
+                    cuda_graphs=device.type == "cuda")
+    run = lambda: engine.generate([[1] * 16], new_tokens, stop_tokens=[])            # noqa: E731
+    dt = _best_seconds(run, device, reps=2, warmup=1)
+    bound = bandwidth / decode_bytes_per_token(model)
+    tok_s = new_tokens / dt                      # end to end: the 16-token prefill is counted against it
+    return [{"check": "decode bound, batch 1" + (" (cuda graphs)" if device.type == "cuda" else ""),
+             "params": cfg.num_params(), "tok_per_s": round(tok_s, 1), "bound_tok_s": round(bound, 1),
+             "of_bound": round(tok_s / bound, 3)}]
+
+
+def gpu_checks(device="cuda", size="1b", reps=5, compile=False) -> dict:
+    """The four checks of issue #17 in one run, printed as one table."""
+    device, s = torch.device(device), CHECK_SIZES[size]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak, bandwidth = device_matmul_peak(device), device_bandwidth(device)
+    print(f"{name}: bf16 matmul peak {peak / 1e12:.1f} TFLOP/s, memory bandwidth {bandwidth / 1e9:.0f} GB/s "
+          f"(measured now); torch {torch.__version__}", flush=True)
+    rows = []
+    for check in (lambda: check_training(s["cfg"], device, s["batch"], s["T"], reps, peak),
+                  lambda: check_attention(s["cfg"], device, s["attn_T"], s["attn_W"], reps),
+                  lambda: check_decode(s["decode"]["cfg"], device, s["decode"]["prompt_len"],
+                                       s["decode"]["new_tokens"], s["decode"]["batches"], max(2, reps // 2), compile),
+                  lambda: check_decode_bound(s["cfg"], device, bandwidth)):
+        new = check()
+        rows += new
+        for r in new:            # as they come: a run cut short by its time limit still shows what it measured
+            print(json.dumps(r), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\n| check | {name}, torch {torch.__version__} |\n|---|---|")
+    for r in rows:
+        print(f"| {r['check']} | " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "check") + " |")
+    return {"device": name, "torch": torch.__version__, "peak_flops": peak, "bandwidth_bytes_s": bandwidth,
+            "size": size, "rows": rows}
+
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description="Benchmarks. Default: serve.py's engine (python serve.py --bench runs "
@@ -446,6 +638,11 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="also race the torch.compile'd engine / training step")
     ap.add_argument("--recompute", action="store_true", help="--train: instead, per-layer activation recompute's "
                     "step time and peak memory, with and without (first preset of --bench-presets)")
+    ap.add_argument("--gpu", action="store_true", help="instead, issue #17's four device checks in one table: bf16 "
+                    "MFU of a ~1B training step, FP8 against bf16, FlexAttention's band against SDPA, CUDA-graph "
+                    "decode against transformers' generate (and the batch-1 decode bound)")
+    ap.add_argument("--device", default="cuda", help="--gpu: the device (cpu: a dry run of the same code)")
+    ap.add_argument("--size", choices=sorted(CHECK_SIZES), default="1b", help="--gpu: model sizes (micro: seconds)")
     ap.add_argument("--prefix-cache-mb", type=float, default=256,
                     help="prefix cache bound for the bench's cached-preamble TTFT row (0: skip that row)")
     args = ap.parse_args(argv)
@@ -460,6 +657,12 @@ def main(argv=None):
     if huge:   # random fp32 weights for 8B+ parameters would not fit this kind of machine
         ap.error(f"--bench builds random weights in fp32; {huge} are too large (over 2B parameters)")
     tune_malloc()
+    if args.gpu:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            ap.error("--gpu checks the CUDA paths and needs a CUDA device; `--gpu --device cpu --size micro` runs "
+                     "the same code on this CPU as a dry run")
+        print(json.dumps(gpu_checks(args.device, args.size, reps=args.bench_reps + 2, compile=args.compile)))
+        return
     if args.train:   # training uses every core (the threads default is the engine's)
         if args.threads:
             torch.set_num_threads(args.threads)

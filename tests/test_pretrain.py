@@ -308,6 +308,43 @@ def test_train_bench_races_each_precision_against_transformers_in_the_same_preci
             assert row["vs_transformers"] == pytest.approx(row["tok_per_s"] / ref, abs=0.011)
 
 
+def test_gpu_checks_run_on_a_cpu_as_a_dry_run(monkeypatch, capsys):
+    """bench.py --gpu is the one script a lent GPU runs (issue #17's device checks). The same code runs here on
+    micro shapes, so that it works the first time there: every check reports, MFU and the decode bound follow
+    from the measured peak and bandwidth, the engine decodes transformers' tokens, and without CUDA the CLI
+    says how to dry-run instead of timing a CPU."""
+    import bench
+    monkeypatch.setattr(bench, "device_matmul_peak", lambda device, dtype=torch.bfloat16: 1e11)
+    monkeypatch.setattr(bench, "device_bandwidth", lambda device: 1e10)
+    r = bench.gpu_checks("cpu", "micro", reps=1)
+    rows = {(row["check"], row.get("batch")): row for row in r["rows"]}
+    s = bench.CHECK_SIZES["micro"]
+    for p in ("bf16", "fp8"):
+        row = rows[(f"train {p}", None)]
+        assert row["mfu"] == pytest.approx(row["tok_per_s"] * bench.flops_per_token(s["cfg"], s["T"]) / 1e11,
+                                           rel=1e-2, abs=1e-4)
+    # a sanity check only (at initialization any weights give ~ln V): FP8 runs and its loss is no garbage
+    assert rows[("train fp8", None)]["first_loss"] == pytest.approx(rows[("train bf16", None)]["first_loss"], rel=0.02)
+    assert "skipped" in rows[("attention", None)]                    # FlexAttention's backward is CUDA-only
+    try:
+        import transformers  # noqa: F401
+        hf = True
+    except ImportError:
+        hf = False
+    for B in s["decode"]["batches"]:
+        assert rows[("decode engine", B)]["tok_per_s"] > 0
+        if hf:
+            assert rows[("decode hf-generate", B)]["same_tokens_as_engine"] == 1.0
+            assert rows[("decode engine", B)]["vs_hf_generate"] > 0
+    bound = rows[("decode bound, batch 1", None)]
+    assert bound["bound_tok_s"] == pytest.approx(1e10 / (4 * s["cfg"].num_params()), rel=1e-3)   # fp32 weights
+    assert "| train fp8 |" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.main(["--gpu"])
+        assert "--device cpu --size micro" in capsys.readouterr().err
+
+
 def test_compile_flag_traces_the_training_step_and_changes_no_loss(tmp_path, monkeypatch):
     """--compile wraps the step in torch.compile. Dynamo's eager backend (the graph capture without inductor's
     minutes of C++ compilation) must trace the model's band attention and chunked loss and train the same."""
