@@ -21,6 +21,7 @@ import json
 import shutil
 import sys
 import time
+import traceback
 
 import torch
 
@@ -597,12 +598,18 @@ def gpu_checks(device="cuda", size="1b", reps=5, compile=False) -> dict:
     print(f"{name}: bf16 matmul peak {peak / 1e12:.1f} TFLOP/s, memory bandwidth {bandwidth / 1e9:.0f} GB/s "
           f"(measured now); torch {torch.__version__}", flush=True)
     rows = []
-    for check in (lambda: check_training(s["cfg"], device, s["batch"], s["T"], reps, peak),
-                  lambda: check_attention(s["cfg"], device, s["attn_T"], s["attn_W"], reps),
-                  lambda: check_decode(s["decode"]["cfg"], device, s["decode"]["prompt_len"],
-                                       s["decode"]["new_tokens"], s["decode"]["batches"], max(2, reps // 2), compile),
-                  lambda: check_decode_bound(s["cfg"], device, bandwidth)):
-        new = check()
+    checks = {"train": lambda: check_training(s["cfg"], device, s["batch"], s["T"], reps, peak),
+              "attention": lambda: check_attention(s["cfg"], device, s["attn_T"], s["attn_W"], reps),
+              "decode": lambda: check_decode(s["decode"]["cfg"], device, s["decode"]["prompt_len"],
+                                             s["decode"]["new_tokens"], s["decode"]["batches"], max(2, reps // 2),
+                                             compile),
+              "decode bound": lambda: check_decode_bound(s["cfg"], device, bandwidth)}
+    for what, check in checks.items():
+        try:
+            new = check()
+        except Exception as e:   # a lease is minutes long: one failing path must not cost the other checks
+            traceback.print_exc()
+            new = [{"check": what, "error": f"{type(e).__name__}: {e}"[:400]}]
         rows += new
         for r in new:            # as they come: a run cut short by its time limit still shows what it measured
             print(json.dumps(r), flush=True)

@@ -317,6 +317,7 @@ def test_gpu_checks_run_on_a_cpu_as_a_dry_run(monkeypatch, capsys):
     monkeypatch.setattr(bench, "device_matmul_peak", lambda device, dtype=torch.bfloat16: 1e11)
     monkeypatch.setattr(bench, "device_bandwidth", lambda device: 1e10)
     r = bench.gpu_checks("cpu", "micro", reps=1)
+    assert not [row for row in r["rows"] if "error" in row]           # each check reports its error as a row
     rows = {(row["check"], row.get("batch")): row for row in r["rows"]}
     s = bench.CHECK_SIZES["micro"]
     for p in ("bf16", "fp8"):
@@ -343,6 +344,24 @@ def test_gpu_checks_run_on_a_cpu_as_a_dry_run(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             bench.main(["--gpu"])
         assert "--device cpu --size micro" in capsys.readouterr().err
+
+
+def test_gpu_checks_go_on_past_a_failing_check(monkeypatch):
+    """A lease is minutes long and its CUDA paths have never run: a check that raises becomes an error row and
+    the checks after it still run."""
+    import bench
+    monkeypatch.setattr(bench, "device_matmul_peak", lambda device, dtype=torch.bfloat16: 1e11)
+    monkeypatch.setattr(bench, "device_bandwidth", lambda device: 1e10)
+    monkeypatch.setattr(bench, "check_training", lambda *a: [{"check": "train bf16"}])
+
+    def broken(*a):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(bench, "check_attention", broken)
+    monkeypatch.setattr(bench, "check_decode", lambda *a: [{"check": "decode engine", "batch": 1}])
+    monkeypatch.setattr(bench, "check_decode_bound", lambda *a: [{"check": "decode bound, batch 1"}])
+    rows = bench.gpu_checks("cpu", "micro")["rows"]
+    assert [r["check"] for r in rows] == ["train bf16", "attention", "decode engine", "decode bound, batch 1"]
+    assert "illegal memory access" in rows[1]["error"]
 
 
 def test_compile_flag_traces_the_training_step_and_changes_no_loss(tmp_path, monkeypatch):
