@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import shutil
 import sys
@@ -106,9 +107,10 @@ def _bench_prefix(name, model, vocab, prefix_len, suffix_len, reps, mb):
     return row
 
 
-def _hf_model(model):
+def _hf_model(model, dtype=torch.float32):
     """transformers' Cohere2ForCausalLM (SDPA attention) holding `model`'s weights, through our own HF export; None
-    when transformers is not installed (it is a test-only dependency)."""
+    when transformers is not installed (it is a test-only dependency). Loaded in `dtype` rather than cast after:
+    .to(dtype) would also round its fp32 RoPE frequencies (a non-persistent buffer) to bf16."""
     try:
         import tempfile
         import transformers
@@ -117,7 +119,7 @@ def _hf_model(model):
         return None
     d = tempfile.mkdtemp()
     model.save_pretrained(d)
-    hf = transformers.Cohere2ForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
+    hf = transformers.Cohere2ForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa")
     shutil.rmtree(d, ignore_errors=True)
     return hf
 
@@ -313,6 +315,7 @@ def _train_step(model, ids, bf16, hf=False):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
     return step
 
 
@@ -487,11 +490,11 @@ def check_training(cfg, device, batch, T, reps, peak):
         models = {"bf16": CommandA(cfg), "fp8": CommandA(dataclasses.replace(cfg, fp8=True))}
     models["fp8"].load_state_dict(models["bf16"].state_dict())
     ids = torch.randint(0, cfg.vocab_size, (batch, T + 1), device=device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-        first = {p: m(ids[:, :-1], targets=ids[:, 1:]).item() for p, m in models.items()}
     steps = {p: _train_step(m, ids, True) for p, m in models.items()}
+    first = {p: step().item() for p, step in steps.items()}     # warm-up (compiles), the loss before any update
     for step in steps.values():
-        step(), step()
+        step()
+    _sync(device)
     best = race({p: (lambda s=s: (s(), _sync(device))) for p, s in steps.items()}, reps)
     rows = []
     for p, dt in best.items():
@@ -503,12 +506,22 @@ def check_training(cfg, device, batch, T, reps, peak):
     return rows
 
 
+def _sdpa_backend(q, k, v, mask=None, causal=False) -> str:
+    """The kernel SDPA picks for these inputs (flash, efficient, cuDNN or math: the rows' times depend on it)."""
+    try:
+        from torch.nn.attention import SDPBackend
+        return SDPBackend(torch._fused_sdp_choice(q, k, v, attn_mask=mask, is_causal=causal,
+                                                  enable_gqa=k.shape[1] != q.shape[1])).name
+    except Exception as e:    # a private helper: its absence must not cost the row
+        return f"unknown ({type(e).__name__})"
+
+
 def check_attention(cfg, device, T, W, reps):
     """A sliding layer's attention forward + backward at T tokens, window W: FlexAttention with model.py's block
     mask (it must skip the blocks outside the band: its time over the causal layer's should follow the work,
     keys in the band over keys under the causal mask) against SDPA under the same mask as a dense boolean one
-    (and, for the full layer, SDPA's causal flash kernel). The 1b size runs T 8192 with W 2048 (band = 0.44 of
-    the causal keys): SDPA with a dense mask and GQA falls back to a kernel that materializes the scores."""
+    (and, for the full layer, SDPA's is_causal kernel); each SDPA row names the kernel SDPA chose. The 1b size
+    runs T 8192 with W 2048: the band holds 0.46 of the causal layer's 128 x 128 blocks (0.44 of its keys)."""
     if device.type != "cuda":
         return [{"check": "attention", "skipped": "FlexAttention has no CPU backward (torch 2.13): CUDA only"}]
     from model import attend, dense_masks
@@ -523,18 +536,24 @@ def check_attention(cfg, device, T, W, reps):
     k, v = (torch.randn(B, nkv, T, dh, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     runs = {"flex sliding": flex["sliding"], "sdpa sliding (dense mask)": dense["sliding"],
             "flex full": flex["full"], "sdpa full (dense mask)": dense["full"],
-            "sdpa full (is_causal: flash)": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+            "sdpa full (is_causal)": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=True)}
     rows, ms = [], {}
     for name, mask in runs.items():
         ms[name] = 1000 * _best_seconds(lambda m=mask: attend(q, k, v, m).sum().backward(), device, reps)
     err = (attend(q, k, v, flex["sliding"]) - attend(q, k, v, dense["sliding"])).abs().max().item()
     band = sum(min(i + 1, W) for i in range(T)) / (T * (T + 1) / 2)   # keys in the band over causal keys
+    nb, wb = -(-T // 128), -(-(W + 127) // 128)         # FlexAttention's blocks: query block i sees i-wb+1..i
+    blocks = sum(min(i + 1, wb) for i in range(nb)) / (nb * (nb + 1) / 2)
     for name, t in ms.items():
         row = {"check": f"attention {name}", "T": T, "window": W, "fwd_bwd_ms": round(t, 2)}
+        if name.startswith("sdpa"):
+            mask = runs[name] if not callable(runs[name]) else None
+            row["sdpa_backend"] = _sdpa_backend(q, k, v, mask, causal=mask is None)
         if name == "flex sliding":
             row.update(vs_sdpa=round(ms["sdpa sliding (dense mask)"] / t, 2), max_abs_err_vs_sdpa=round(err, 4),
-                       time_over_full=round(t / ms["flex full"], 3), work_over_full=round(band, 3))
+                       time_over_full=round(t / ms["flex full"], 3), blocks_over_full=round(blocks, 3),
+                       keys_over_full=round(band, 3))
         rows.append(row)
     return rows
 
@@ -545,7 +564,7 @@ def check_decode(cfg, device, prompt_len, new_tokens, batches, reps, compile):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     model = CommandA(cfg).eval()
-    hf = _hf_model(model)                            # built from fp32 CPU weights, then moved alike
+    hf = _hf_model(model, dtype)                     # the same fp32 weights, rounded alike
     model.to(device, dtype)
     kw = dict(max_batch=max(batches), max_len=prompt_len + new_tokens, prefix_cache_mb=0)
     engines = {"engine": Engine(model, **kw)}
@@ -555,7 +574,7 @@ def check_decode(cfg, device, prompt_len, new_tokens, batches, reps, compile):
             engines["compile+cuda-graphs"] = Engine(model, cuda_graphs=True, compile=True, **kw)
     gens = {m: (lambda x, n, e=e: torch.tensor(e.generate(x.tolist(), n, stop_tokens=[]))) for m, e in engines.items()}
     if hf is not None:
-        hf.to(device, dtype).eval()
+        hf.to(device).eval()
         gens["hf-generate"] = lambda x, n: hf.generate(x.to(device), attention_mask=torch.ones_like(x, device=device),
                                                        max_new_tokens=n, min_new_tokens=n,
                                                        do_sample=False)[:, x.shape[1]:].cpu()
@@ -565,8 +584,12 @@ def check_decode(cfg, device, prompt_len, new_tokens, batches, reps, compile):
         outs = {m: gen(p, new_tokens) for m, gen in gens.items()}      # warm-up (graphs, compilation) + tokens
         best = race({m: (lambda g=gen: (g(p, new_tokens), _sync(device))) for m, gen in gens.items()}, reps)
         for m, dt in best.items():
+            same = outs[m] == outs["engine"]
+            # in bf16 on random weights near-tied logits can flip a token, and the rows differ from there on:
+            # the share of tokens before each row's first difference says how early that happened
             row = {"check": f"decode {m}", "batch": B, "tok_per_s": round(B * new_tokens / dt, 1),
-                   "same_tokens_as_engine": round((outs[m] == outs["engine"]).float().mean().item(), 3)}
+                   "same_tokens_as_engine": round(same.float().mean().item(), 3),
+                   "same_until_first_diff": round(same.int().cumprod(1).float().mean().item(), 3)}
             if "hf-generate" in best:
                 row["vs_hf_generate"] = round(best["hf-generate"] / dt, 2)
             rows.append(row)
@@ -581,19 +604,33 @@ def check_decode_bound(cfg, device, bandwidth, new_tokens=128):
         model = CommandA(cfg).to(dtype).eval()
     engine = Engine(model, max_batch=1, max_len=16 + new_tokens, prefix_cache_mb=0,
                     cuda_graphs=device.type == "cuda")
-    run = lambda: engine.generate([[1] * 16], new_tokens, stop_tokens=[])            # noqa: E731
-    dt = _best_seconds(run, device, reps=2, warmup=1)
+
+    def decode_seconds():              # from the first token on: the prefill is not a decode step
+        r = engine.submit([1] * 16, new_tokens, stop_tokens=[])
+        while not r.done.is_set():
+            engine.step()              # each step ends in .tolist() of its tokens: synchronized
+        return time.perf_counter() - r.t_first
+    decode_seconds()                   # warm-up: captures the graph
+    dt = min(decode_seconds() for _ in range(3))
     bound = bandwidth / decode_bytes_per_token(model)
-    tok_s = new_tokens / dt                      # end to end: the 16-token prefill is counted against it
+    tok_s = (new_tokens - 1) / dt
     return [{"check": "decode bound, batch 1" + (" (cuda graphs)" if device.type == "cuda" else ""),
              "params": cfg.num_params(), "tok_per_s": round(tok_s, 1), "bound_tok_s": round(bound, 1),
              "of_bound": round(tok_s / bound, 3)}]
 
 
-def gpu_checks(device="cuda", size="1b", reps=5, compile=False) -> dict:
-    """The four checks of issue #17 in one run, printed as one table."""
+def gpu_checks(device="cuda", size="1b", reps=5, compile=False, cudnn_attention=True) -> dict:
+    """The four checks of issue #17 in one run, printed as one table. cudnn_attention=False keeps SDPA off
+    cuDNN (a rerun's switch, should its kernels fail under CUDA-graph capture)."""
     device, s = torch.device(device), CHECK_SIZES[size]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
+        try:                             # FlexAttention and --compile need a working Triton toolchain
+            torch.compile(lambda x: x + 1)(torch.ones(8, device=device))
+            print("torch.compile: works here", flush=True)
+        except Exception as e:
+            print(f"torch.compile FAILS here ({type(e).__name__}: {str(e)[:200]}): expect error rows", flush=True)
     peak, bandwidth = device_matmul_peak(device), device_bandwidth(device)
     print(f"{name}: bf16 matmul peak {peak / 1e12:.1f} TFLOP/s, memory bandwidth {bandwidth / 1e9:.0f} GB/s "
           f"(measured now); torch {torch.__version__}", flush=True)
@@ -613,6 +650,7 @@ def gpu_checks(device="cuda", size="1b", reps=5, compile=False) -> dict:
         rows += new
         for r in new:            # as they come: a run cut short by its time limit still shows what it measured
             print(json.dumps(r), flush=True)
+        gc.collect()                     # a failed check's traceback frames may still hold its models
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"\n| check | {name}, torch {torch.__version__} |\n|---|---|")
@@ -650,6 +688,7 @@ def main(argv=None):
                     "decode against transformers' generate (and the batch-1 decode bound)")
     ap.add_argument("--device", default="cuda", help="--gpu: the device (cpu: a dry run of the same code)")
     ap.add_argument("--size", choices=sorted(CHECK_SIZES), default="1b", help="--gpu: model sizes (micro: seconds)")
+    ap.add_argument("--no-cudnn-attention", action="store_true", help="--gpu: keep SDPA off cuDNN's kernels")
     ap.add_argument("--prefix-cache-mb", type=float, default=256,
                     help="prefix cache bound for the bench's cached-preamble TTFT row (0: skip that row)")
     args = ap.parse_args(argv)
@@ -668,7 +707,8 @@ def main(argv=None):
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             ap.error("--gpu checks the CUDA paths and needs a CUDA device; `--gpu --device cpu --size micro` runs "
                      "the same code on this CPU as a dry run")
-        print(json.dumps(gpu_checks(args.device, args.size, reps=args.bench_reps + 2, compile=args.compile)))
+        print(json.dumps(gpu_checks(args.device, args.size, reps=args.bench_reps + 2, compile=args.compile,
+                                    cudnn_attention=not args.no_cudnn_attention)))
         return
     if args.train:   # training uses every core (the threads default is the engine's)
         if args.threads:

@@ -594,7 +594,8 @@ def test_cli_prints_presets_and_data_plots_masks(tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 10_000
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def cuda(test):   # `pytest -m cuda` selects these on a GPU machine; elsewhere they skip
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 
 
 @cuda
