@@ -433,7 +433,7 @@ def recompute_bench(preset="small", batch=4, T=512, window=128, reps=3, rounds=2
 # Issue #17's device checks (python bench.py --gpu): one prepared run for the few minutes a GPU is lent.
 # Every number comes from this run: the bf16 matmul peak and the memory bandwidth are measured first, the way
 # the CPU rows are, so MFU and the decode bound need no spec sheet. `--device cpu --size micro` runs the same
-# code on a CPU in seconds (the test does), skipping what only CUDA has (FlexAttention's backward, CUDA graphs).
+# code on a CPU (the tests do), skipping what only CUDA has (FlexAttention's backward, CUDA graphs).
 
 # ~1B parameters in Command A's layout: 3 sliding (the report's 4K window) : 1 full, GQA 16:4, head_dim 128
 GPU_1B = ModelConfig(vocab_size=32768, hidden_size=2048, intermediate_size=5632, num_hidden_layers=20,
@@ -687,7 +687,7 @@ def main(argv=None):
                     "MFU of a ~1B training step, FP8 against bf16, FlexAttention's band against SDPA, CUDA-graph "
                     "decode against transformers' generate (and the batch-1 decode bound)")
     ap.add_argument("--device", default="cuda", help="--gpu: the device (cpu: a dry run of the same code)")
-    ap.add_argument("--size", choices=sorted(CHECK_SIZES), default="1b", help="--gpu: model sizes (micro: seconds)")
+    ap.add_argument("--size", choices=sorted(CHECK_SIZES), default="1b", help="--gpu: model sizes (micro: a dry run on a CPU)")
     ap.add_argument("--no-cudnn-attention", action="store_true", help="--gpu: keep SDPA off cuDNN's kernels")
     ap.add_argument("--prefix-cache-mb", type=float, default=256,
                     help="prefix cache bound for the bench's cached-preamble TTFT row (0: skip that row)")
