@@ -26,7 +26,8 @@ import traceback
 
 import torch
 
-from model import CommandA, ModelConfig, PRESETS, flops_per_token, measure_matmul_peak, tune_malloc
+from model import CommandA, ModelConfig, PRESETS, attend, dense_masks, flops_per_token, measure_matmul_peak, \
+    tune_malloc
 from serve import Engine, KVCache, WindowKVCache
 
 
@@ -394,7 +395,7 @@ def _recompute_child(preset: str, batch: int, T: int, window: int, recompute: bo
     bf16, best, losses = bf16_is_fast("cpu"), float("inf"), []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(ids[:, :-1], targets=ids[:, 1:])
         loss.backward()
         opt.step()
@@ -524,7 +525,6 @@ def check_attention(cfg, device, T, W, reps):
     runs T 8192 with W 2048: the band holds 0.46 of the causal layer's 128 x 128 blocks (0.44 of its keys)."""
     if device.type != "cuda":
         return [{"check": "attention", "skipped": "FlexAttention has no CPU backward (torch 2.13): CUDA only"}]
-    from model import attend, dense_masks
     B, nh, nkv, dh = 1, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     cfg = dataclasses.replace(cfg, sliding_window=W, attn_backend="flex")
     with torch.device("meta"):        # only its _masks() is used: no weights
