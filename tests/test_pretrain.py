@@ -346,6 +346,16 @@ def test_gpu_checks_run_on_a_cpu_as_a_dry_run(monkeypatch, capsys):
         assert "--device cpu --size micro" in capsys.readouterr().err
 
 
+def test_hf_yardstick_loads_in_the_dtype_and_keeps_fp32_rope():
+    """The GPU decode race runs transformers in bf16. Loading in bf16 keeps its RoPE frequencies in fp32; a cast
+    after loading would round them (a non-persistent buffer) and make `generate` diverge for that reason alone."""
+    pytest.importorskip("transformers")
+    import bench
+    hf = bench._hf_model(CommandA(bench.PRESETS["micro"]), torch.bfloat16)
+    assert next(hf.parameters()).dtype == torch.bfloat16
+    assert {b.dtype for n, b in hf.named_buffers() if "inv_freq" in n} == {torch.float32}
+
+
 def test_gpu_checks_go_on_past_a_failing_check(monkeypatch):
     """A lease is minutes long and its CUDA paths have never run: a check that raises becomes an error row and
     the checks after it still run."""
